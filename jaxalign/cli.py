@@ -11,6 +11,7 @@ from jaxalign.errors import JaxalignError
 
 COMMANDS = {
     # name: (module, one-line help)
+    "plot": ("jaxalign.commands.plot", "PNG curves (loss, eval loss, learning rate) from a run's metrics.jsonl"),
 }
 
 
