@@ -1,0 +1,84 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign.objectives.sft import eval_metrics, make_loss_fn, token_log_probs
+
+
+class TableModel:
+    """Logits looked up per input token: enough to check masking and sums without a transformer."""
+
+    def apply(self, variables, input_ids, positions=None, segment_ids=None, deterministic=True, rngs=None):
+        self.last_call = {"deterministic": deterministic, "rngs": rngs}
+        return variables["params"]["table"][input_ids]
+
+
+def lm_batch(rng, batch=3, length=7, vocab=11):
+    input_ids = rng.integers(0, vocab, (batch, length), dtype=np.int32)
+    return {
+        "input_ids": input_ids,
+        "targets": rng.integers(0, vocab, (batch, length), dtype=np.int32),
+        "loss_mask": (rng.random((batch, length)) < 0.6).astype(np.int32),
+        "segment_ids": np.ones((batch, length), np.int32),
+        "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
+    }
+
+
+def test_token_log_probs_match_log_softmax():
+    logits = jax.random.normal(jax.random.key(0), (2, 5, 13)) * 4
+    targets = jax.random.randint(jax.random.key(1), (2, 5), 0, 13)
+    expected = jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(targets, 13), axis=-1)
+    np.testing.assert_allclose(token_log_probs(logits, targets), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_token_log_probs_stable_for_huge_bf16_logits():
+    logits = jnp.array([[[16384.0, 0.0, -16384.0]]], jnp.bfloat16)
+    log_probs = token_log_probs(logits, jnp.array([[0]]))
+    assert log_probs.dtype == jnp.float32
+    assert float(log_probs[0, 0]) == pytest.approx(0.0, abs=1e-6)
+    assert float(token_log_probs(logits, jnp.array([[1]]))[0, 0]) == pytest.approx(-16384.0, rel=1e-6)
+
+
+def test_loss_sums_only_trained_tokens():
+    rng = np.random.default_rng(0)
+    batch = lm_batch(rng)
+    table = jnp.asarray(rng.normal(size=(11, 11)), jnp.float32)
+    model = TableModel()
+    loss_sum, aux = make_loss_fn(model)({"table": table}, batch, None)
+    log_probs = np.asarray(jax.nn.log_softmax(table[batch["input_ids"]]))
+    picked = np.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
+    assert float(loss_sum) == pytest.approx(-(picked * batch["loss_mask"]).sum(), rel=1e-5)
+    assert float(aux["weight"]) == batch["loss_mask"].sum()
+    predicted = np.argmax(log_probs, axis=-1)
+    assert float(aux["correct"]) == ((predicted == batch["targets"]) * batch["loss_mask"]).sum()
+    assert model.last_call == {"deterministic": True, "rngs": None}
+
+
+def test_loss_sums_add_over_batch_splits():
+    rng = np.random.default_rng(1)
+    batch = lm_batch(rng, batch=4)
+    params = {"table": jnp.asarray(rng.normal(size=(11, 11)), jnp.float32)}
+    loss_fn = make_loss_fn(TableModel())
+    whole, whole_aux = loss_fn(params, batch, None)
+    halves = [loss_fn(params, {k: v[i : i + 2] for k, v in batch.items()}, None) for i in (0, 2)]
+    assert float(halves[0][0] + halves[1][0]) == pytest.approx(float(whole), rel=1e-6)
+    assert float(halves[0][1]["weight"] + halves[1][1]["weight"]) == float(whole_aux["weight"])
+
+
+def test_rng_switches_to_training_mode():
+    rng = np.random.default_rng(2)
+    model = TableModel()
+    key = jax.random.key(3)
+    make_loss_fn(model)({"table": jnp.zeros((11, 11))}, lm_batch(rng), key)
+    assert model.last_call["deterministic"] is False
+    assert model.last_call["rngs"]["dropout"] is key
+
+
+def test_eval_metrics_perplexity_is_exp_of_mean_loss():
+    metrics = eval_metrics(loss_sum=30.0, weight=20.0)
+    assert metrics["eval_loss"] == pytest.approx(1.5)
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(1.5))
+    assert math.isnan(eval_metrics(0.0, 0.0)["eval_loss"])
