@@ -1,0 +1,477 @@
+"""The LLaMA-family decoder (Llama 1/2/3, Mistral, Qwen2, SmolLM) as pure-functional `flax.linen` modules.
+
+Architecture differences are config fields, not subclasses: grouped-query attention (`num_kv_heads`), q/k/v bias
+(`attention_bias`, Qwen2), RoPE scaling (`rope_scaling` in Hugging Face style), sliding-window attention
+(`sliding_window`, Mistral), tied embeddings, and a `head_dim` that differs from `hidden_size // num_heads`.
+
+Parameter tree of `LlamaForCausalLM` (with `scan_layers=True` every leaf under `layers` gains a leading layer axis;
+with `scan_layers=False` the layers are `layers_0`, `layers_1`, ...)::
+
+    model/embed_tokens/embedding                 [vocab, embed]
+    model/layers/input_layernorm/scale           [embed]
+    model/layers/self_attn/{q,k,v}_proj/kernel   [embed, heads | kv_heads, head_dim]   (+ bias [heads, head_dim])
+    model/layers/self_attn/o_proj/kernel         [heads, head_dim, embed]
+    model/layers/post_attention_layernorm/scale  [embed]
+    model/layers/mlp/{gate,up}_proj/kernel       [embed, mlp]
+    model/layers/mlp/down_proj/kernel            [mlp, embed]
+    model/norm/scale                             [embed]
+    lm_head/kernel                               [embed, vocab]   (absent with tied embeddings)
+
+KV cache (see `init_cache`): `k`, `v` stack the per-layer caches on a leading layer axis,
+`[num_layers, batch, max_length, num_kv_heads, head_dim]`, so `cache["k"][i]` is layer i's `[B, max_length, ...]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxalign.errors import JaxalignError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+}
+MASK_VALUE = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture plus numerics of one LLaMA-family model; field names follow Hugging Face where they exist."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    sliding_window: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | tuple[int, ...] | None = 2
+    pad_token_id: int | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    remat: Literal["none", "full", "dots", "dots_no_batch", "nothing_saveable"] = "none"
+    scan_layers: bool = True
+    residual_dropout: tuple[float, float] = (0.0, 0.0)
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise JaxalignError(
+                    f"model config: hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}; "
+                    "set head_dim explicitly"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise JaxalignError(
+                f"model config: num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if self.rope_scaling is not None:
+            rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if rope_type not in ROPE_TYPES:
+                raise JaxalignError(
+                    f"model config: rope_scaling.rope_type={rope_type!r} is not supported; expected one of {ROPE_TYPES}"
+                )
+        if len(self.residual_dropout) != 2 or not all(0.0 <= r < 1.0 for r in self.residual_dropout):
+            raise JaxalignError(
+                f"model config: residual_dropout={self.residual_dropout!r}; expected (first_layer_rate, "
+                "last_layer_rate) with rates in [0, 1)"
+            )
+
+    def __hash__(self):
+        values = [getattr(self, f.name) for f in dataclasses.fields(self)]
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in values))
+
+    @property
+    def rope_type(self) -> str:
+        if self.rope_scaling is None:
+            return "default"
+        return self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    def layer_dropout_rates(self) -> np.ndarray:
+        """Residual dropout rate of each layer, linear in depth from the first to the last layer."""
+        first, last = self.residual_dropout
+        if self.num_layers == 1:
+            return np.array([first], np.float32)
+        return np.linspace(first, last, self.num_layers, dtype=np.float32)
+
+    @classmethod
+    def tiny(cls, **overrides) -> LlamaConfig:
+        """A small config for tests: 2 layers, hidden 64, GQA with 4 query and 2 key/value heads."""
+        values = dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            max_position_embeddings=128,
+            rms_norm_eps=1e-5,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+def rope_inverse_frequencies(config: LlamaConfig, max_positions: jax.Array | None = None) -> jax.Array:
+    """Inverse RoPE frequencies `[head_dim // 2]` in float32, computed as `transformers` does for each rope type.
+
+    `max_positions` (largest position + 1 in the current call) only matters for dynamic NTK scaling, where the base
+    grows once a sequence exceeds `max_position_embeddings`. transformers keeps the grown frequencies across calls
+    until a shorter sequence resets them; here each call uses its own longest position (the same during prefill
+    and monotone decoding).
+    """
+    dim = config.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    scaling = config.rope_scaling or {}
+    rope_type = config.rope_type
+    if rope_type == "dynamic":
+        factor = jnp.float32(scaling["factor"])
+        max_pos = config.max_position_embeddings
+        seq_len = jnp.maximum(jnp.asarray(max_positions if max_positions is not None else max_pos), max_pos)
+        base = config.rope_theta * ((factor * seq_len.astype(jnp.float32) / max_pos) - (factor - 1)) ** (
+            dim / (dim - 2)
+        )
+        return 1.0 / (base.astype(jnp.float32) ** jnp.asarray(exponents))
+    inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
+    if rope_type == "linear":
+        inv_freq = inv_freq / np.float32(scaling["factor"])
+    elif rope_type == "llama3":
+        factor = scaling["factor"]
+        low_freq_factor = scaling["low_freq_factor"]
+        high_freq_factor = scaling["high_freq_factor"]
+        old_context_len = scaling["original_max_position_embeddings"]
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq).astype(np.float32)
+        smooth = ((old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)).astype(
+            np.float32
+        )
+        smoothed = ((1 - smooth) * scaled / np.float32(factor) + smooth * scaled).astype(np.float32)
+        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        inv_freq = np.where(is_medium, smoothed, scaled).astype(np.float32)
+    return jnp.asarray(inv_freq, jnp.float32)
+
+
+def rope_tables(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`cos`, `sin` of shape `[B, L, head_dim]` in float32 (the half-size table repeated, as in `rotate_half`)."""
+    inv_freq = rope_inverse_frequencies(config, jnp.max(positions) + 1)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate `x` `[B, L, heads, head_dim]` in float32 with the `rotate_half` convention of transformers."""
+    x32 = x.astype(jnp.float32)
+    first, second = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([-second, first], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attention_mask(
+    config: LlamaConfig,
+    query_segments: jax.Array,
+    query_positions: jax.Array,
+    query_slots: jax.Array,
+    key_segments: jax.Array,
+    key_positions: jax.Array,
+    key_slots: jax.Array,
+) -> jax.Array:
+    """Boolean `[B, Lq, Lk]`: same non-zero segment, key slot <= query slot, and within the sliding window."""
+    same_segment = (query_segments[:, :, None] == key_segments[:, None, :]) & (query_segments[:, :, None] != 0)
+    causal = key_slots[None, None, :] <= query_slots[None, :, None]
+    mask = same_segment & causal
+    if config.sliding_window is not None:
+        distance = query_positions[:, :, None] - key_positions[:, None, :]
+        mask = mask & (distance < config.sliding_window)
+    return mask
+
+
+def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype: Any = None) -> dict:
+    """An empty KV cache: `k`, `v` `[num_layers, B, max_length, num_kv_heads, head_dim]`, `segment_ids` and
+    `positions` `[B, max_length]` (segment 0 marks an empty slot) and `index`, the next slot to write."""
+    dtype = config.compute_dtype if dtype is None else jnp.dtype(dtype)
+    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "segment_ids": jnp.zeros((batch_size, max_length), jnp.int32),
+        "positions": jnp.zeros((batch_size, max_length), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def _param_init(init, names):
+    return nn.with_logical_partitioning(init, names)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalisation computed in float32, then scaled by a learned weight (as LlamaRMSNorm)."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param(
+            "scale", _param_init(nn.initializers.ones, ("embed",)), (x.shape[-1],), self.config.params_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.config.rms_norm_eps)
+        return scale.astype(self.config.compute_dtype) * normed.astype(self.config.compute_dtype)
+
+
+def _dense(config: LlamaConfig, features, names, name, axis=-1, bias=False):
+    bias_names = names[-len(features) :] if isinstance(features, tuple) else names[-1:]
+    return nn.DenseGeneral(
+        features=features,
+        axis=axis,
+        use_bias=bias,
+        dtype=config.compute_dtype,
+        param_dtype=config.params_dtype,
+        kernel_init=_param_init(nn.initializers.normal(0.02), names),
+        bias_init=_param_init(nn.initializers.zeros, bias_names),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads, RoPE, segment masks and an optional KV-cache layer."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
+        cfg = self.config
+        heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = _dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"), "q_proj", bias=cfg.attention_bias)(x)
+        k = _dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), "k_proj", bias=cfg.attention_bias)(x)
+        v = _dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), "v_proj", bias=cfg.attention_bias)(x)
+        q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
+        k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
+        v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+        new_kv = None
+        if cache_kv is not None:
+            cache_k, cache_v = cache_kv
+            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), cache_index, axis=1)
+            new_kv = (k, v)
+            k, v = k.astype(q.dtype), v.astype(q.dtype)
+
+        batch, length = q.shape[:2]
+        groups = heads // kv_heads
+        q = q.reshape(batch, length, kv_heads, groups, head_dim)
+        scores = jnp.einsum("blkgd,bskd->bkgls", q, k).astype(jnp.float32) * (head_dim**-0.5)
+        valid = mask[:, None, None, :, :]
+        scores = jnp.where(valid, scores, MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = jnp.where(jnp.any(valid, axis=-1, keepdims=True), probs, 0.0).astype(v.dtype)
+        out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(batch, length, heads, head_dim)
+        out = _dense(cfg, cfg.hidden_size, ("heads", "head_dim", "embed"), "o_proj", axis=(-2, -1))(out)
+        return out, new_kv
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward block."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        gate = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+        up = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+        return _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down_proj")(hidden)
+
+
+def _residual_dropout(module: nn.Module, x, rate, deterministic: bool):
+    """Dropout whose rate may be a traced per-layer value (scanned layers share one module)."""
+    if deterministic or max(module.config.residual_dropout) == 0.0:
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + SwiGLU block. Call signature fits `nn.scan`: `(hidden, per_layer) -> (hidden, out)`."""
+
+    config: LlamaConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, hidden, per_layer, cos, sin, mask, cache_index):
+        dropout_rate, cache_kv = per_layer
+        residual = hidden
+        attn_out, new_kv = Attention(self.config, name="self_attn")(
+            RMSNorm(self.config, name="input_layernorm")(hidden), cos, sin, mask, cache_kv, cache_index
+        )
+        hidden = residual + _residual_dropout(self, attn_out, dropout_rate, self.deterministic)
+        mlp_out = MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(hidden))
+        hidden = hidden + _residual_dropout(self, mlp_out, dropout_rate, self.deterministic)
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
+        return hidden, new_kv
+
+
+def _layer_class(config: LlamaConfig):
+    if config.remat == "none":
+        return DecoderLayer
+    return nn.remat(DecoderLayer, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
+
+
+class LlamaModel(nn.Module):
+    """The trunk: embeddings, decoder layers, final norm. Returns hidden states `[B, L, hidden]` (and the new cache
+    when `cache` is given)."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, input_ids, positions=None, segment_ids=None, cache=None, deterministic=True):
+        cfg = self.config
+        batch, length = input_ids.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), jnp.int32)
+        start = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
+        if positions is None:
+            positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+        segment_ids = segment_ids.astype(jnp.int32)
+        positions = positions.astype(jnp.int32)
+        query_slots = start + jnp.arange(length, dtype=jnp.int32)
+
+        if cache is None:
+            mask = attention_mask(cfg, segment_ids, positions, query_slots, segment_ids, positions, query_slots)
+            layer_cache = None
+            new_cache = None
+        else:
+            cache_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, start, axis=1)
+            cache_positions = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, start, axis=1)
+            key_slots = jnp.arange(cache_segments.shape[1], dtype=jnp.int32)
+            mask = attention_mask(cfg, segment_ids, positions, query_slots, cache_segments, cache_positions, key_slots)
+            layer_cache = (cache["k"], cache["v"])
+            new_cache = {"segment_ids": cache_segments, "positions": cache_positions, "index": start + length}
+
+        cos, sin = rope_tables(cfg, positions)
+        embed_tokens = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.compute_dtype,
+            param_dtype=cfg.params_dtype,
+            embedding_init=_param_init(nn.initializers.normal(0.02), ("vocab", "embed")),
+            name="embed_tokens",
+        )
+        hidden = embed_tokens(input_ids.astype(jnp.int32))
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
+        rates = jnp.asarray(cfg.layer_dropout_rates())
+        layer_cls = _layer_class(cfg)
+
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                layer_cls,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            hidden, new_kv = scanned(cfg, deterministic, name="layers")(
+                hidden, (rates, layer_cache), cos, sin, mask, start
+            )
+        else:
+            outputs = []
+            for i in range(cfg.num_layers):
+                kv = None if cache is None else (cache["k"][i], cache["v"][i])
+                hidden, kv = layer_cls(cfg, deterministic, name=f"layers_{i}")(
+                    hidden, (rates[i], kv), cos, sin, mask, start
+                )
+                outputs.append(kv)
+            new_kv = None if cache is None else tuple(jnp.stack(parts) for parts in zip(*outputs))
+
+        hidden = RMSNorm(cfg, name="norm")(hidden)
+        if cache is None:
+            return hidden
+        new_cache["k"], new_cache["v"] = new_kv
+        return hidden, new_cache
+
+
+class LMHead(nn.Module):
+    """Untied output projection; the matmul accumulates in float32 so logits are float32 in any compute dtype."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, hidden):
+        cfg = self.config
+        kernel = self.param(
+            "kernel",
+            _param_init(nn.initializers.normal(0.02), ("embed", "vocab")),
+            (cfg.hidden_size, cfg.vocab_size),
+            cfg.params_dtype,
+        )
+        return jnp.einsum("ble,ev->blv", hidden, kernel.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Trunk + language-model head. Returns float32 logits `[B, L, vocab]`, and `(logits, new_cache)` with a cache."""
+
+    config: LlamaConfig
+
+    def setup(self):
+        cfg = self.config
+        self.model = LlamaModel(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = LMHead(cfg)
+
+    def __call__(self, input_ids, positions=None, segment_ids=None, cache=None, deterministic=True):
+        out = self.model(input_ids, positions, segment_ids, cache, deterministic)
+        hidden, new_cache = (out, None) if cache is None else out
+        if self.config.tie_word_embeddings:
+            embedding = nn.meta.unbox(self.model.variables["params"]["embed_tokens"]["embedding"])
+            embedding = embedding.astype(self.config.compute_dtype)
+            logits = jnp.einsum("ble,ve->blv", hidden, embedding, preferred_element_type=jnp.float32)
+        else:
+            logits = self.lm_head(hidden)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return logits if cache is None else (logits, new_cache)
+
+
+def logical_axes(model: nn.Module, *example_args, **example_kwargs) -> Any:
+    """PartitionSpec pytree of logical axis names matching the params of `model` (traced abstractly, no FLOPs).
+
+    With no example arguments a `[1, 1]` token batch is used.
+    """
+    if not example_args and "input_ids" not in example_kwargs:
+        example_args = (jnp.zeros((1, 1), jnp.int32),)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *example_args, **example_kwargs))
+    return nn.get_partition_spec(shapes)["params"]

@@ -1,0 +1,113 @@
+"""The LLaMA module on its own: KV-cache decoding, packed rows, padding, logical axes, dropout and remat."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from jaxalign.errors import JaxalignError
+from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel, init_cache, logical_axes
+
+
+def _init(config, length=8):
+    model = LlamaForCausalLM(config)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, length), jnp.int32))["params"])
+    return model, params
+
+
+def _tokens(batch, length, seed=1, vocab=256):
+    return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 3, vocab)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["scan", "unrolled"])
+def tiny(request):
+    config = LlamaConfig.tiny(scan_layers=request.param, sliding_window=6)
+    model, params = _init(config)
+    return config, model, params, jax.jit(model.apply)
+
+
+def test_cache_decode_matches_full_forward(tiny):
+    config, model, params, apply = tiny
+    ids = _tokens(2, 12)
+    full = apply({"params": params}, ids)
+    cache = init_cache(config, batch_size=2, max_length=16, dtype=jnp.float32)
+    logits, cache = apply({"params": params}, ids[:, :5], cache=cache)
+    steps = [logits]
+    for t in range(5, 12):
+        logits, cache = apply({"params": params}, ids[:, t : t + 1], cache=cache)
+        steps.append(logits)
+    decoded = jnp.concatenate(steps, axis=1)
+    assert full.dtype == jnp.float32 and full.shape == (2, 12, config.vocab_size)
+    assert int(cache["index"]) == 12
+    assert cache["k"].shape == (config.num_layers, 2, 16, config.num_kv_heads, config.head_dim)
+    np.testing.assert_allclose(decoded, full, atol=1e-5, rtol=0)
+
+
+def test_packed_row_equals_separate_rows(tiny):
+    config, model, params, apply = tiny
+    lengths = [5, 4, 3]
+    examples = [_tokens(1, n, seed=10 + i) for i, n in enumerate(lengths)]
+    packed = jnp.concatenate(examples + [jnp.zeros((1, 2), jnp.int32)], axis=1)
+    segment_ids = jnp.asarray([sum(([i + 1] * n for i, n in enumerate(lengths)), []) + [0, 0]])
+    positions = jnp.asarray([sum((list(range(n)) for n in lengths), []) + [0, 0]])
+    packed_logits = apply({"params": params}, packed, positions=positions, segment_ids=segment_ids)
+    assert bool(jnp.all(jnp.isfinite(packed_logits)))
+    start = 0
+    for example in examples:
+        alone = apply({"params": params}, example)
+        np.testing.assert_allclose(packed_logits[:, start : start + example.shape[1]], alone, atol=1e-5, rtol=0)
+        start += example.shape[1]
+
+
+def test_left_padded_prompts_decode_like_unpadded(tiny):
+    config, model, params, apply = tiny
+    short, long = _tokens(1, 3, seed=3), _tokens(1, 6, seed=4)
+    prompts = jnp.concatenate([jnp.concatenate([jnp.zeros((1, 3), jnp.int32), short], axis=1), long])
+    segment_ids = jnp.asarray([[0, 0, 0, 1, 1, 1], [1] * 6])
+    positions = jnp.asarray([[0, 0, 0, 0, 1, 2], list(range(6))])
+    cache = init_cache(config, batch_size=2, max_length=8)
+    logits, cache = apply({"params": params}, prompts, positions=positions, segment_ids=segment_ids, cache=cache)
+    next_ids = jnp.asarray([[7], [9]])
+    step, _ = apply(
+        {"params": params}, next_ids, positions=jnp.asarray([[3], [6]]), segment_ids=jnp.ones((2, 1)), cache=cache
+    )
+    for row, prompt in enumerate([short, long]):
+        alone = apply({"params": params}, jnp.concatenate([prompt, next_ids[row : row + 1]], axis=1))
+        np.testing.assert_allclose(logits[row, -prompt.shape[1] :], alone[0, :-1], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(step[row, 0], alone[0, -1], atol=1e-5, rtol=0)
+    assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_parameters_carry_logical_axes():
+    config = LlamaConfig.tiny(tie_word_embeddings=True)
+    axes = logical_axes(LlamaForCausalLM(config))
+    assert "lm_head" not in axes
+    assert tuple(axes["model"]["embed_tokens"]["embedding"]) == ("vocab", "embed")
+    assert tuple(axes["model"]["layers"]["self_attn"]["k_proj"]["kernel"]) == (
+        "layers",
+        "embed",
+        "kv_heads",
+        "head_dim",
+    )
+    assert tuple(axes["model"]["layers"]["mlp"]["down_proj"]["kernel"]) == ("layers", "mlp", "embed")
+
+
+def test_trunk_hidden_states_and_bf16_logits_are_float32():
+    config = LlamaConfig.tiny(dtype="bfloat16", remat="dots", residual_dropout=(0.0, 0.3))
+    model, params = _init(config)
+    ids = _tokens(2, 8)
+    hidden = LlamaModel(config).apply({"params": params["model"]}, ids)
+    assert hidden.shape == (2, 8, config.hidden_size)
+    plain = model.apply({"params": params}, ids)
+    dropped = model.apply({"params": params}, ids, deterministic=False, rngs={"dropout": jax.random.PRNGKey(5)})
+    assert plain.dtype == jnp.float32 and dropped.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(plain - dropped))) > 0
+    np.testing.assert_array_equal(config.layer_dropout_rates(), np.asarray([0.0, 0.3], np.float32))
+
+
+def test_bad_config_values_are_reported():
+    with pytest.raises(JaxalignError, match="num_kv_heads"):
+        LlamaConfig.tiny(num_kv_heads=3)
+    with pytest.raises(JaxalignError, match="rope_type"):
+        LlamaConfig.tiny(rope_scaling={"rope_type": "yarn", "factor": 2.0})
