@@ -11,6 +11,8 @@ from jaxalign.errors import JaxalignError
 
 COMMANDS = {
     # name: (module, one-line help)
+    "generate": ("jaxalign.commands.generate", "complete the prompts of a JSONL file with a model"),
+    "chat": ("jaxalign.commands.chat", "interactive multi-turn chat with a model, streaming the reply"),
     "plot": ("jaxalign.commands.plot", "PNG curves (loss, eval loss, learning rate) from a run's metrics.jsonl"),
 }
 
