@@ -4,12 +4,20 @@ Samplers are pure functions of (rng, logits) and a frozen `SamplingParams`; the 
 one transformers uses: temperature, then top-k, then top-p (nucleus). `temperature == 0` means greedy.
 """
 
+import contextlib
 import dataclasses
+import functools
+import math
+from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
 
 from jaxalign.errors import JaxalignError
+from jaxalign.models.llama import init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +94,232 @@ def sample_logits(rng: jax.Array, logits: jax.Array, params: SamplingParams) -> 
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """log p(token) under the model's raw distribution (temperature 1, no top-k / top-p): `[..., V]`, `[...]` -> `[...]`."""
+    """log p(token) under the model's raw distribution (temperature 1, no top-k / top-p): `[..., V]`, `[...]` -> `[...]`.
+    """
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logprobs, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What `generate` returns, one row per prompt.
+
+    tokens: `[B, max_new_tokens]` int32; row i holds `lengths[i]` generated tokens (the stop token included when the
+      row stopped on one), then `pad_id`.
+    logprobs: `[B, max_new_tokens]` float32, log p(token) under the model's raw distribution (temperature 1, before
+      top-k / top-p and before the `min_new_tokens` mask), so they equal a full forward pass over prompt +
+      completion; 0 after the end of a row.
+    lengths: `[B]` int32.
+    """
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+
+    def completions(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+    def completion_logprobs(self) -> list[list[float]]:
+        return [row[:n].tolist() for row, n in zip(self.logprobs, self.lengths)]
+
+
+def bucket_size(n: int, minimum: int = 1) -> int:
+    """The power of two >= max(n, minimum): prompt lengths and batch sizes are rounded up so compiles are reused."""
+    return 1 << (max(n, minimum) - 1).bit_length()
+
+
+def generate(
+    model,
+    params,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    rng: jax.Array | None = None,
+    sampling: SamplingParams = SamplingParams(temperature=0.0),
+    stop_token_ids: tuple[int, ...] | None = None,
+    min_new_tokens: int = 0,
+    pad_id: int | None = None,
+    truncate_prompts: bool = False,
+    min_prompt_bucket: int = 16,
+    mesh: Mesh | None = None,
+    rules=None,
+    on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None,
+) -> Generation:
+    """Completes each prompt (a list of token ids) with up to `max_new_tokens` tokens.
+
+    Prompts are left-padded to a power-of-two length bucket and the batch to a power-of-two size, so calls with
+    similar shapes reuse one compiled program: prefill in one model call, then the whole decode loop runs inside jit
+    (`lax.while_loop`, stopping as soon as every row is done) on a cache of `prompt_bucket + max_new_tokens` slots.
+    A row stops after a token in `stop_token_ids` (default: the model's EOS ids); stop tokens are masked until
+    `min_new_tokens` tokens exist. Sharded params are used where they are (no copies): pass the `mesh` and logical
+    `rules` they were sharded with, and the batch and KV cache are sharded by the same rules.
+
+    `on_tokens(tokens [B], active [B])` is called from the device loop after each step (for streaming); rows beyond
+    `len(prompts)` are batch padding.
+    """
+    config = model.config
+    if max_new_tokens < 1:
+        raise JaxalignError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0 <= min_new_tokens <= max_new_tokens:
+        raise JaxalignError(f"min_new_tokens must be in 0..max_new_tokens={max_new_tokens}, got {min_new_tokens}")
+    prompts = _checked_prompts(prompts, config, max_new_tokens, truncate_prompts)
+    if stop_token_ids is None:
+        eos = config.eos_token_id
+        stop_token_ids = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    if pad_id is None:
+        pad_id = next(t for t in (config.pad_token_id, *stop_token_ids, 0) if t is not None)
+    if rng is None:
+        if not sampling.greedy:
+            raise JaxalignError("sampling with temperature > 0 needs an explicit rng")
+        rng = jax.random.key(0)
+
+    batch_multiple = 1 if mesh is None else _batch_shards(mesh, rules)
+    batch = bucket_size(len(prompts)) * batch_multiple
+    length = bucket_size(max(len(p) for p in prompts), min_prompt_bucket)
+    input_ids, segment_ids, positions = _left_pad(prompts, batch, length, pad_id)
+    active = np.arange(batch) < len(prompts)
+
+    program = _generate_program(
+        model, max_new_tokens, sampling, tuple(int(t) for t in stop_token_ids), int(pad_id), mesh, rules, on_tokens
+    )
+    inputs = (input_ids, segment_ids, positions, active)
+    with _sharding_context(mesh, rules):
+        if mesh is not None:
+            inputs = tuple(jax.device_put(x, _batch_sharding(mesh, rules, x.ndim)) for x in inputs)
+        tokens, logprobs, lengths = program(params, *inputs, rng, np.int32(min_new_tokens))
+    n = len(prompts)
+    return Generation(np.asarray(tokens)[:n], np.asarray(logprobs)[:n], np.asarray(lengths)[:n])
+
+
+def _checked_prompts(prompts, config, max_new_tokens: int, truncate: bool) -> list[list[int]]:
+    if len(prompts) == 0:
+        raise JaxalignError("no prompts to complete")
+    limit = config.max_position_embeddings - max_new_tokens
+    if limit < 1:
+        raise JaxalignError(
+            f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of "
+            f"{config.max_position_embeddings} positions"
+        )
+    checked = []
+    for i, prompt in enumerate(prompts):
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise JaxalignError(f"prompt {i} is empty; a prompt needs at least one token")
+        bad = [t for t in prompt if not 0 <= t < config.vocab_size]
+        if bad:
+            raise JaxalignError(f"prompt {i}: token id {bad[0]} is outside the vocabulary 0..{config.vocab_size - 1}")
+        if len(prompt) > limit:
+            if not truncate:
+                raise JaxalignError(
+                    f"prompt {i} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} it must have at most "
+                    f"{limit} to fit the model's context of {config.max_position_embeddings} positions (or truncate "
+                    "prompts, keeping their last tokens)"
+                )
+            prompt = prompt[-limit:]
+        checked.append(prompt)
+    return checked
+
+
+def _left_pad(prompts, batch: int, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`[batch, length]` token ids, segment ids (1 = prompt, 0 = padding) and positions (0 at each prompt's start).
+
+    Rows past the prompts hold one pad token so that they stay well-defined; the decode loop marks them done.
+    """
+    input_ids = np.full((batch, length), pad_id, np.int32)
+    segment_ids = np.zeros((batch, length), np.int32)
+    positions = np.zeros((batch, length), np.int32)
+    for row in range(batch):
+        prompt = prompts[row] if row < len(prompts) else [pad_id]
+        n = len(prompt)
+        input_ids[row, length - n :] = prompt
+        segment_ids[row, length - n :] = 1
+        positions[row, length - n :] = np.arange(n)
+    return input_ids, segment_ids, positions
+
+
+def _batch_shards(mesh: Mesh, rules) -> int:
+    spec = _batch_sharding(mesh, rules, 1).spec[0]
+    if spec is None:
+        return 1
+    axes = (spec,) if isinstance(spec, str) else spec
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules))
+
+
+@contextlib.contextmanager
+def _sharding_context(mesh: Mesh | None, rules):
+    if mesh is None:
+        yield
+        return
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
+
+
+def _last_position_logits(module, input_ids, positions, segment_ids, cache):
+    """Prefill: runs the trunk over the prompt but the LM head only at the last position (the next token's logits)."""
+    hidden, cache = module.model(input_ids, positions, segment_ids, cache)
+    last = hidden[:, -1:]
+    logits = module.model.attend(last) if module.config.tie_word_embeddings else module.lm_head(last)
+    return logits[:, 0], cache
+
+
+@functools.lru_cache(maxsize=32)
+def _generate_program(model, max_new_tokens, sampling, stop_token_ids, pad_id, mesh, rules, on_tokens):
+    """The jitted prefill + decode loop for one model and set of static settings; jit caches per input shape."""
+    stop_ids = jnp.asarray(stop_token_ids or (-1,), jnp.int32)
+    kv_axes = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+    def constrain_cache(cache):
+        if mesh is None:
+            return cache
+        kv = {name: nn.with_logical_constraint(cache[name], kv_axes) for name in ("k", "v")}
+        return {**cache, **kv}
+
+    def run(params, input_ids, segment_ids, positions, active, rng, min_new_tokens):
+        batch, length = input_ids.shape
+        cache = constrain_cache(init_cache(model.config, batch, length + max_new_tokens))
+        logits, cache = model.apply(
+            {"params": params}, input_ids, positions, segment_ids, cache, method=_last_position_logits
+        )
+        next_positions = positions[:, -1] + 1
+
+        def pick(step, logits, rng, done, tokens, logprobs, lengths):
+            rng, key = jax.random.split(rng)
+            is_stop = jnp.isin(jnp.arange(logits.shape[-1]), stop_ids)
+            allowed = jnp.where(is_stop[None, :] & (step < min_new_tokens), -jnp.inf, logits)
+            token = sample_logits(key, allowed, sampling)
+            token = jnp.where(done, pad_id, token)
+            logprob = jnp.where(done, 0.0, token_logprobs(logits, token))
+            tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
+            logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, logprob[:, None], step, axis=1)
+            lengths = lengths + (~done).astype(jnp.int32)
+            if on_tokens is not None:
+                jax.debug.callback(on_tokens, token, ~done, ordered=True)
+            done = done | jnp.isin(token, stop_ids)
+            return token, rng, done, tokens, logprobs, lengths
+
+        tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+        logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32)
+        lengths = jnp.zeros((batch,), jnp.int32)
+        first = pick(0, logits, rng, ~active, tokens, logprobs, lengths)
+
+        def cond(state):
+            step, _, _, (_, _, done, *_) = state
+            return (step < max_new_tokens) & ~jnp.all(done)
+
+        def body(state):
+            step, cache, positions, (token, rng, done, tokens, logprobs, lengths) = state
+            logits, cache = model.apply(
+                {"params": params}, token[:, None], positions[:, None], jnp.ones_like(token)[:, None], cache
+            )
+            picked = pick(step, logits[:, 0], rng, done, tokens, logprobs, lengths)
+            return step + 1, constrain_cache(cache), positions + 1, picked
+
+        state = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, next_positions, first))
+        _, _, _, (_, _, _, tokens, logprobs, lengths) = state
+        return tokens, logprobs, lengths
+
+    return jax.jit(run)

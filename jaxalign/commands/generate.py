@@ -1,0 +1,176 @@
+"""`jaxalign generate`: complete every prompt of a JSONL file with a model and write the completions as JSONL.
+
+Input lines are `{"prompt": "..."}` or `{"messages": [{"role": ..., "content": ...}, ...]}` (other fields are kept);
+each output line repeats the input fields and adds `completion` (text), `tokens` and `logprobs` (raw model
+log-probabilities of the completion tokens), plus `sample` (0..K-1) when `--num-samples K` is above 1.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from jaxalign.errors import JaxalignError
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by `generate` and `chat`: which model and tokenizer, and how to sample."""
+    parser.add_argument("--model", type=Path, required=True,
+                        help="a Hugging Face model folder or a jaxalign model checkpoint folder")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="folder with the tokenizer (default: the model folder)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="compute dtype (default: the model's)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate per completion")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--prompts", type=Path, required=True, help="JSONL file of {prompt} or {messages} lines")
+    parser.add_argument("--out", type=Path, required=True, help="JSONL file to write")
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
+    parser.add_argument("--min-new-tokens", type=int, default=0, help="stop tokens are masked until this many exist")
+    parser.add_argument("--num-samples", type=int, default=1, help="completions per prompt")
+    parser.add_argument("--batch-size", type=int, default=16, help="completions generated together")
+    parser.add_argument("--no-chat-template", action="store_true",
+                        help="tokenize `prompt` as plain text instead of as a user turn of the chat template")
+    parser.add_argument("--truncate-prompts", action="store_true",
+                        help="keep the last tokens of prompts too long for the context instead of failing")
+
+
+def read_prompts(path: Path) -> list[tuple[int, dict]]:
+    """(line number, JSON object) for each line of a prompts file; each needs a `prompt` string or `messages` list."""
+    if not path.is_file():
+        raise JaxalignError(f"prompts file {path} does not exist")
+    records = []
+    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise JaxalignError(f"{path}:{line_number}: not valid JSON: {err}") from None
+        if not isinstance(record, dict):
+            raise JaxalignError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+        if isinstance(record.get("messages"), list):
+            for message in record["messages"]:
+                if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                        and isinstance(message.get("content"), str)):
+                    raise JaxalignError(
+                        f"{path}:{line_number}: every entry of 'messages' needs string 'role' and 'content'"
+                    )
+        elif not isinstance(record.get("prompt"), str):
+            raise JaxalignError(f"{path}:{line_number}: expected a 'prompt' string or a 'messages' list")
+        records.append((line_number, record))
+    if not records:
+        raise JaxalignError(f"prompts file {path} contains no prompts")
+    return records
+
+
+def load_model(path: Path, dtype: str | None):
+    """(model, params) from a Hugging Face folder (has config.json) or a jaxalign model checkpoint folder."""
+    if not path.is_dir():
+        raise JaxalignError(f"model folder {path} does not exist")
+    if (path / "config.json").is_file():
+        import jaxalign
+
+        return jaxalign.load_pretrained(path, dtype=dtype)
+    from jaxalign.models.checkpoint import load_model_checkpoint
+
+    model, params = load_model_checkpoint(path)
+    if dtype is not None and dtype != model.config.dtype:
+        import dataclasses
+
+        model = type(model)(dataclasses.replace(model.config, dtype=dtype))
+    return model, params
+
+
+def load_tokenizer(model_path: Path, tokenizer_path: Path | None):
+    from jaxalign.hf import load_tokenizer as load
+
+    path = tokenizer_path or model_path
+    if tokenizer_path is None and not (path / "tokenizer_config.json").is_file() and not (
+        path / "tokenizer.json"
+    ).is_file():
+        raise JaxalignError(f"{path} holds no tokenizer; pass --tokenizer FOLDER")
+    return load(path)
+
+
+def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
+    """The model's EOS ids and the tokenizer's EOS (a chat model's end-of-turn token), without repeats."""
+    eos = model.config.eos_token_id
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` rendered by the tokenizer's chat template, ending with the assistant's turn opener."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise JaxalignError(
+            "the tokenizer has no chat template; give plain-text prompts with --no-chat-template "
+            "(or a tokenizer folder that has one with --tokenizer)"
+        )
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_record(tokenizer, record: dict, chat_template: bool) -> list[int]:
+    if "messages" in record and isinstance(record["messages"], list):
+        return encode_chat(tokenizer, record["messages"])
+    if chat_template:
+        return encode_chat(tokenizer, [{"role": "user", "content": record["prompt"]}])
+    return tokenizer(record["prompt"])["input_ids"]
+
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+    from tqdm import tqdm
+
+    from jaxalign.sampling import SamplingParams, generate
+
+    for name in ("max_new_tokens", "num_samples", "batch_size"):
+        if getattr(args, name) < 1:
+            raise JaxalignError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    numbered = read_prompts(args.prompts)
+    records = [record for _, record in numbered]
+    model, params = load_model(args.model, args.dtype)
+    tokenizer = load_tokenizer(args.model, args.tokenizer)
+    stops = stop_token_ids(model, tokenizer)
+    prompts = [encode_record(tokenizer, record, not args.no_chat_template) for record in records]
+    room = model.config.max_position_embeddings - args.max_new_tokens
+    for (line, _), prompt in zip(numbered, prompts):
+        if not prompt:
+            raise JaxalignError(f"{args.prompts}:{line}: the prompt encodes to no tokens")
+        if len(prompt) > room and not args.truncate_prompts:
+            raise JaxalignError(
+                f"{args.prompts}:{line}: the prompt has {len(prompt)} tokens, more than the {room} that fit the "
+                f"model's context of {model.config.max_position_embeddings} positions with --max-new-tokens "
+                f"{args.max_new_tokens}; shorten it, lower --max-new-tokens, or pass --truncate-prompts"
+            )
+
+    jobs = [(i, k) for i in range(len(records)) for k in range(args.num_samples)]
+    rng = jax.random.key(args.seed)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("w") as out, tqdm(total=len(records), unit="prompt", desc="generate") as progress:
+        for start in range(0, len(jobs), args.batch_size):
+            chunk = jobs[start : start + args.batch_size]
+            result = generate(
+                model, params, [prompts[i] for i, _ in chunk], args.max_new_tokens,
+                rng=jax.random.fold_in(rng, start), sampling=sampling, stop_token_ids=stops,
+                min_new_tokens=args.min_new_tokens, truncate_prompts=args.truncate_prompts,
+            )
+            for (i, k), tokens, logprobs in zip(chunk, result.completions(), result.completion_logprobs()):
+                line = dict(records[i])
+                if args.num_samples > 1:
+                    line["sample"] = k
+                line["completion"] = tokenizer.decode(tokens, skip_special_tokens=True)
+                line["tokens"] = tokens
+                line["logprobs"] = logprobs
+                out.write(json.dumps(line, ensure_ascii=False) + "\n")
+            progress.update(len({i for i, k in chunk if k == args.num_samples - 1}))
+    return 0
