@@ -197,3 +197,135 @@ def _deep_copy(data: Any) -> Any:
     if isinstance(data, list):
         return [_deep_copy(v) for v in data]
     return data
+
+
+# Run configuration shared by every training command. Commands with extra keys subclass RunConfig (all fields
+# have defaults, so a subclass can add its own section fields).
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """Where the weights come from: `path` (a Hugging Face folder or a jaxalign model checkpoint) or, without a
+    path, random weights from `config` (LlamaConfig fields; `preset: tiny` gives `LlamaConfig.tiny`)."""
+
+    path: str | None = None
+    config: dict = dataclasses.field(default_factory=dict)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    seq_len: int = 2048
+    grad_accum: int = 1
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 0
+
+    def __post_init__(self):
+        for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):
+            if getattr(self, key) < 1:
+                raise JaxalignError(f"config key 'train.{key}': expected a positive integer, got {getattr(self, key)}")
+        for key in ("eval_every", "eval_batches"):
+            if getattr(self, key) < 0:
+                raise JaxalignError(f"config key 'train.{key}': expected 0 (off) or a positive integer")
+        if self.batch_size % self.grad_accum:
+            raise JaxalignError(
+                f"config key 'train.grad_accum': {self.grad_accum} must divide train.batch_size={self.batch_size}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """`warmup` counts steps when >= 1 and is a fraction of `train.steps` when < 1; `min_lr_ratio` is the floor of
+    the linear / cosine decay as a fraction of `lr`. `clip` is the global gradient-norm limit (0 = off).
+    Adafactor: `b1` is its momentum (null = none), `decay` its fixed second-moment decay, `factored: false` with
+    `parameter_scale: true` is the "AdamW with updates scaled by parameter magnitude" recipe."""
+
+    name: Literal["adamw", "adafactor", "sgd"] = "adamw"
+    lr: float = 1e-5
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup: float = 0.0
+    min_lr_ratio: float = 0.0
+    b1: float | None = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    decay_embeddings: bool = False
+    clip: float = 1.0
+    decay: float = 0.95
+    factored: bool = True
+    parameter_scale: bool = True
+    update_clip: float | None = 1.0
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise JaxalignError(f"config key 'optimizer.lr': expected a positive learning rate, got {self.lr}")
+        if self.warmup < 0:
+            raise JaxalignError(f"config key 'optimizer.warmup': expected steps >= 1 or a ratio in [0, 1), got {self.warmup}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise JaxalignError(f"config key 'optimizer.min_lr_ratio': expected a value in [0, 1], got {self.min_lr_ratio}")
+        if self.clip < 0:
+            raise JaxalignError(f"config key 'optimizer.clip': expected >= 0 (0 = off), got {self.clip}")
+        if self.name == "adamw" and self.b1 is None:
+            raise JaxalignError("config key 'optimizer.b1': adamw needs a number")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpoints under OUTPUT_DIR/checkpoints every `every` steps (0 = only at the end and on SIGTERM)."""
+
+    every: int = 500
+    keep: int = 2
+    async_save: bool = True
+
+    def __post_init__(self):
+        if self.every < 0:
+            raise JaxalignError(f"config key 'checkpoint.every': expected >= 0, got {self.every}")
+        if self.keep < 1:
+            raise JaxalignError(f"config key 'checkpoint.keep': expected >= 1, got {self.keep}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes (one may be -1 = all remaining devices) and the logical-axis -> mesh-axes rules.
+
+    `rules` maps each logical name the model uses to a mesh axis, a list of mesh axes, or null (replicated);
+    names missing here take the defaults in `jaxalign.sharding.DEFAULT_RULES`."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    rules: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for key, size in sizes.items():
+            if size == 0 or size < -1:
+                raise JaxalignError(f"config key 'mesh.{key}': expected a positive size or -1, got {size}")
+        if list(sizes.values()).count(-1) > 1:
+            raise JaxalignError("config keys 'mesh.data/fsdp/tensor': at most one may be -1")
+        for name, axes in self.rules.items():
+            items = axes if isinstance(axes, (list, tuple)) else [axes]
+            for axis in items:
+                if axis is not None and axis not in sizes:
+                    raise JaxalignError(
+                        f"config key 'mesh.rules.{name}': {axis!r} is not a mesh axis; use data, fsdp, tensor or null"
+                    )
+
+
+from jaxalign.data.config import DataConfig  # noqa: E402 - after the generic functions the data config may use
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)

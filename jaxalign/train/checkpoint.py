@@ -1,0 +1,91 @@
+"""Orbax checkpoints of the train state plus every process's data-iterator position, saved asynchronously.
+
+Layout: OUTPUT_DIR/checkpoints/<step>/{state, data} — `state` holds the sharded TrainState, `data` a JSON object
+with one loader state per process. Orbax writes each step into a temporary folder and renames it when complete,
+so an interrupted save never looks finished; a step whose files were damaged afterwards fails to restore and is
+skipped (moved to OUTPUT_DIR/corrupt_checkpoints/) in favour of the previous one.
+"""
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+logger = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    def __init__(self, directory: str | Path, keep: int, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state, data_state: dict) -> None:
+        """Starts saving `state` and this process's `data_state` (JSON-able); returns once the arrays are copied."""
+        everyone = _gather_json(data_state)
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave({f"process_{i}": s for i, s in enumerate(everyone)}),
+        ), force=True)
+
+    def restore_latest(self, abstract_state):
+        """(step, state, data_state) from the newest checkpoint that restores; None when there is none.
+
+        `abstract_state` carries the target shardings, so a checkpoint saved on one mesh loads onto another.
+        """
+        for step in reversed(self.steps()):
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=ocp.args.JsonRestore(),
+                ))
+                data = restored["data"]
+                key = f"process_{jax.process_index()}"
+                if len(data) != jax.process_count() or key not in data:
+                    raise ValueError(f"it holds data positions of {len(data)} processes, this run has "
+                                     f"{jax.process_count()}")
+                return step, restored["state"], data[key]
+            except Exception as err:  # noqa: BLE001 - any failure to read a step means: fall back to the previous
+                logger.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying the previous one",
+                               step, self.directory, type(err).__name__, str(err).splitlines()[0][:300])
+                self._set_aside(step)
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def _set_aside(self, step: int) -> None:
+        multihost_utils.sync_global_devices(f"jaxalign-checkpoint-set-aside-{step}")
+        if jax.process_index() == 0:
+            target = self.directory.parent / "corrupt_checkpoints" / str(step)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.move(str(self.directory / str(step)), str(target))
+        multihost_utils.sync_global_devices(f"jaxalign-checkpoint-set-aside-done-{step}")
+        self.manager.reload()
+
+
+def _gather_json(value: dict) -> list:
+    """Every process's JSON-able `value`, in process order (a single-process run just wraps it)."""
+    if jax.process_count() == 1:
+        return [value]
+    encoded = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    longest = int(np.max(multihost_utils.process_allgather(np.array([encoded.size]))))
+    padded = np.zeros(longest, np.uint8)
+    padded[: encoded.size] = encoded
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(jax.process_count(), longest)
+    return [json.loads(bytes(row).rstrip(b"\0").decode()) for row in rows]

@@ -1,0 +1,328 @@
+"""The one training loop every algorithm uses.
+
+    state = train(config, model, loss_fn, train_data, init_params=None, eval_data=None, eval_fn=None)
+
+- `config`: a `RunConfig` (or subclass): output_dir, seed, train.*, optimizer.*, checkpoint.*, mesh.*.
+- `model`: the flax module; `model.init(rng, int32[1, 1])` gives its parameter shapes and logical axis names.
+- `loss_fn(params, batch, rng) -> (loss_sum, aux)`: pure; `aux["weight"]` is the denominator (e.g. trained tokens),
+  other aux entries are sums. Logged values are sums over the global batch (all devices, all `train.grad_accum`
+  micro-batches) divided by the total weight.
+- `train_data`: iterable of process-local batches (dicts of numpy arrays, leading dim `train.batch_size /
+  process_count`) with `state_dict()` / `load_state_dict(state)`; the position is saved with every checkpoint.
+- `init_params(shardings) -> params` (optional): starting weights placed on the given NamedSharding pytree (e.g.
+  `lambda sh: load_pretrained(path, shardings=sh)[1]`); default: `model.init` run directly on the shardings.
+  Not called when a checkpoint is resumed.
+- `eval_data() -> iterable of local batches` (optional, fresh each time) and `eval_fn(params, batch, rng)` (same
+  contract as `loss_fn`, default `loss_fn`; called with `rng=None`, i.e. deterministic): every `train.eval_every`
+  steps, at most `train.eval_batches` batches (0 = all).
+
+Writes OUTPUT_DIR/metrics.jsonl (one JSON object per line with `step`; training lines `loss`, `grad_norm`, `lr`,
+`tokens_per_s` and the aux means; eval lines `eval_loss`, `eval_<aux>`) and OUTPUT_DIR/tensorboard. Checkpoints go
+to OUTPUT_DIR/checkpoints every `checkpoint.every` steps and at the end; rerunning the same command resumes from the
+latest complete one. SIGTERM / Ctrl-C finish the current step, save, and return normally; a NaN or inf loss or
+gradient norm raises `JaxalignError` naming the step before anything from that step is saved.
+"""
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxalign import sharding as shd
+from jaxalign.config import RunConfig
+from jaxalign.errors import JaxalignError
+from jaxalign.train import state as st
+from jaxalign.train.checkpoint import Checkpointer
+from jaxalign.train.optim import make_optimizer, make_schedule
+from jaxalign.train.step import LossFn, eval_sums, train_step
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Everything about where the state lives: mesh, rules, optimiser and the state's shardings and shapes."""
+
+    mesh: Mesh
+    rules: tuple
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    shardings: st.TrainState
+    abstract: st.TrainState
+
+
+def model_init_fn(model) -> Callable[[jax.Array], Any]:
+    """`rng -> boxed params` for a model whose `__call__` takes int32 token ids `[batch, length]`."""
+    return lambda rng: model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def plan(config: RunConfig, model, devices=None) -> Layout:
+    """Builds the mesh and the state's shardings from config, without allocating anything."""
+    mesh = shd.make_mesh(config.mesh, devices)
+    rules = shd.logical_rules(config.mesh)
+    tx = make_optimizer(config.optimizer, config.train.steps)
+    schedule = make_schedule(config.optimizer, config.train.steps)
+    boxed = jax.eval_shape(model_init_fn(model), jax.random.PRNGKey(0))
+    params_shardings = st.param_shardings(boxed, mesh, rules)
+    abstract_params = nn.meta.unbox(boxed)
+    shardings = st.state_shardings(abstract_params, params_shardings, tx, mesh)
+    return Layout(mesh, rules, tx, schedule, shardings, st.abstract_state(abstract_params, tx, shardings))
+
+
+def memory_report(config: RunConfig, model, devices=None) -> str:
+    """Predicted per-device bytes of params + optimiser state for `config.mesh` (no memory is allocated)."""
+    layout = plan(config, model, devices)
+    sizes = ", ".join(f"{k}={v}" for k, v in layout.mesh.shape.items())
+    return f"mesh {sizes} ({layout.mesh.size} devices)\n" + st.memory_report(layout.abstract, layout.shardings)
+
+
+def train(config: RunConfig, model, loss_fn: LossFn, train_data, *,
+          init_params: Callable[[Any], Any] | None = None,
+          eval_data: Callable[[], Iterable[dict]] | None = None,
+          eval_fn: LossFn | None = None) -> st.TrainState:
+    """Trains until `config.train.steps` (or a stop signal) and returns the final state; see the module docstring."""
+    layout = plan(config, model)
+    out = Path(config.output_dir)
+    primary = jax.process_index() == 0
+    if primary:
+        out.mkdir(parents=True, exist_ok=True)
+    checkpointer = Checkpointer(out / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
+    with jax.set_mesh(layout.mesh), nn.logical_axis_rules(layout.rules):
+        try:
+            return _run(config, layout, model, loss_fn, train_data, init_params, eval_data, eval_fn or loss_fn,
+                        checkpointer, out, primary)
+        finally:
+            checkpointer.close()
+
+
+def _run(config, layout: Layout, model, loss_fn, train_data, init_params, eval_data, eval_fn, checkpointer,
+         out: Path, primary: bool) -> st.TrainState:
+    restored = checkpointer.restore_latest(layout.abstract)
+    if restored is not None:
+        start, state, data_state = restored
+        train_data.load_state_dict(data_state)
+        _say(f"resumed from {checkpointer.directory / str(start)} at step {start}")
+    else:
+        start = 0
+        if init_params is not None:
+            state = st.state_from_params(init_params(layout.shardings.params), layout.tx, config.seed,
+                                         layout.shardings)
+        else:
+            state = st.init_state(model_init_fn(model), layout.tx, config.seed, layout.shardings)
+    logger = _MetricsLogger(out, start, primary)
+    stop = _StopRequest()
+    total = config.train.steps
+    step_fn = None
+    last_saved = start
+    try:
+        batches = iter(train_data)
+        progress = _progress(primary, start, total)
+        step = start
+        window = _Window(time.perf_counter())
+        while step < total:
+            try:
+                local = next(batches)
+            except StopIteration:
+                raise JaxalignError(f"the training data ran out after step {step} of train.steps={total}") from None
+            batch = shd.global_batch(local, layout.mesh, layout.rules)
+            if step_fn is None:
+                step_fn = _compile_step(config, layout, loss_fn, batch)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            window.add(step, metrics, _token_count(batch))
+            progress.update(1)
+            checkpoint_due = config.checkpoint.every and step % config.checkpoint.every == 0
+            stopping = stop.requested()
+            if step % config.train.log_every == 0 or step == total or checkpoint_due or stopping:
+                line = window.flush(time.perf_counter())
+                if step % config.train.log_every == 0 or step == total:
+                    logger.write(line)
+                    progress.set_postfix(loss=f"{line['loss']:.4f}")
+                window = _Window(time.perf_counter())
+            if config.train.eval_every and eval_data is not None and step % config.train.eval_every == 0:
+                logger.write(_evaluate(config, layout, eval_fn, state, eval_data, step))
+            if checkpoint_due or step == total or stopping:
+                checkpointer.save(step, state, train_data.state_dict())
+                last_saved = step
+            if stopping:
+                checkpointer.wait()
+                _say(f"stopped by {stop.signal_name} after step {step}; checkpoint saved in "
+                     f"{checkpointer.directory / str(step)}; run the same command again to resume")
+                break
+        progress.close()
+        if last_saved != step:
+            checkpointer.save(step, state, train_data.state_dict())
+        return state
+    finally:
+        stop.restore()
+        logger.close()
+
+
+def _compile_step(config: RunConfig, layout: Layout, loss_fn, batch: dict):
+    batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
+    replicated = NamedSharding(layout.mesh, PartitionSpec())
+    batch_spec = shd.spec_for(("batch",), layout.rules)
+
+    def step(state, batch):
+        return train_step(state, batch, loss_fn=loss_fn, tx=layout.tx, schedule=layout.schedule,
+                          grad_accum=config.train.grad_accum, batch_spec=batch_spec)
+
+    return jax.jit(step, in_shardings=(layout.shardings, batch_shardings),
+                   out_shardings=(layout.shardings, replicated), donate_argnums=0)
+
+
+def _evaluate(config: RunConfig, layout: Layout, eval_fn, state, eval_data, step: int) -> dict:
+    replicated = NamedSharding(layout.mesh, PartitionSpec())
+    compiled = None
+    totals = None
+    for index, local in enumerate(eval_data()):
+        if config.train.eval_batches and index >= config.train.eval_batches:
+            break
+        batch = shd.global_batch(local, layout.mesh, layout.rules)
+        if compiled is None:
+            compiled = jax.jit(lambda p, b: eval_sums(eval_fn, p, b, None),
+                               in_shardings=(layout.shardings.params, jax.tree.map(lambda x: x.sharding, batch)),
+                               out_shardings=replicated)
+        sums = compiled(state.params, batch)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    if totals is None:
+        raise JaxalignError("the evaluation data yielded no batches")
+    totals = jax.device_get(totals)
+    weight = max(float(totals.pop("weight")), 1.0)
+    return {"step": step, **{f"eval_{k}": float(v) / weight for k, v in totals.items()}}
+
+
+def _token_count(batch: dict) -> int:
+    ids = batch.get("input_ids")
+    if ids is None:
+        ids = next(iter(batch.values()))
+    return int(np.prod(ids.shape))
+
+
+class _Window:
+    """Per-step metrics since the last flush, kept on device until needed (no host sync every step)."""
+
+    def __init__(self, started: float):
+        self.started = started
+        self.entries: list[tuple[int, dict]] = []
+        self.tokens = 0
+
+    def add(self, step: int, metrics: dict, tokens: int) -> None:
+        self.entries.append((step, metrics))
+        self.tokens += tokens
+
+    def flush(self, now: float) -> dict:
+        """Checks every step for NaN / inf and returns the window's log line (means; `lr` of the last step)."""
+        values = jax.device_get([m for _, m in self.entries])
+        for (step, _), metrics in zip(self.entries, values):
+            for key in ("loss", "grad_norm"):
+                if not math.isfinite(float(metrics[key])):
+                    raise JaxalignError(
+                        f"step {step}: {key} is {float(metrics[key])}; stopping without saving this state (the last "
+                        f"good checkpoint is kept). Lower optimizer.lr, check the data, or enable optimizer.clip"
+                    )
+        line = {"step": self.entries[-1][0]}
+        for key in values[-1]:
+            if key == "lr":
+                line[key] = float(values[-1][key])
+            else:
+                line[key] = float(np.mean([float(m[key]) for m in values]))
+        line["tokens_per_s"] = self.tokens / max(now - self.started, 1e-9)
+        return line
+
+
+class _MetricsLogger:
+    """metrics.jsonl + TensorBoard from process 0. On resume, lines of steps after the restored one (a run that
+    went on past its last checkpoint before dying) are dropped so the file reads as one run."""
+
+    def __init__(self, out: Path, start: int, primary: bool):
+        self.primary = primary
+        self.path = out / "metrics.jsonl"
+        self.tensorboard = None
+        if not primary:
+            return
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        from tensorboardX import SummaryWriter
+
+        self.tensorboard = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1 if start else None)
+
+    def write(self, line: dict) -> None:
+        if not self.primary:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(line) + "\n")
+        for key, value in line.items():
+            if key != "step":
+                group = "eval" if key.startswith("eval_") else "train"
+                self.tensorboard.add_scalar(f"{group}/{key.removeprefix('eval_')}", value, line["step"])
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+class _StopRequest:
+    """SIGTERM / SIGINT set a flag; the loop saves after the current step. A second Ctrl-C interrupts at once.
+    With several processes the flag is shared, so every process stops after the same step."""
+
+    def __init__(self):
+        self.signal_name = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def requested(self) -> bool:
+        local = self.signal_name is not None
+        if jax.process_count() == 1:
+            return local
+        flags = multihost_utils.process_allgather(np.array([local], np.int32))
+        if np.any(flags) and self.signal_name is None:
+            self.signal_name = "a stop signal on another process"
+        return bool(np.any(flags))
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class _NoProgress:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(primary: bool, start: int, total: int):
+    if not (primary and sys.stderr.isatty()):
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+
+
+def _say(message: str) -> None:
+    if jax.process_index() == 0:
+        print(f"jaxalign: {message}", file=sys.stderr, flush=True)

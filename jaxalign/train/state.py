@@ -1,0 +1,142 @@
+"""The train state (params, optimiser state, step, rng), its shardings, creation already sharded, memory sizes."""
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxalign import sharding as shd
+
+
+@flax.struct.dataclass
+class TrainState:
+    """`rng` is a raw uint32 key; the step's randomness is `fold_in(rng, step)`, so resuming needs nothing else."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def param_shardings(abstract_boxed_params, mesh: Mesh, rules):
+    """NamedShardings for parameters from their logical axis names (flax `with_logical_partitioning` boxes);
+    parameters without names are replicated."""
+    logical = nn.get_partition_spec(abstract_boxed_params)
+    shardings = shd.logical_shardings(logical, mesh, rules)
+    shd.check_divisible(nn.meta.unbox(abstract_boxed_params), shardings, mesh)
+    return shardings
+
+
+def opt_state_shardings(abstract_opt_state, abstract_params, params_shardings, mesh: Mesh):
+    """An optimiser-state leaf whose tree path ends with a parameter's path and has its shape gets that parameter's
+    sharding (Adam moments, momentum); anything else (counts, factored Adafactor rows/columns) is replicated."""
+    by_path = {}
+    for (path, leaf), sharding in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                                      jax.tree.leaves(params_shardings,
+                                                      is_leaf=lambda x: isinstance(x, NamedSharding))):
+        by_path[_path_names(path)] = (leaf.shape, sharding)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def choose(path, leaf):
+        names = _path_names(path)
+        for start in range(len(names)):
+            found = by_path.get(names[start:])
+            if found is not None and found[0] == leaf.shape:
+                return found[1]
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(choose, abstract_opt_state)
+
+
+def state_shardings(abstract_params, params_shardings, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return TrainState(
+        step=replicated,
+        params=params_shardings,
+        opt_state=opt_state_shardings(abstract_opt, abstract_params, params_shardings, mesh),
+        rng=replicated,
+    )
+
+
+def abstract_state(abstract_params, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+    """ShapeDtypeStructs with shardings for the whole state (the restore target for checkpoints)."""
+    shapes = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=abstract_params,
+        opt_state=jax.eval_shape(tx.init, abstract_params),
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+    )
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def init_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation, seed: int,
+               shardings: TrainState) -> TrainState:
+    """Random parameters and optimiser state created directly on their shardings (never whole on one device)."""
+
+    def init(rng):
+        params_rng, state_rng = jax.random.split(rng)
+        # Without rules: out_shardings place the result, and flax's DenseGeneral reshapes boxed kernels during init,
+        # which breaks logical constraints on multi-dimensional features.
+        with nn.logical_axis_rules(()):
+            params = nn.meta.unbox(init_params(params_rng))
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), state_rng)
+
+    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+
+
+def state_from_params(params, tx: optax.GradientTransformation, seed: int, shardings: TrainState) -> TrainState:
+    """A fresh state around parameters already placed on `shardings.params` (e.g. loaded from a HF folder)."""
+
+    def build(params, rng):
+        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.split(rng)[1])
+
+    return jax.jit(build, in_shardings=(shardings.params, shardings.rng), out_shardings=shardings,
+                   donate_argnums=0)(params, jax.random.PRNGKey(seed))
+
+
+def predicted_bytes_per_device(abstract_tree, shardings) -> int:
+    """Bytes one device holds for `abstract_tree` laid out with `shardings` (the largest over devices)."""
+    per_device: dict = {}
+    flat_shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    for leaf, sharding in zip(jax.tree.leaves(abstract_tree), flat_shardings):
+        nbytes = int(np.prod(sharding.shard_shape(leaf.shape))) * np.dtype(leaf.dtype).itemsize
+        for device in sharding.device_set:
+            per_device[device] = per_device.get(device, 0) + nbytes
+    return max(per_device.values(), default=0)
+
+
+def measured_bytes_per_device(tree) -> int:
+    """Bytes of the addressable shards of the arrays in `tree`, the largest over devices."""
+    per_device: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return max(per_device.values(), default=0)
+
+
+def memory_report(abstract: TrainState, shardings: TrainState) -> str:
+    """Predicted per-device memory of params + optimiser state, as printed by `jaxalign memory`."""
+    params = predicted_bytes_per_device(abstract.params, shardings.params)
+    opt = predicted_bytes_per_device(abstract.opt_state, shardings.opt_state)
+    total = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                for x in jax.tree.leaves((abstract.params, abstract.opt_state)))
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    return (
+        f"parameters: {n_params:,}\n"
+        f"per device: params {_gib(params)}, optimizer state {_gib(opt)}, together {_gib(params + opt)}\n"
+        f"all devices together: {_gib(total)} (activations and temporaries come on top)"
+    )
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.3f} GiB"
+
+
+def _path_names(path) -> tuple:
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
