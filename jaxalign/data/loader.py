@@ -1,0 +1,350 @@
+"""The resumable, per-process data loader.
+
+Order: each epoch draws every source's examples `weight` times (fractions resampled per epoch), shuffles them
+with `(seed, epoch)`, and gives process p the examples `order[p::process_count]`; every process computes the same
+order, so the processes' examples together are exactly the epoch, without overlap. Examples are rendered and
+tokenised as they are reached (in chunks, batched through the tokenizer), cut to `seq_len` (dropped ones counted),
+and placed into fixed-shape rows: one per row, or packed first-come (`data.pack`). Train loaders run forever over
+epochs; eval loaders make one pass (every process the same number of batches, padded) and restart on next use.
+
+`state_dict()` is JSON-able `{epoch, position, stats}`: `position` is the next example of this process's share not
+yet in a returned batch, so `load_state_dict` in a fresh loader continues with exactly the next batch.
+
+```python
+from jaxalign.data import DataConfig, build_loader, load_tokenizer
+from jaxalign.config import from_dict
+config = from_dict(DataConfig, {"train": "demo:instructions", "template": "alpaca", "pack": True})
+loader = build_loader(config, load_tokenizer("byte"), batch_size=8, seq_len=256)
+batch = next(loader)          # dict of numpy int32 [8, 256]: input_ids, targets, loss_mask, segment_ids, positions
+```
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from jaxalign.data import packing
+from jaxalign.data.config import DataConfig
+from jaxalign.data.formats import Conversation, PreferencePair, Prompt, Text
+from jaxalign.data.masking import Fitted, fit, tokenize_segments, trained_flags
+from jaxalign.data.sources import SourceData, load_source
+from jaxalign.data.templates import render, render_pair, special_tokens
+from jaxalign.data.tokenizer import SegmentEncoder
+from jaxalign.errors import JaxalignError
+
+CHUNK = 256
+STAT_KEYS = ("examples", "tokens", "trained_tokens", "truncated", "dropped", "rows", "padding_tokens")
+
+
+@dataclass(frozen=True)
+class Item:
+    """A processed example: one `Fitted` part (LM, prompt) or two (chosen, rejected)."""
+
+    parts: tuple[Fitted, ...]
+    strength: int = -1
+    safety: int = -1
+
+    @property
+    def dropped(self) -> str | None:
+        return next((p.dropped for p in self.parts if p.dropped), None)
+
+    @property
+    def truncated(self) -> bool:
+        return any(p.truncated for p in self.parts)
+
+
+def example_kind(example) -> str:
+    if isinstance(example, (Conversation, Text)):
+        return "lm"
+    if isinstance(example, PreferencePair):
+        return "preference"
+    if isinstance(example, Prompt):
+        return "prompt"
+    raise TypeError(type(example).__name__)
+
+
+class Preprocessor:
+    """Renders, tokenises, masks and fits examples (all kinds) for one tokenizer and config."""
+
+    def __init__(self, config: DataConfig, tokenizer, seq_len: int):
+        if tokenizer.pad_token_id is None:
+            raise JaxalignError(
+                "the tokenizer has no pad token; set config key 'data.pad_token' (e.g. '[PAD]' as Alpaca does, "
+                "which adds it, or the eos token)"
+            )
+        if seq_len < 2:
+            raise JaxalignError(f"seq_len must be at least 2, got {seq_len}")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.tokens = special_tokens(tokenizer, config.add_bos, config.eot_token)
+        self.encoder = SegmentEncoder(tokenizer)
+
+    def segments(self, example):
+        """The rendered segments of an example (a pair: a tuple of chosen and rejected segments)."""
+        c = self.config
+        if isinstance(example, PreferencePair):
+            return render_pair(example, c.template, self.tokens, c.system_message, self.tokenizer)
+        return render(example, c.template, self.tokens, c.system_message, self.tokenizer)
+
+    def process(self, examples: list) -> list[Item]:
+        flat, shapes = [], []
+        for example in examples:
+            rendered = self.segments(example)
+            parts = list(rendered) if isinstance(example, PreferencePair) else [rendered]
+            shapes.append(len(parts))
+            flat.extend(parts)
+        tokens = tokenize_segments(flat, self.encoder)
+        items, k = [], 0
+        for example, n in zip(examples, shapes):
+            parts = tokens[k : k + n]
+            k += n
+            items.append(self._fit(example, parts))
+        return items
+
+    def _fit(self, example, parts) -> Item:
+        trunc = self.config.truncation
+        if isinstance(example, Prompt):
+            ids = parts[0].ids
+            cut = ids.size > self.seq_len
+            ids = ids[-self.seq_len :]
+            return Item((Fitted(ids, np.zeros(ids.size, bool), cut, None),))
+        mode = "assistant" if isinstance(example, PreferencePair) else self.config.mask
+        fitted = tuple(
+            fit(p.ids, trained_flags(p, mode), self.seq_len, trunc.max_prompt_fraction, trunc.overlong) for p in parts
+        )
+        if isinstance(example, PreferencePair):
+            return Item(fitted, example.strength, example.safety)
+        return Item(fitted)
+
+
+def split_eval(sources: list[SourceData], fraction: float, seed: int, split: str) -> list[SourceData]:
+    """Each source's examples for `split` when `eval_fraction` holds out a fixed random part of it."""
+    out = []
+    for i, source in enumerate(sources):
+        n = len(source.examples)
+        n_eval = max(1, round(n * fraction)) if n > 1 else 0
+        order = np.random.default_rng([seed, 7919, i]).permutation(n)
+        keep = np.sort(order[:n_eval] if split == "eval" else order[n_eval:])
+        if keep.size == 0:
+            raise JaxalignError(f"data source {source.spec.path}: eval_fraction {fraction} leaves no {split} examples")
+        out.append(SourceData(source.spec, source.format, [source.examples[j] for j in keep], source.skipped))
+    return out
+
+
+class DataLoader:
+    """Process-local batches (numpy) of one split; see the module docstring."""
+
+    def __init__(
+        self,
+        config: DataConfig,
+        tokenizer,
+        *,
+        batch_size: int,
+        seq_len: int,
+        split: str = "train",
+        process_index: int = 0,
+        process_count: int = 1,
+        sources: list[SourceData] | None = None,
+    ):
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise JaxalignError(f"process_index {process_index} is not in [0, process_count={process_count})")
+        if batch_size < 1 or batch_size % process_count:
+            raise JaxalignError(
+                f"config key 'train.batch_size': {batch_size} must be a positive multiple of the process count "
+                f"{process_count}"
+            )
+        self.config = config
+        self.split = split
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.local_batch_size = batch_size // process_count
+        self.process_index = process_index
+        self.process_count = process_count
+        self.preprocessor = Preprocessor(config, tokenizer, seq_len)
+        if sources is None:
+            sources = [load_source(s, config.format, config.on_error) for s in config.sources(split)]
+            if config.eval_fraction > 0:
+                sources = split_eval(sources, config.eval_fraction, config.seed, split)
+        self.sources = sources
+        self.skipped = [message for s in sources for message in s.skipped]
+        self.examples = [e for s in sources for e in s.examples]
+        kinds = {example_kind(e) for e in self.examples}
+        if len(kinds) != 1:
+            formats = ", ".join(f"{s.spec.path}: {s.format}" for s in sources)
+            raise JaxalignError(f"data.{split} mixes examples of different kinds ({formats}); use one kind per split")
+        self.kind = kinds.pop()
+        self._offsets = np.cumsum([0] + [len(s.examples) for s in sources])
+        self._eval_batches = self._count_eval_batches() if split == "eval" else None
+        self.load_state_dict({"epoch": 0, "position": 0})
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Global example indices of `epoch`, in order, before sharding over processes."""
+        if self.split == "eval":
+            return np.arange(len(self.examples))
+        parts = []
+        for i, source in enumerate(self.sources):
+            n = len(source.examples)
+            indices = np.arange(n) + self._offsets[i]
+            whole, frac = divmod(source.spec.weight, 1.0)
+            parts.extend([indices] * int(whole))
+            extra = round(frac * n)
+            if extra:
+                rng = np.random.default_rng([self.config.seed, epoch, i, 1])
+                parts.append(np.sort(rng.choice(indices, size=extra, replace=False)))
+        order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        if order.size == 0:
+            raise JaxalignError(f"data.{self.split}: the source weights select no examples")
+        if self.config.shuffle:
+            order = np.random.default_rng([self.config.seed, epoch]).permutation(order)
+        return order
+
+    def shard(self, epoch: int, process_index: int | None = None) -> np.ndarray:
+        p = self.process_index if process_index is None else process_index
+        return self.epoch_order(epoch)[p :: self.process_count]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "position": self._position, "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict):
+        try:
+            epoch, position = int(state["epoch"]), int(state["position"])
+        except (KeyError, TypeError, ValueError):
+            raise JaxalignError(f"data loader state must have integer 'epoch' and 'position', got {state!r}") from None
+        self._epoch, self._position = epoch, position
+        self.stats = {k: int(state.get("stats", {}).get(k, 0)) for k in STAT_KEYS}
+        self._shard_epoch, self._shard = None, None
+        self._buffer: list[tuple[int, Item]] = []
+        self._emitted = 0
+
+    def __iter__(self):
+        return self
+
+    def __len__(self) -> int:
+        if self._eval_batches is None:
+            raise TypeError("a train loader is endless")
+        return self._eval_batches
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self.split == "eval" and self._emitted >= self._eval_batches:
+            self.load_state_dict({"epoch": 0, "position": 0})
+            raise StopIteration
+        rows: list[list[Item]] = [[] for _ in range(self.local_batch_size)]
+        row, used = 0, 0
+        pack = self.config.pack and self.kind == "lm"
+        while True:
+            item = self._peek()
+            if item is None:
+                break
+            n = item.parts[0].ids.size
+            if rows[row] and (not pack or used + n > self.seq_len):
+                row += 1
+                used = 0
+                if row == len(rows):
+                    break
+            rows[row].append(item)
+            used += n
+            self._consume()
+        self._emitted += 1
+        return self._assemble(rows)
+
+    def _assemble(self, rows: list[list[Item]]) -> dict[str, np.ndarray]:
+        pad = self.preprocessor.pad_id
+        if self.kind == "lm":
+            batch = packing.lm_batch([[(i.parts[0].ids, i.parts[0].trained) for i in r] for r in rows], self.seq_len, pad)
+            real = batch["segment_ids"] > 0
+        elif self.kind == "preference":
+            pairs = [
+                ((r[0].parts[0].ids, r[0].parts[0].trained), (r[0].parts[1].ids, r[0].parts[1].trained),
+                 r[0].strength, r[0].safety) if r else None
+                for r in rows
+            ]
+            batch = packing.preference_batch(pairs, self.seq_len, pad, self.config.margin)
+            real = np.concatenate([batch["chosen_segment_ids"], batch["rejected_segment_ids"]]) > 0
+        else:
+            batch = packing.prompt_batch([r[0].parts[0].ids if r else None for r in rows], self.seq_len, pad)
+            real = batch["segment_ids"] > 0
+        self.stats["rows"] += real.shape[0]
+        self.stats["tokens"] += int(real.sum())
+        self.stats["padding_tokens"] += int(real.size - real.sum())
+        self.stats["trained_tokens"] += int(sum(v.sum() for k, v in batch.items() if k.endswith("loss_mask")))
+        return batch
+
+    def _peek(self) -> Item | None:
+        """The next usable item at the current position; dropped items are consumed and counted on the way."""
+        while True:
+            if not self._buffer:
+                if not self._fill():
+                    return None
+            position, item = self._buffer[0]
+            if item.dropped is None:
+                return item
+            self.stats["dropped"] += 1
+            self._consume()
+
+    def _consume(self):
+        _, item = self._buffer.pop(0)
+        if item.dropped is None:
+            self.stats["examples"] += 1
+            self.stats["truncated"] += int(item.truncated)
+        self._position += 1
+
+    def _fill(self) -> bool:
+        """Processes the next chunk of this process's share; False when an eval pass is done."""
+        shard = self._current_shard()
+        if self._position >= shard.size:
+            if self.split == "eval":
+                return False
+            self._epoch += 1
+            self._position = 0
+            shard = self._current_shard()
+            if shard.size == 0:
+                raise JaxalignError(f"data.{self.split}: process {self.process_index} has no examples in its share")
+        end = min(self._position + CHUNK, shard.size)
+        indices = shard[self._position : end]
+        items = self.preprocessor.process([self.examples[i] for i in indices])
+        self._buffer = list(zip(range(self._position, end), items))
+        return True
+
+    def _current_shard(self) -> np.ndarray:
+        if self._shard_epoch != self._epoch:
+            self._shard_epoch, self._shard = self._epoch, self.shard(self._epoch)
+        return self._shard
+
+    def _count_eval_batches(self) -> int:
+        """Batches of the process with the largest share, so all processes run the same number of eval steps."""
+        items = self.preprocessor.process(self.examples)
+        pack = self.config.pack and self.kind == "lm"
+        most = 0
+        for p in range(self.process_count):
+            rows, used = 0, 0
+            for i in self.shard(0, p):
+                if items[i].dropped is not None:
+                    continue
+                n = items[i].parts[0].ids.size
+                if rows == 0 or not pack or used + n > self.seq_len:
+                    rows, used = rows + 1, 0
+                used += n
+            most = max(most, -(-rows // self.local_batch_size))
+        return most
+
+
+def build_loader(config: DataConfig, tokenizer, *, batch_size: int, seq_len: int, split: str = "train",
+                 process_index: int = 0, process_count: int = 1) -> DataLoader:
+    """A loader for `split`; call `prepare_tokenizer(config, tokenizer)` first when the config adds tokens."""
+    return DataLoader(config, tokenizer, batch_size=batch_size, seq_len=seq_len, split=split,
+                      process_index=process_index, process_count=process_count)
+
+
+def make_global_batch(batch: dict, mesh, batch_axes=("data", "fsdp")) -> dict:
+    """Process-local numpy batch -> global `jax.Array`s, leading axis sharded over `batch_axes` of `mesh`."""
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+    out = {}
+    for key, value in batch.items():
+        spec = PartitionSpec(axes or None, *([None] * (value.ndim - 1)))
+        out[key] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), value)
+    return out

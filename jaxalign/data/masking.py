@@ -1,0 +1,121 @@
+"""Segments -> token ids with a per-token `trained` flag; mask modes; truncation.
+
+`trained[j]` says token j is a training target (the loss of predicting it from tokens < j counts). Token 0 of an
+example is never predicted, whatever its flag; `packing.py` turns these flags into the batch's `loss_mask`.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from jaxalign.data.templates import Segment
+from jaxalign.data.tokenizer import SegmentEncoder
+from jaxalign.errors import JaxalignError
+
+MASK_MODES = ("prompt", "assistant", "last_turn", "full")
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """An example's tokens: `ids` int32, `response` bool (token from a response segment), `turn` int32."""
+
+    ids: np.ndarray
+    response: np.ndarray
+    turn: np.ndarray
+
+
+def tokenize_segments(segment_lists: list[list[Segment]], encoder: SegmentEncoder) -> list[Tokens]:
+    """Tokenises many examples at once; each text segment on its own, special segments as one id each."""
+    texts, first, where = [], [], []
+    for e, segments in enumerate(segment_lists):
+        previous_special_bos = True
+        for s, segment in enumerate(segments):
+            if segment.special:
+                previous_special_bos = segment.text == encoder.tokenizer.bos_token
+                continue
+            texts.append(segment.text)
+            first.append(previous_special_bos)
+            where.append((e, s))
+            previous_special_bos = False
+    encoded = encoder.encode(texts, first)
+    pieces: list[list[list[int]]] = [[[] for _ in segments] for segments in segment_lists]
+    for (e, s), ids in zip(where, encoded):
+        pieces[e][s] = ids
+    out = []
+    for e, segments in enumerate(segment_lists):
+        ids, response, turn = [], [], []
+        for s, segment in enumerate(segments):
+            seg_ids = [_special_id(encoder.tokenizer, segment.text)] if segment.special else pieces[e][s]
+            ids.extend(seg_ids)
+            response.extend([segment.response] * len(seg_ids))
+            turn.extend([segment.turn] * len(seg_ids))
+        out.append(
+            Tokens(np.asarray(ids, np.int32), np.asarray(response, bool), np.asarray(turn, np.int32).reshape(-1))
+        )
+    return out
+
+
+def _special_id(tokenizer, token: str) -> int:
+    vocab = tokenizer.get_vocab()
+    if token not in vocab:
+        raise JaxalignError(
+            f"token {token!r} is not in the tokenizer's vocabulary; list it in config key 'data.added_tokens' "
+            "(or data.eot_token / data.pad_token) so it is added and the embeddings resized"
+        )
+    return vocab[token]
+
+
+def trained_flags(tokens: Tokens, mode: str) -> np.ndarray:
+    """Which tokens are trained under mask `mode` (see `DataConfig.mask`)."""
+    if mode == "full":
+        return np.ones_like(tokens.response)
+    if mode == "assistant":
+        return tokens.response.copy()
+    if mode == "last_turn":
+        if not tokens.response.any():
+            return tokens.response.copy()
+        last = tokens.turn[tokens.response].max()
+        return tokens.response & (tokens.turn == last)
+    if mode == "prompt":
+        flags = np.zeros_like(tokens.response)
+        hits = np.flatnonzero(tokens.response)
+        if hits.size:
+            flags[hits[0] :] = True
+        return flags
+    raise JaxalignError(f"config key 'data.mask': expected one of {', '.join(MASK_MODES)}, got {mode!r}")
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """An example cut to fit: `ids`, `trained`; `truncated` if anything was cut; `dropped` with the reason."""
+
+    ids: np.ndarray
+    trained: np.ndarray
+    truncated: bool
+    dropped: str | None
+
+
+def fit(ids: np.ndarray, trained: np.ndarray, seq_len: int, max_prompt_fraction=None, overlong="truncate") -> Fitted:
+    """Cuts the prompt to `max_prompt_fraction * seq_len` (keeping its start), then the example to `seq_len`.
+
+    Dropped (with a reason) when nothing trainable remains or, with `overlong='drop'`, when it does not fit.
+    """
+    truncated = False
+    targets = np.flatnonzero(trained[1:]) + 1
+    if targets.size == 0:
+        return Fitted(ids, trained, False, "no trained tokens")
+    if max_prompt_fraction is not None:
+        prompt_len = int(targets[0])
+        limit = max(1, int(seq_len * max_prompt_fraction))
+        if prompt_len > limit:
+            ids = np.concatenate([ids[:limit], ids[prompt_len:]])
+            trained = np.concatenate([trained[:limit], trained[prompt_len:]])
+            truncated = True
+    if ids.size > seq_len:
+        if overlong == "drop":
+            return Fitted(ids, trained, False, "longer than seq_len")
+        ids, trained = ids[:seq_len], trained[:seq_len]
+        truncated = True
+    if not trained[1:].any():
+        return Fitted(ids, trained, truncated, "all trained tokens truncated")
+    return Fitted(ids, trained, truncated, None)

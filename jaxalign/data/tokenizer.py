@@ -1,0 +1,155 @@
+"""Tokenizers for the data pipeline: the built-in byte tokenizer, loading by name, and segment-wise encoding.
+
+Segment-wise encoding: a rendered example is a list of segments (see `templates.py`); each text segment is
+tokenised on its own and the ids are concatenated, so every token belongs to exactly one segment and the loss
+mask never depends on re-tokenising substrings. Two tokenizer details make this match tokenising the whole text:
+
+- SentencePiece-style tokenizers (Llama 1/2, Mistral) prepend a "▁" (a space) to the start of the text they
+  encode. Only the first text segment of an example gets it; later segments are encoded with the prepend turned
+  off, so a segment " answer" becomes "▁answer" exactly as inside the whole string.
+- BPE merges never cross a segment boundary. The built-in templates put boundaries before a space or after a
+  newline / special token, where byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM) and SentencePiece pre-tokenisation
+  split anyway; tests check segment-wise ids equal whole-string ids for each template. A boundary in the middle of
+  a word (a response glued to the prompt, as in Koala's "GPT:{answer}") may tokenise differently from the whole
+  string; that difference is deliberate: the trained tokens are exactly the response's own tokens.
+"""
+
+import json
+from pathlib import Path
+
+from jaxalign.errors import JaxalignError
+
+BYTE_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "<|eot|>", "[PAD]")
+
+BYTE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built in code (no download): 8 special tokens then the 256 bytes; vocab 264.
+
+    ids: 0 `<pad>`, 1 `<s>` (bos), 2 `</s>` (eos), 3 `<unk>`, 4 `<|im_start|>`, 5 `<|im_end|>`, 6 `<|eot|>`,
+    7 `[PAD]`, then byte b at 8 + b. Its chat template is ChatML with a leading bos.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_chars = sorted(alphabet, key=lambda c: _byte_of_char()[c])
+    vocab = {token: i for i, token in enumerate(BYTE_SPECIAL_TOKENS)}
+    vocab.update({char: len(BYTE_SPECIAL_TOKENS) + i for i, char in enumerate(byte_chars)})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(list(BYTE_SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens=list(BYTE_SPECIAL_TOKENS[4:]),
+        chat_template=BYTE_CHAT_TEMPLATE,
+        model_max_length=1 << 30,
+    )
+
+
+def _byte_of_char() -> dict[str, int]:
+    """The GPT-2 byte-to-unicode table, inverted: printable stand-in character -> byte value."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = list(printable)
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def load_tokenizer(spec: str):
+    """`byte` -> the built-in byte tokenizer; otherwise a local HF folder (tokenizer.json / tokenizer.model)."""
+    if spec == "byte":
+        return byte_tokenizer()
+    path = Path(spec)
+    if not path.is_dir():
+        raise JaxalignError(f"tokenizer {spec!r}: not 'byte' and not a folder (expected a Hugging Face model folder)")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        raise JaxalignError(f"tokenizer {spec}: could not load a tokenizer from this folder: {err}") from None
+
+
+class SegmentEncoder:
+    """Encodes the text segments of examples, in batches, without special tokens being added."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._first = backend
+        self._continuation = _without_prefix_space(backend) if backend is not None else None
+
+    def encode(self, texts: list[str], first: list[bool]) -> list[list[int]]:
+        """Token ids of each text; `first[i]` marks the first text segment of an example (gets the "▁" prefix)."""
+        if self._first is None:
+            return [self.tokenizer.encode(t, add_special_tokens=False) if t else [] for t in texts]
+        out: list[list[int]] = [[] for _ in texts]
+        for flag, encoder in ((True, self._first), (False, self._continuation)):
+            chosen = [i for i, f in enumerate(first) if f == flag and texts[i]]
+            if chosen:
+                encodings = encoder.encode_batch([texts[i] for i in chosen], add_special_tokens=False)
+                for i, enc in zip(chosen, encodings):
+                    out[i] = enc.ids
+        return out
+
+
+def _without_prefix_space(backend):
+    """A copy of a `tokenizers.Tokenizer` that never prepends "▁" (Metaspace prepend or legacy Prepend normaliser)."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(backend.to_str())
+    changed = _drop_prepend(data.get("pre_tokenizer"), "pre") | _drop_prepend(data.get("normalizer"), "norm")
+    if not changed:
+        return backend
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def _drop_prepend(node, kind: str) -> bool:
+    if not isinstance(node, dict):
+        return False
+    if node.get("type") == "Sequence":
+        items = node.get("pretokenizers" if kind == "pre" else "normalizers") or []
+        changed = False
+        for item in list(items):
+            if kind == "norm" and _is_start_rule(item):
+                items.remove(item)
+                changed = True
+            else:
+                changed |= _drop_prepend(item, kind)
+        return changed
+    if kind == "norm" and _is_start_rule(node):
+        node.clear()
+        node.update({"type": "Sequence", "normalizers": []})
+        return True
+    if kind == "pre" and node.get("type") == "Metaspace":
+        if node.get("prepend_scheme", "always") != "never" or node.get("add_prefix_space"):
+            node["prepend_scheme"] = "never"
+            node.pop("add_prefix_space", None)
+            return True
+    return False
+
+
+def _is_start_rule(node) -> bool:
+    """A normaliser that only acts at the start of the text: `Prepend("▁")`, or `Replace(Regex("\\A..."))`."""
+    if not isinstance(node, dict):
+        return False
+    if node.get("type") == "Prepend":
+        return True
+    pattern = node.get("pattern") or {}
+    return node.get("type") == "Replace" and str(pattern.get("Regex", "")).startswith("\\A")
