@@ -1,0 +1,532 @@
+"""Hugging Face model folders in and out: config mapping, weight name mapping, tensor-by-tensor loading, export.
+
+Import reads `config.json` (transformers 5 `rope_parameters` or the older `rope_theta` + `rope_scaling`) and the
+safetensors file(s) one tensor at a time; each parameter kind of the scanned layer stack is filled layer by layer,
+cast, placed (optionally straight onto a target sharding) and its host copy dropped, so the model is never held
+twice in host memory. Export writes safetensors shards plus a `config.json` that
+`transformers.AutoModelForCausalLM.from_pretrained` loads with identical weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxalign.errors import JaxalignError
+from jaxalign.models.llama import DTYPES, ROPE_TYPES, LlamaConfig, LlamaForCausalLM
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# transformers' defaults for keys that hub files sometimes omit, per model type.
+_HF_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2},
+    "mistral": {
+        "max_position_embeddings": 131072,
+        "num_key_value_heads": 8,
+        "sliding_window": 4096,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+    },
+    "qwen2": {
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": False,
+        "use_sliding_window": False,
+        "sliding_window": 4096,
+        "max_window_layers": 28,
+        "bos_token_id": None,
+        "eos_token_id": None,
+    },
+}
+_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_IGNORED_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
+_TORCH_DTYPE_NAMES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+# ---------------------------------------------------------------------------------------------- config mapping
+
+
+def config_from_hf(hf: dict, where: str = "config.json", dtype: str | None = None) -> LlamaConfig:
+    """`LlamaConfig` from a Hugging Face `config.json` dict; unsupported features are errors naming the key."""
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise JaxalignError(
+            f"{where}: model_type {model_type!r} is not supported; supported model types: "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    for key in _REQUIRED_KEYS:
+        if hf.get(key) is None:
+            raise JaxalignError(f"{where}: missing required key {key!r}")
+    values = {**_HF_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None or k == "sliding_window"}}
+
+    if values.get("hidden_act", "silu") != "silu":
+        raise JaxalignError(f"{where}: hidden_act={values['hidden_act']!r} is not supported; expected 'silu'")
+    if values.get("mlp_bias"):
+        raise JaxalignError(f"{where}: mlp_bias=true is not supported")
+    if model_type == "llama" and values.get("attention_bias"):
+        raise JaxalignError(f"{where}: attention_bias=true for llama (bias on o_proj too) is not supported")
+
+    rope_theta, rope_scaling = _rope_from_hf(values, where)
+    num_layers = values["num_hidden_layers"]
+    sliding_window = None
+    if model_type == "mistral":
+        sliding_window = values.get("sliding_window")
+    elif model_type == "qwen2" and values.get("use_sliding_window"):
+        layer_types = values.get("layer_types") or [
+            "sliding_attention" if i >= values["max_window_layers"] else "full_attention" for i in range(num_layers)
+        ]
+        if len(set(layer_types)) > 1:
+            raise JaxalignError(
+                f"{where}: layers mixing full and sliding-window attention (use_sliding_window with "
+                f"max_window_layers={values.get('max_window_layers')}) are not supported"
+            )
+        sliding_window = values["sliding_window"] if layer_types[0] == "sliding_attention" else None
+    if values.get("layer_types") and model_type != "qwen2" and len(set(values["layer_types"])) > 1:
+        raise JaxalignError(f"{where}: per-layer layer_types are not supported for {model_type}")
+
+    param_dtype = dtype or _checkpoint_dtype(values)
+    eos = values.get("eos_token_id")
+    return LlamaConfig(
+        vocab_size=values["vocab_size"],
+        hidden_size=values["hidden_size"],
+        intermediate_size=values["intermediate_size"],
+        num_layers=num_layers,
+        num_heads=values["num_attention_heads"],
+        num_kv_heads=values.get("num_key_value_heads") or values["num_attention_heads"],
+        head_dim=values.get("head_dim"),
+        max_position_embeddings=values["max_position_embeddings"],
+        rope_theta=float(rope_theta),
+        rope_scaling=rope_scaling,
+        rms_norm_eps=float(values.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(values["tie_word_embeddings"]),
+        attention_bias=model_type == "qwen2",
+        sliding_window=sliding_window,
+        bos_token_id=values.get("bos_token_id"),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        pad_token_id=values.get("pad_token_id"),
+        dtype=dtype or "float32",
+        param_dtype=param_dtype,
+    )
+
+
+def _rope_from_hf(values: dict, where: str) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from either `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling`."""
+    params = values.get("rope_parameters")
+    if isinstance(params, dict) and "rope_theta" not in params and set(params) <= {"full_attention"}:
+        params = params.get("full_attention")
+    if isinstance(params, dict):
+        theta = params.get("rope_theta", values.get("rope_theta", 10000.0))
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        theta = values.get("rope_theta", 10000.0)
+        scaling = dict(values.get("rope_scaling") or {})
+    if "type" in scaling:
+        scaling.setdefault("rope_type", scaling.pop("type"))
+    scaling.pop("type", None)
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type not in ROPE_TYPES:
+        raise JaxalignError(f"{where}: rope_type {rope_type!r} is not supported; expected one of {ROPE_TYPES}")
+    if float(scaling.get("partial_rotary_factor", values.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise JaxalignError(f"{where}: partial_rotary_factor != 1 is not supported")
+    scaling.pop("partial_rotary_factor", None)
+    if rope_type == "default":
+        return theta, None
+    if "factor" not in scaling:
+        raise JaxalignError(f"{where}: rope scaling of type {rope_type!r} needs a 'factor'")
+    return theta, scaling
+
+
+def _checkpoint_dtype(values: dict) -> str:
+    name = str(values.get("dtype") or values.get("torch_dtype") or "float32").removeprefix("torch.")
+    return _TORCH_DTYPE_NAMES.get(name, "float32")
+
+
+def hf_model_type(config: LlamaConfig) -> str:
+    """The transformers architecture that computes what `config` computes (q/k/v bias -> qwen2, sliding -> mistral)."""
+    if config.attention_bias:
+        return "qwen2"
+    if config.sliding_window is not None:
+        return "mistral"
+    return "llama"
+
+
+def config_to_hf(config: LlamaConfig) -> dict:
+    """A transformers 5 `config.json` dict for `config` (rope in `rope_parameters`)."""
+    model_type = hf_model_type(config)
+    rope_parameters = {"rope_theta": config.rope_theta, "rope_type": "default"}
+    if config.rope_scaling:
+        rope_parameters.update(config.rope_scaling)
+    hf = {
+        "architectures": [_ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_position_embeddings,
+        "rope_parameters": rope_parameters,
+        "rms_norm_eps": config.rms_norm_eps,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "hidden_act": "silu",
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(config.eos_token_id) if isinstance(config.eos_token_id, tuple) else config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "dtype": config.param_dtype,
+    }
+    if model_type == "llama":
+        hf["attention_bias"] = False
+        hf["mlp_bias"] = False
+    elif model_type == "mistral":
+        hf["sliding_window"] = config.sliding_window
+    else:
+        hf["use_sliding_window"] = config.sliding_window is not None
+        hf["sliding_window"] = config.sliding_window
+        hf["max_window_layers"] = 0 if config.sliding_window is not None else config.num_layers
+        kind = "sliding_attention" if config.sliding_window is not None else "full_attention"
+        hf["layer_types"] = [kind] * config.num_layers
+    return hf
+
+
+# ---------------------------------------------------------------------------------------------- weight mapping
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    """One jaxalign parameter kind: where it lives, the HF tensor name per layer, and how shapes map."""
+
+    path: tuple[str, ...]
+    hf_name: str  # "{i}" is the layer index for per-layer tensors
+    per_layer: bool
+    hf_shape: tuple[int, ...]
+    shape: tuple[int, ...]  # one layer's jaxalign shape
+    to_jax: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]
+
+
+def param_specs(config: LlamaConfig) -> list[ParamSpec]:
+    """The full name/shape mapping between HF tensors and jaxalign params, in file order."""
+    e, v, m = config.hidden_size, config.vocab_size, config.intermediate_size
+    h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
+
+    def same(x):
+        return x
+
+    def linear(out_shape):
+        """HF `[out, in]` weight <-> jaxalign `[in, *out_shape]` kernel."""
+        return (lambda w: w.T.reshape(-1, *out_shape)), (lambda k: k.reshape(k.shape[0], -1).T)
+
+    def bias(out_shape):
+        return (lambda b: b.reshape(out_shape)), (lambda b: b.reshape(-1))
+
+    o_to_jax = lambda w: w.T.reshape(h, d, e)  # noqa: E731
+    o_to_hf = lambda k: k.reshape(h * d, e).T  # noqa: E731
+    layer = "model.layers.{i}."
+    specs = [ParamSpec(("model", "embed_tokens", "embedding"), "model.embed_tokens.weight", False, (v, e), (v, e),
+                       same, same)]
+    projections = [("q_proj", h), ("k_proj", kv), ("v_proj", kv)]
+    for name, heads in projections:
+        to_jax, to_hf = linear((heads, d))
+        specs.append(ParamSpec(("self_attn", name, "kernel"), f"{layer}self_attn.{name}.weight", True,
+                               (heads * d, e), (e, heads, d), to_jax, to_hf))
+        if config.attention_bias:
+            to_jax, to_hf = bias((heads, d))
+            specs.append(ParamSpec(("self_attn", name, "bias"), f"{layer}self_attn.{name}.bias", True,
+                                   (heads * d,), (heads, d), to_jax, to_hf))
+    specs.append(ParamSpec(("self_attn", "o_proj", "kernel"), f"{layer}self_attn.o_proj.weight", True, (e, h * d),
+                           (h, d, e), o_to_jax, o_to_hf))
+    transpose = lambda w: w.T  # noqa: E731
+    for name, hf_shape in [("gate_proj", (m, e)), ("up_proj", (m, e)), ("down_proj", (e, m))]:
+        specs.append(ParamSpec(("mlp", name, "kernel"), f"{layer}mlp.{name}.weight", True, hf_shape, hf_shape[::-1],
+                               transpose, transpose))
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        specs.append(ParamSpec((name, "scale"), f"{layer}{name}.weight", True, (e,), (e,), same, same))
+    specs.append(ParamSpec(("model", "norm", "scale"), "model.norm.weight", False, (e,), (e,), same, same))
+    if not config.tie_word_embeddings:
+        specs.append(ParamSpec(("lm_head", "kernel"), "lm_head.weight", False, (v, e), (e, v), transpose, transpose))
+    return specs
+
+
+def _layer_paths(config: LlamaConfig, spec: ParamSpec) -> list[tuple[tuple[str, ...], int | None]]:
+    """Where a spec's tensors go: one stacked leaf (scan) or one leaf per layer."""
+    if not spec.per_layer:
+        return [(spec.path, None)]
+    if config.scan_layers:
+        return [(("model", "layers", *spec.path), None)]
+    return [(("model", f"layers_{i}", *spec.path), i) for i in range(config.num_layers)]
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: Any, path: tuple[str, ...], where: str = "params") -> Any:
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            raise JaxalignError(f"{where}: missing entry {'/'.join(path)}")
+        tree = tree[key]
+    return tree
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+class _TensorReader:
+    """Opens the safetensors files of a folder lazily and reads one named tensor at a time."""
+
+    def __init__(self, folder: Path, allow_pickle: bool):
+        self.folder = folder
+        self.files: dict[str, Path] = {}
+        self._handles: dict[Path, Any] = {}
+        self._pickled: dict[str, np.ndarray] | None = None
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as err:
+                raise JaxalignError(f"{index}: not a safetensors index with a 'weight_map' ({err})") from None
+            for name, filename in weight_map.items():
+                path = folder / filename
+                if not path.is_file():
+                    raise JaxalignError(f"{index}: tensor {name!r} is mapped to {filename}, which does not exist")
+                self.files[name] = path
+            return
+        shards = sorted(folder.glob("*.safetensors"))
+        if shards:
+            from safetensors import safe_open
+
+            for path in shards:
+                with safe_open(path, framework="numpy") as handle:
+                    for name in handle.keys():
+                        self.files[name] = path
+            return
+        bins = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth"))
+        if not bins:
+            raise JaxalignError(f"{folder}: no weights found (expected model.safetensors or sharded *.safetensors)")
+        if not allow_pickle:
+            raise JaxalignError(
+                f"{folder}: only pickle weights ({', '.join(p.name for p in bins)}); pickle files can run arbitrary "
+                "code when loaded, so they are refused. Convert them to safetensors, or pass allow_pickle=True "
+                "(--allow-pickle) if you trust the source"
+            )
+        self._load_pickled(bins)
+
+    def _load_pickled(self, bins: list[Path]) -> None:
+        try:
+            import torch
+        except ImportError:
+            raise JaxalignError(f"{self.folder}: reading .bin weights needs PyTorch, which is not installed") from None
+        self._pickled = {}
+        for path in bins:
+            for name, tensor in torch.load(path, map_location="cpu", weights_only=True).items():
+                self._pickled[name] = tensor.float().numpy() if tensor.dtype == torch.bfloat16 else tensor.numpy()
+                self.files[name] = path
+
+    def _handle(self, path: Path):
+        if path not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[path] = safe_open(path, framework="numpy")
+        return self._handles[path]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._pickled is not None:
+            return tuple(self._pickled[name].shape)
+        return tuple(self._handle(self.files[name]).get_slice(name).get_shape())
+
+    def read(self, name: str) -> np.ndarray:
+        if self._pickled is not None:
+            return self._pickled.pop(name)
+        return self._handle(self.files[name]).get_tensor(name)
+
+    def where(self, name: str) -> str:
+        return str(self.files.get(name, self.folder))
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def read_hf_config(path: str | Path) -> dict:
+    folder = Path(path)
+    config_path = folder / "config.json"
+    if not folder.is_dir():
+        raise JaxalignError(f"{folder}: not a directory (expected a Hugging Face model folder)")
+    if not config_path.is_file():
+        raise JaxalignError(f"{config_path}: missing; a Hugging Face model folder needs config.json")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise JaxalignError(f"{config_path}: not valid JSON: {err}") from None
+
+
+def load_pretrained(
+    path: str | Path,
+    dtype: str | None = None,
+    shardings: Any = None,
+    allow_pickle: bool = False,
+    scan_layers: bool = True,
+) -> tuple[LlamaForCausalLM, dict]:
+    """`(model, params)` from a Hugging Face folder (config.json + safetensors).
+
+    `dtype` ("float32" | "bfloat16") sets both parameter and compute dtype; None keeps the checkpoint's parameter
+    dtype and computes in float32. `shardings` is an optional pytree of `jax.sharding.Sharding` matching the params:
+    each tensor is then placed straight onto its sharding as it is read.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise JaxalignError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    folder = Path(path)
+    config = config_from_hf(read_hf_config(folder), where=str(folder / "config.json"), dtype=dtype)
+    config = dataclasses.replace(config, scan_layers=scan_layers)
+    reader = _TensorReader(folder, allow_pickle)
+    try:
+        params = _read_params(config, reader, shardings)
+    finally:
+        reader.close()
+    return LlamaForCausalLM(config), params
+
+
+def _read_params(config: LlamaConfig, reader: _TensorReader, shardings: Any) -> dict:
+    specs = param_specs(config)
+    expected = {spec.hf_name.format(i=i) for spec in specs for i in range(config.num_layers if spec.per_layer else 1)}
+    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    unknown = sorted(
+        n for n in reader.files if n not in expected and n not in ignorable and not n.endswith(_IGNORED_TENSOR_SUFFIXES)
+    )
+    if unknown:
+        raise JaxalignError(
+            f"{reader.where(unknown[0])}: unexpected tensor(s) {', '.join(unknown[:5])}"
+            f"{' ...' if len(unknown) > 5 else ''} for a {hf_model_type(config)} model with this config.json"
+        )
+    target_dtype = DTYPES[config.param_dtype]
+    params: dict = {}
+    for spec in specs:
+        for path, layer in _layer_paths(config, spec):
+            stacked = spec.per_layer and layer is None
+            layers = range(config.num_layers) if stacked else [layer]
+            host = np.empty((len(layers), *spec.shape), target_dtype)
+            for slot, i in enumerate(layers):
+                name = spec.hf_name.format(i=i)
+                if name not in reader.files:
+                    raise JaxalignError(f"{reader.folder}: missing tensor {name!r}")
+                got = reader.shape(name)
+                if got != spec.hf_shape:
+                    raise JaxalignError(
+                        f"{reader.where(name)}: tensor {name!r} has shape {list(got)}, expected "
+                        f"{list(spec.hf_shape)} from config.json"
+                    )
+                host[slot] = spec.to_jax(reader.read(name)).astype(target_dtype)
+            host = host if stacked else host[0]
+            _set(params, path, _place(host, None if shardings is None else _get(shardings, path, "shardings")))
+            del host
+    return params
+
+
+def _place(host: np.ndarray, sharding: Any) -> jax.Array:
+    if sharding is None:
+        return jax.device_put(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def hf_tensors(config: LlamaConfig, params: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """`(hf_name, numpy array)` for every HF tensor, one at a time, gathered to the host."""
+    for spec in param_specs(config):
+        for path, layer in _layer_paths(config, spec):
+            value = _to_host(_get(params, path))
+            if spec.per_layer and layer is None:
+                for i in range(config.num_layers):
+                    yield spec.hf_name.format(i=i), np.ascontiguousarray(spec.to_hf(value[i]))
+            else:
+                yield spec.hf_name.format(i=layer), np.ascontiguousarray(spec.to_hf(value))
+
+
+def _to_host(value: Any) -> np.ndarray:
+    value = getattr(value, "unbox", lambda: value)()
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        value = multihost_utils.process_allgather(value, tiled=True)
+    return np.asarray(jax.device_get(value))
+
+
+def save_pretrained(
+    model: LlamaForCausalLM,
+    params: dict,
+    out_dir: str | Path,
+    tokenizer: Any = None,
+    max_shard_bytes: int = 4 * 1024**3,
+) -> Path:
+    """Write a Hugging Face folder: `config.json`, safetensors (sharded with an index above `max_shard_bytes`),
+    `generation_config.json`, and the tokenizer files when a tokenizer is given. Only process 0 writes."""
+    from safetensors.numpy import save_file
+
+    config = model.config
+    out = Path(out_dir)
+    writer = jax.process_index() == 0
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+    shard: dict[str, np.ndarray] = {}
+    written: list[tuple[str, list[str], int]] = []
+
+    def flush() -> None:
+        name = f"shard-{len(written):05d}.safetensors"
+        if writer:
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+        written.append((name, list(shard), sum(a.nbytes for a in shard.values())))
+        shard.clear()
+
+    for name, array in hf_tensors(config, params):
+        if shard and sum(a.nbytes for a in shard.values()) + array.nbytes > max_shard_bytes:
+            flush()
+        shard[name] = array
+    flush()
+    if writer:
+        _finish_shards(out, written)
+        hf_config = config_to_hf(config)
+        (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        generation = {"bos_token_id": config.bos_token_id, "eos_token_id": hf_config["eos_token_id"]}
+        if config.pad_token_id is not None:
+            generation["pad_token_id"] = config.pad_token_id
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+    return out
+
+
+def _finish_shards(out: Path, written: list[tuple[str, list[str], int]]) -> None:
+    """Rename shards to the transformers convention and write the index when there is more than one."""
+    if len(written) == 1:
+        (out / written[0][0]).rename(out / "model.safetensors")
+        return
+    weight_map = {}
+    for number, (tmp_name, names, _) in enumerate(written, start=1):
+        final = f"model-{number:05d}-of-{len(written):05d}.safetensors"
+        (out / tmp_name).rename(out / final)
+        weight_map.update({name: final for name in names})
+    index = {"metadata": {"total_size": sum(size for _, _, size in written)}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in a model folder, loaded with transformers."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise JaxalignError(f"{folder}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as err:
+        raise JaxalignError(f"{folder}: could not load the tokenizer: {err}") from None
