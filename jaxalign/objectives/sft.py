@@ -6,11 +6,14 @@ division by the weight of the whole global batch yields the mean over trained to
 split over devices or accumulation steps.
 """
 
+import dataclasses
 import math
 from collections.abc import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+
+from jaxalign.errors import JaxalignError
 
 
 def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -54,3 +57,31 @@ def eval_metrics(loss_sum: float, weight: float) -> dict[str, float]:
         return {"eval_loss": float("nan"), "eval_perplexity": float("nan")}
     loss = float(loss_sum) / float(weight)
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+
+
+def resize_embeddings(params, config, new_vocab_size: int):
+    """Grows the vocabulary to `new_vocab_size` for added special tokens (Alpaca's `[PAD]`, LIMA's EOT).
+
+    New input-embedding rows and output-projection columns are the mean of the existing ones, so a new token starts
+    as an average token rather than noise that would dominate the softmax. Returns `(params, config)`.
+    """
+    old_vocab_size = config.vocab_size
+    if new_vocab_size < old_vocab_size:
+        raise JaxalignError(
+            f"cannot shrink the vocabulary from {old_vocab_size} to {new_vocab_size} tokens; "
+            "the tokenizer has fewer tokens than the model's embedding table"
+        )
+    if new_vocab_size == old_vocab_size:
+        return params, config
+    extra = new_vocab_size - old_vocab_size
+
+    def grow(table: jax.Array, axis: int) -> jax.Array:
+        mean = jnp.mean(table.astype(jnp.float32), axis=axis, keepdims=True).astype(table.dtype)
+        return jnp.concatenate([table, jnp.repeat(mean, extra, axis=axis)], axis=axis)
+
+    trunk = dict(params["model"])
+    trunk["embed_tokens"] = {"embedding": grow(trunk["embed_tokens"]["embedding"], axis=0)}
+    params = {**params, "model": trunk}
+    if "lm_head" in params:
+        params["lm_head"] = {"kernel": grow(params["lm_head"]["kernel"], axis=1)}
+    return params, dataclasses.replace(config, vocab_size=new_vocab_size)

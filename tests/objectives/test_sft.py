@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxalign.objectives.sft import eval_metrics, make_loss_fn, token_log_probs
+from jaxalign.errors import JaxalignError
+from jaxalign.objectives.sft import eval_metrics, make_loss_fn, resize_embeddings, token_log_probs
 
 
 class TableModel:
@@ -82,3 +83,39 @@ def test_eval_metrics_perplexity_is_exp_of_mean_loss():
     assert metrics["eval_loss"] == pytest.approx(1.5)
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(1.5))
     assert math.isnan(eval_metrics(0.0, 0.0)["eval_loss"])
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig.tiny(vocab_size=64)
+    model = LlamaForCausalLM(config)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    return config, model, jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
+
+
+def test_resize_embeddings_appends_mean_rows_and_keeps_old_logits(tiny_model):
+    from jaxalign.models.llama import LlamaForCausalLM
+
+    config, model, params = tiny_model
+    new_params, new_config = resize_embeddings(params, config, 66)
+    assert new_config.vocab_size == 66
+    embedding = np.asarray(new_params["model"]["embed_tokens"]["embedding"])
+    kernel = np.asarray(new_params["lm_head"]["kernel"])
+    assert embedding.shape == (66, config.hidden_size) and kernel.shape == (config.hidden_size, 66)
+    old_embedding = np.asarray(params["model"]["embed_tokens"]["embedding"])
+    np.testing.assert_allclose(embedding[64], old_embedding.mean(axis=0), atol=1e-7)
+    np.testing.assert_allclose(embedding[65], embedding[64])
+    np.testing.assert_allclose(kernel[:, 65], np.asarray(params["lm_head"]["kernel"]).mean(axis=1), atol=1e-7)
+    tokens = jnp.array([[5, 9, 3, 7]], jnp.int32)
+    old_logits = model.apply({"params": params}, tokens)
+    new_logits = LlamaForCausalLM(new_config).apply({"params": new_params}, tokens)
+    np.testing.assert_allclose(new_logits[..., :64], old_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_resize_embeddings_refuses_to_shrink(tiny_model):
+    config, _, params = tiny_model
+    with pytest.raises(JaxalignError, match="cannot shrink the vocabulary from 64 to 10"):
+        resize_embeddings(params, config, 10)
+    assert resize_embeddings(params, config, 64) == (params, config)
