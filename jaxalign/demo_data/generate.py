@@ -304,7 +304,13 @@ def _worse(rng: random.Random, record: dict, strength: str) -> str:
             wrong = str(int(numbers[-1]) + rng.choice([-2, -1, 1, 2, 10]))
             head, _, tail = output.rpartition(numbers[-1])
             return head + wrong + tail
-        return output[::-1] if len(output) > 3 else output + output
+        for pool in (sorted(CAPITALS.values()), sorted(OPPOSITES.values()), sorted(PLURALS.values())):
+            hits = [w for w in pool if w in output]
+            if hits:
+                return output.replace(hits[0], rng.choice([w for w in pool if w != hits[0]]))
+        i = rng.randrange(len(output) - 1)
+        swapped = output[:i] + output[i + 1] + output[i] + output[i + 2 :]
+        return swapped if swapped != output else output + "s"
     if strength == "slightly better":
         return f"I am not sure, but maybe: {output}"
     return f"Answer: {output}"
