@@ -299,6 +299,8 @@ def _worse(rng: random.Random, record: dict, strength: str) -> str:
     if strength == "significantly better":
         return rng.choice(["I don't know.", "That is not something I can answer.", "Please ask someone else."])
     if strength == "better":
+        if output.endswith((" odd.", " even.")):
+            return output.replace(" odd.", " even.") if output.endswith(" odd.") else output.replace(" even.", " odd.")
         numbers = [t for t in output.replace(".", " ").replace(",", " ").split() if t.isdigit()]
         if numbers:
             wrong = str(int(numbers[-1]) + rng.choice([-2, -1, 1, 2, 10]))
