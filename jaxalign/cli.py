@@ -14,6 +14,7 @@ COMMANDS = {
     "generate": ("jaxalign.commands.generate", "complete the prompts of a JSONL file with a model"),
     "chat": ("jaxalign.commands.chat", "interactive multi-turn chat with a model, streaming the reply"),
     "plot": ("jaxalign.commands.plot", "PNG curves (loss, eval loss, learning rate) from a run's metrics.jsonl"),
+    "data": ("jaxalign.commands.data", "inspect a config's data: rendered examples, loss masks, token counts"),
 }
 
 

@@ -315,19 +315,38 @@ class DataLoader:
     def _count_eval_batches(self) -> int:
         """Batches of the process with the largest share, so all processes run the same number of eval steps."""
         items = self.preprocessor.process(self.examples)
-        pack = self.config.pack and self.kind == "lm"
-        most = 0
-        for p in range(self.process_count):
-            rows, used = 0, 0
-            for i in self.shard(0, p):
-                if items[i].dropped is not None:
-                    continue
-                n = items[i].parts[0].ids.size
-                if rows == 0 or not pack or used + n > self.seq_len:
-                    rows, used = rows + 1, 0
-                used += n
-            most = max(most, -(-rows // self.local_batch_size))
-        return most
+        return max(_pass_stats([items[i] for i in self.shard(0, p)], self)["batches"] for p in range(self.process_count))
+
+    def pass_stats(self, epoch: int = 0, limit: int | None = None) -> dict:
+        """Counts over this process's share of `epoch` (at most `limit` examples), without moving the loader."""
+        shard = self.shard(epoch)[:limit]
+        items = []
+        for start in range(0, shard.size, CHUNK):
+            items += self.preprocessor.process([self.examples[i] for i in shard[start : start + CHUNK]])
+        return _pass_stats(items, self)
+
+
+def _pass_stats(items: list[Item], loader: DataLoader) -> dict:
+    """examples, tokens, trained tokens, truncated, dropped, rows, batches and packing efficiency of `items`."""
+    pack = loader.config.pack and loader.kind == "lm"
+    stats = dict.fromkeys(("examples", "tokens", "trained_tokens", "truncated", "dropped", "rows"), 0)
+    used = 0
+    for item in items:
+        if item.dropped is not None:
+            stats["dropped"] += 1
+            continue
+        n = item.parts[0].ids.size
+        if stats["rows"] == 0 or not pack or used + n > loader.seq_len:
+            stats["rows"], used = stats["rows"] + 1, 0
+        used += n
+        stats["examples"] += 1
+        stats["truncated"] += int(item.truncated)
+        stats["tokens"] += sum(p.ids.size for p in item.parts)
+        stats["trained_tokens"] += sum(int(p.trained[1:].sum()) for p in item.parts)
+    stats["batches"] = -(-stats["rows"] // loader.local_batch_size)
+    capacity = stats["rows"] * loader.seq_len * (2 if loader.kind == "preference" else 1)
+    stats["packing_efficiency"] = stats["tokens"] / capacity if capacity else 0.0
+    return stats
 
 
 def build_loader(config: DataConfig, tokenizer, *, batch_size: int, seq_len: int, split: str = "train",
