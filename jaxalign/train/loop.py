@@ -15,6 +15,8 @@
 - `eval_data() -> iterable of local batches` (optional, fresh each time) and `eval_fn(params, batch, rng)` (same
   contract as `loss_fn`, default `loss_fn`; called with `rng=None`, i.e. deterministic): every `train.eval_every`
   steps, at most `train.eval_batches` batches (0 = all).
+- `eval_derived(line) -> dict` (optional): metrics computed from a finished eval line and added to it (SFT derives
+  `eval_perplexity` from `eval_loss`, a quantity that is not a ratio of sums).
 
 Writes OUTPUT_DIR/metrics.jsonl (one JSON object per line with `step`; training lines `loss`, `grad_norm`, `lr`,
 `tokens_per_s` and the aux means; eval lines `eval_loss`, `eval_<aux>`) and OUTPUT_DIR/tensorboard. Checkpoints go
@@ -90,7 +92,8 @@ def memory_report(config: RunConfig, model, devices=None) -> str:
 def train(config: RunConfig, model, loss_fn: LossFn, train_data, *,
           init_params: Callable[[Any], Any] | None = None,
           eval_data: Callable[[], Iterable[dict]] | None = None,
-          eval_fn: LossFn | None = None) -> st.TrainState:
+          eval_fn: LossFn | None = None,
+          eval_derived: Callable[[dict], dict] | None = None) -> st.TrainState:
     """Trains until `config.train.steps` (or a stop signal) and returns the final state; see the module docstring."""
     layout = plan(config, model)
     out = Path(config.output_dir)
@@ -101,13 +104,13 @@ def train(config: RunConfig, model, loss_fn: LossFn, train_data, *,
     with jax.set_mesh(layout.mesh), nn.logical_axis_rules(layout.rules):
         try:
             return _run(config, layout, model, loss_fn, train_data, init_params, eval_data, eval_fn or loss_fn,
-                        checkpointer, out, primary)
+                        eval_derived, checkpointer, out, primary)
         finally:
             checkpointer.close()
 
 
-def _run(config, layout: Layout, model, loss_fn, train_data, init_params, eval_data, eval_fn, checkpointer,
-         out: Path, primary: bool) -> st.TrainState:
+def _run(config, layout: Layout, model, loss_fn, train_data, init_params, eval_data, eval_fn, eval_derived,
+         checkpointer, out: Path, primary: bool) -> st.TrainState:
     restored = checkpointer.restore_latest(layout.abstract)
     if restored is not None:
         start, state, data_state = restored
@@ -151,7 +154,8 @@ def _run(config, layout: Layout, model, loss_fn, train_data, init_params, eval_d
                     progress.set_postfix(loss=f"{line['loss']:.4f}")
                 window = _Window(time.perf_counter())
             if config.train.eval_every and eval_data is not None and step % config.train.eval_every == 0:
-                logger.write(_evaluate(config, layout, eval_fn, state, eval_data, step))
+                eval_line = _evaluate(config, layout, eval_fn, state, eval_data, step)
+                logger.write({**eval_line, **eval_derived(eval_line)} if eval_derived else eval_line)
             if checkpoint_due or step == total or stopping:
                 checkpointer.save(step, state, train_data.state_dict())
                 last_saved = step
