@@ -51,12 +51,9 @@ def make_loss_fn(model) -> Callable:
     return loss_fn
 
 
-def eval_metrics(loss_sum: float, weight: float) -> dict[str, float]:
-    """`eval_loss` (mean NLL per trained token) and `eval_perplexity` from sums over a whole evaluation split."""
-    if weight <= 0:
-        return {"eval_loss": float("nan"), "eval_perplexity": float("nan")}
-    loss = float(loss_sum) / float(weight)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
+def perplexity(eval_line: dict) -> dict[str, float]:
+    """`eval_perplexity` = exp(`eval_loss`), the loop's mean NLL per trained token over the whole eval split."""
+    return {"eval_perplexity": math.exp(min(eval_line["eval_loss"], 700.0))}
 
 
 def resize_embeddings(params, config, new_vocab_size: int):

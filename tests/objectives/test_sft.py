@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxalign.errors import JaxalignError
-from jaxalign.objectives.sft import eval_metrics, make_loss_fn, resize_embeddings, token_log_probs
+from jaxalign.objectives.sft import make_loss_fn, perplexity, resize_embeddings, token_log_probs
 
 
 class TableModel:
@@ -78,11 +78,9 @@ def test_rng_switches_to_training_mode():
     assert model.last_call["rngs"]["dropout"] is key
 
 
-def test_eval_metrics_perplexity_is_exp_of_mean_loss():
-    metrics = eval_metrics(loss_sum=30.0, weight=20.0)
-    assert metrics["eval_loss"] == pytest.approx(1.5)
-    assert metrics["eval_perplexity"] == pytest.approx(math.exp(1.5))
-    assert math.isnan(eval_metrics(0.0, 0.0)["eval_loss"])
+def test_perplexity_is_exp_of_mean_eval_loss():
+    assert perplexity({"step": 3, "eval_loss": 1.5}) == {"eval_perplexity": pytest.approx(math.exp(1.5))}
+    assert math.isfinite(perplexity({"eval_loss": 1e6})["eval_perplexity"])
 
 
 @pytest.fixture(scope="module")
