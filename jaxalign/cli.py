@@ -13,6 +13,10 @@ COMMANDS = {
     # name: (module, one-line help)
     "generate": ("jaxalign.commands.generate", "complete the prompts of a JSONL file with a model"),
     "chat": ("jaxalign.commands.chat", "interactive multi-turn chat with a model, streaming the reply"),
+    "convert": ("jaxalign.commands.convert", "Hugging Face model folder <-> jaxalign model checkpoint"),
+    "score": ("jaxalign.commands.score", "log-probability and perplexity of each text in a JSONL file"),
+    "check-parity": ("jaxalign.commands.check_parity", "compare jaxalign logits with transformers on an HF folder"),
+    "sft": ("jaxalign.commands.sft", "supervised fine-tuning (or training from scratch) on instruction / dialogue data"),
     "plot": ("jaxalign.commands.plot", "PNG curves (loss, eval loss, learning rate) from a run's metrics.jsonl"),
     "data": ("jaxalign.commands.data", "inspect a config's data: rendered examples, loss masks, token counts"),
 }
