@@ -65,7 +65,7 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, tx: optax.Gra
     loss_sum, aux, grads = accumulate_gradients(loss_fn, state.params, batch, rng, grad_accum, batch_spec)
     weight, metrics = normalized_metrics(loss_sum, aux)
     grads = jax.tree.map(lambda g: g / weight.astype(g.dtype), grads)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
