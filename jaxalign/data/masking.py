@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from jaxalign.data.templates import Segment
-from jaxalign.data.tokenizer import SegmentEncoder
+from jaxalign.data.tokenizer import CONTINUE, START, SegmentEncoder
 from jaxalign.errors import JaxalignError
 
 MASK_MODES = ("prompt", "assistant", "last_turn", "full")
@@ -25,19 +25,23 @@ class Tokens:
 
 
 def tokenize_segments(segment_lists: list[list[Segment]], encoder: SegmentEncoder) -> list[Tokens]:
-    """Tokenises many examples at once; each text segment on its own, special segments as one id each."""
-    texts, first, where = [], [], []
+    """Tokenises many examples at once; each text segment on its own, special segments as one id each.
+
+    Each text is encoded in its context: example start / after bos, after text, after another special token
+    (see `SegmentEncoder`).
+    """
+    texts, contexts, where = [], [], []
     for e, segments in enumerate(segment_lists):
-        previous_special_bos = True
+        context = START
         for s, segment in enumerate(segments):
             if segment.special:
-                previous_special_bos = segment.text == encoder.tokenizer.bos_token
+                context = START if segment.text == encoder.tokenizer.bos_token else segment.text
                 continue
             texts.append(segment.text)
-            first.append(previous_special_bos)
+            contexts.append(context)
             where.append((e, s))
-            previous_special_bos = False
-    encoded = encoder.encode(texts, first)
+            context = CONTINUE
+    encoded = encoder.encode(texts, contexts)
     pieces: list[list[list[int]]] = [[[] for _ in segments] for segments in segment_lists]
     for (e, s), ids in zip(where, encoded):
         pieces[e][s] = ids

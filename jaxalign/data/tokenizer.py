@@ -5,13 +5,17 @@ tokenised on its own and the ids are concatenated, so every token belongs to exa
 mask never depends on re-tokenising substrings. Two tokenizer details make this match tokenising the whole text:
 
 - SentencePiece-style tokenizers (Llama 1/2, Mistral) prepend a "▁" (a space) to the start of the text they
-  encode. Only the first text segment of an example gets it; later segments are encoded with the prepend turned
-  off, so a segment " answer" becomes "▁answer" exactly as inside the whole string.
+  encode. The first text of an example (and text right after a bos, as in LLaMA-2-chat's per-turn `<s>[INST]`)
+  is encoded as the start of a text, as `tokenizer(text)` with its bos does; a text segment that continues text
+  is encoded with the prepend turned off, so a segment " answer" becomes "▁answer" exactly as inside the whole
+  string; text after another special token (eos, eot) is encoded as the tokenizer encodes it after that token
+  inside a string (transformers conversions differ on whether a "▁" is prepended there).
 - BPE merges never cross a segment boundary. The built-in templates put boundaries before a space or after a
   newline / special token, where byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM) and SentencePiece pre-tokenisation
-  split anyway; tests check segment-wise ids equal whole-string ids for each template. A boundary in the middle of
-  a word (a response glued to the prompt, as in Koala's "GPT:{answer}") may tokenise differently from the whole
-  string; that difference is deliberate: the trained tokens are exactly the response's own tokens.
+  split anyway; tests check segment-wise ids equal whole-string ids for each template. Where they can differ the
+  difference is deliberate, the trained tokens being exactly the response's own tokens: a boundary inside a word
+  (a response glued to the prompt), or after a run of whitespace with byte-level BPE (the `plain` template's
+  "{prompt}\n\n" is one "\n\n" token on its own, two "\n" tokens before a word inside the whole string).
 """
 
 import json
@@ -86,27 +90,51 @@ def load_tokenizer(spec: str):
         raise JaxalignError(f"tokenizer {spec}: could not load a tokenizer from this folder: {err}") from None
 
 
+START = "start"
+CONTINUE = "continue"
+
+
 class SegmentEncoder:
-    """Encodes the text segments of examples, in batches, without special tokens being added."""
+    """Encodes the text segments of examples, in batches, without special tokens being added.
+
+    Each text has a context: `START` (the example's first text, or text after its bos: encoded as the start of a
+    text, as `tokenizer(text)` would), `CONTINUE` (text right after text: no "▁" prepended), or the string of the
+    special token it follows (encoded as the tokenizer encodes text after that token inside a string).
+    """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._first = backend
+        self._start = backend
         self._continuation = _without_prefix_space(backend) if backend is not None else None
 
-    def encode(self, texts: list[str], first: list[bool]) -> list[list[int]]:
-        """Token ids of each text; `first[i]` marks the first text segment of an example (gets the "▁" prefix)."""
-        if self._first is None:
+    def encode(self, texts: list[str], contexts: list[str]) -> list[list[int]]:
+        if self._start is None:
             return [self.tokenizer.encode(t, add_special_tokens=False) if t else [] for t in texts]
         out: list[list[int]] = [[] for _ in texts]
-        for flag, encoder in ((True, self._first), (False, self._continuation)):
-            chosen = [i for i, f in enumerate(first) if f == flag and texts[i]]
-            if chosen:
-                encodings = encoder.encode_batch([texts[i] for i in chosen], add_special_tokens=False)
-                for i, enc in zip(chosen, encodings):
-                    out[i] = enc.ids
+        groups: dict[str, list[int]] = {}
+        for i, (text, context) in enumerate(zip(texts, contexts)):
+            if text:
+                groups.setdefault(context, []).append(i)
+        for context, chosen in groups.items():
+            if context == CONTINUE:
+                encodings = self._continuation.encode_batch([texts[i] for i in chosen], add_special_tokens=False)
+                ids = [e.ids for e in encodings]
+            elif context == START:
+                ids = [e.ids for e in self._start.encode_batch([texts[i] for i in chosen], add_special_tokens=False)]
+            else:
+                ids = self._after_special(context, [texts[i] for i in chosen])
+            for i, row in zip(chosen, ids):
+                out[i] = row
         return out
+
+    def _after_special(self, token: str, texts: list[str]) -> list[list[int]]:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        encodings = self._start.encode_batch([token + t for t in texts], add_special_tokens=False)
+        rows = [e.ids for e in encodings]
+        if all(row[:1] == [token_id] for row in rows):
+            return [row[1:] for row in rows]
+        return [e.ids for e in self._start.encode_batch(texts, add_special_tokens=False)]
 
 
 def _without_prefix_space(backend):
