@@ -174,19 +174,18 @@ def generate(
         rng = jax.random.key(0)
 
     batch_multiple = 1 if mesh is None else _batch_shards(mesh, rules)
-    batch = bucket_size(len(prompts)) * batch_multiple
+    batch = -(-bucket_size(len(prompts)) // batch_multiple) * batch_multiple
     length = bucket_size(max(len(p) for p in prompts), min_prompt_bucket)
     input_ids, segment_ids, positions = _left_pad(prompts, batch, length, pad_id)
     active = np.arange(batch) < len(prompts)
 
-    program = _generate_program(
-        model, max_new_tokens, sampling, tuple(int(t) for t in stop_token_ids), int(pad_id), mesh, rules, on_tokens
-    )
+    program = _generate_program(model, max_new_tokens, sampling, mesh, rules, on_tokens)
     inputs = (input_ids, segment_ids, positions, active)
+    settings = (np.asarray(stop_token_ids, np.int32).reshape(-1), np.int32(pad_id), np.int32(min_new_tokens))
     with _sharding_context(mesh, rules):
         if mesh is not None:
             inputs = tuple(jax.device_put(x, _batch_sharding(mesh, rules, x.ndim)) for x in inputs)
-        tokens, logprobs, lengths = program(params, *inputs, rng, np.int32(min_new_tokens))
+        tokens, logprobs, lengths = program(params, *inputs, rng, *settings)
     n = len(prompts)
     return Generation(np.asarray(tokens)[:n], np.asarray(logprobs)[:n], np.asarray(lengths)[:n])
 
@@ -266,10 +265,17 @@ def _last_position_logits(module, input_ids, positions, segment_ids, cache):
     return logits[:, 0], cache
 
 
+def _is_in(values: jax.Array, ids: jax.Array) -> jax.Array:
+    """Elementwise: is the value one of `ids` (which may be empty)."""
+    return jnp.any(values[..., None] == ids, axis=-1)
+
+
 @functools.lru_cache(maxsize=32)
-def _generate_program(model, max_new_tokens, sampling, stop_token_ids, pad_id, mesh, rules, on_tokens):
-    """The jitted prefill + decode loop for one model and set of static settings; jit caches per input shape."""
-    stop_ids = jnp.asarray(stop_token_ids or (-1,), jnp.int32)
+def _generate_program(model, max_new_tokens, sampling, mesh, rules, on_tokens):
+    """The jitted prefill + decode loop for one model and set of static settings; jit caches per input shape.
+
+    Stop tokens, pad id and `min_new_tokens` are runtime inputs, so changing them does not recompile.
+    """
     kv_axes = ("layers", "batch", "length", "kv_heads", "head_dim")
 
     def constrain_cache(cache):
@@ -278,7 +284,7 @@ def _generate_program(model, max_new_tokens, sampling, stop_token_ids, pad_id, m
         kv = {name: nn.with_logical_constraint(cache[name], kv_axes) for name in ("k", "v")}
         return {**cache, **kv}
 
-    def run(params, input_ids, segment_ids, positions, active, rng, min_new_tokens):
+    def run(params, input_ids, segment_ids, positions, active, rng, stop_ids, pad_id, min_new_tokens):
         batch, length = input_ids.shape
         cache = constrain_cache(init_cache(model.config, batch, length + max_new_tokens))
         logits, cache = model.apply(
@@ -288,7 +294,7 @@ def _generate_program(model, max_new_tokens, sampling, stop_token_ids, pad_id, m
 
         def pick(step, logits, rng, done, tokens, logprobs, lengths):
             rng, key = jax.random.split(rng)
-            is_stop = jnp.isin(jnp.arange(logits.shape[-1]), stop_ids)
+            is_stop = _is_in(jnp.arange(logits.shape[-1]), stop_ids)
             allowed = jnp.where(is_stop[None, :] & (step < min_new_tokens), -jnp.inf, logits)
             token = sample_logits(key, allowed, sampling)
             token = jnp.where(done, pad_id, token)
@@ -298,7 +304,7 @@ def _generate_program(model, max_new_tokens, sampling, stop_token_ids, pad_id, m
             lengths = lengths + (~done).astype(jnp.int32)
             if on_tokens is not None:
                 jax.debug.callback(on_tokens, token, ~done, ordered=True)
-            done = done | jnp.isin(token, stop_ids)
+            done = done | _is_in(token, stop_ids)
             return token, rng, done, tokens, logprobs, lengths
 
         tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)

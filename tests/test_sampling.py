@@ -4,9 +4,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from jaxalign.errors import JaxalignError
-from jaxalign.sampling import SamplingParams, process_logits, sample_logits, token_logprobs
+from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM
+from jaxalign.sampling import SamplingParams, generate, process_logits, sample_logits, token_logprobs
 
 DRAWS = 20000
 
@@ -113,3 +115,168 @@ def test_token_logprobs_are_raw_log_softmax():
 def test_bad_sampling_params_name_the_setting(kwargs, key):
     with pytest.raises(JaxalignError, match=key):
         SamplingParams(**kwargs)
+
+
+# --- generation with the KV cache ------------------------------------------------------------------------------
+
+PROMPTS = [[1, 5, 9, 33], [1, 7], [1, 100, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random model with a scaled-up LM head, so that its next-token distributions are far from uniform."""
+    config = LlamaConfig.tiny()
+    model = LlamaForCausalLM(config)
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params["lm_head"] = {"kernel": params["lm_head"]["kernel"] * 10}
+    return model, params
+
+
+def _full_forward(model, params, prompts, completions):
+    """Per row: raw logprobs of the completion tokens and argmax tokens, from one forward pass over prompt + completion
+    (right-padded to one length, which causal attention ignores)."""
+    sequences = [p + c for p, c in zip(prompts, completions)]
+    width = max(len(seq) for seq in sequences)
+    ids = np.zeros((len(sequences), width), np.int32)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = seq
+    logits = np.asarray(jax.jit(model.apply)({"params": params}, ids))
+    logprobs = np.asarray(jax.nn.log_softmax(logits))
+    results = []
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        steps = len(prompt) - 1 + np.arange(len(completion))
+        results.append((logprobs[row, steps, completion], np.argmax(logits[row, steps], axis=-1)))
+    return results
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=20)])
+def test_logprobs_equal_a_full_forward_over_the_generated_sequence(tiny, sampling):
+    model, params = tiny
+    out = generate(model, params, PROMPTS, NEW, rng=jax.random.key(3), sampling=sampling)
+    assert out.tokens.shape == (3, NEW) and out.logprobs.shape == (3, NEW)
+    reference = _full_forward(model, params, PROMPTS, out.completions())
+    for completion, logprobs, (expected, argmax) in zip(out.completions(), out.completion_logprobs(), reference):
+        assert len(completion) > 0
+        np.testing.assert_allclose(logprobs, expected, atol=1e-5, rtol=0)
+        if sampling.greedy:
+            np.testing.assert_array_equal(completion, argmax)
+
+
+def test_each_row_completes_as_if_alone(tiny):
+    model, params = tiny
+    together = generate(model, params, PROMPTS, NEW).completions()
+    for prompt, completion in zip(PROMPTS, together):
+        assert generate(model, params, [prompt], NEW).completions()[0] == completion
+
+
+def test_fixed_rng_reproduces_generation(tiny):
+    model, params = tiny
+    sampling = SamplingParams(temperature=1.0, top_k=20)
+    first = generate(model, params, PROMPTS, NEW, rng=jax.random.key(7), sampling=sampling)
+    again = generate(model, params, PROMPTS, NEW, rng=jax.random.key(7), sampling=sampling)
+    other = generate(model, params, PROMPTS, NEW, rng=jax.random.key(8), sampling=sampling)
+    np.testing.assert_array_equal(first.tokens, again.tokens)
+    np.testing.assert_array_equal(first.logprobs, again.logprobs)
+    assert not np.array_equal(first.tokens, other.tokens)
+
+
+class CompileCounter:
+    """Counts XLA compilations (backend compile events) while active."""
+
+    def __init__(self):
+        self.count = 0
+
+    def __call__(self, event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self)
+
+
+def test_calls_in_the_same_bucket_do_not_recompile(tiny):
+    model, params = tiny
+    sampling = SamplingParams(temperature=0.8, top_p=0.9)
+    with CompileCounter() as first:
+        generate(model, params, PROMPTS, NEW, rng=jax.random.key(0), sampling=sampling)
+    assert first.count >= 1
+    other_prompts = [[1, 2, 3], [4] * 16, [9, 8], [7, 7, 7, 7, 7]]
+    with CompileCounter() as later:
+        generate(model, params, other_prompts, NEW, rng=jax.random.key(1), sampling=sampling)
+        generate(model, params, PROMPTS + [[3]], NEW, rng=jax.random.key(2), sampling=sampling, min_new_tokens=3,
+                 stop_token_ids=(5,), pad_id=4)
+    assert later.count == 0
+    with CompileCounter() as new_bucket:
+        generate(model, params, [[1] * 17], NEW, rng=jax.random.key(0), sampling=sampling)
+    assert new_bucket.count >= 1
+
+
+def test_rows_stop_on_stop_tokens_but_not_before_min_new_tokens(tiny):
+    model, params = tiny
+    free = generate(model, params, PROMPTS, NEW, stop_token_ids=(-1,))
+    assert list(free.lengths) == [NEW] * 3
+    stop = int(free.tokens[0, 2])
+    first_stop = list(free.tokens[0]).index(stop)
+    stopped = generate(model, params, PROMPTS, NEW, stop_token_ids=(stop,), pad_id=0)
+    assert stopped.lengths[0] == first_stop + 1
+    assert stopped.completions()[0] == free.completions()[0][: first_stop + 1]
+    assert np.all(stopped.tokens[0, first_stop + 1 :] == 0) and np.all(stopped.logprobs[0, first_stop + 1 :] == 0)
+    late = generate(model, params, PROMPTS, NEW, stop_token_ids=(stop,), min_new_tokens=first_stop + 2)
+    assert stop not in late.completions()[0][: first_stop + 2]
+
+
+def test_streaming_callback_sees_every_token_in_order(tiny):
+    model, params = tiny
+    seen = []
+    out = generate(model, params, PROMPTS, NEW, stop_token_ids=(-1,), on_tokens=lambda t, a: seen.append((t, a)))
+    assert len(seen) == NEW
+    streamed = np.stack([tokens for tokens, _ in seen], axis=1)[:3]
+    np.testing.assert_array_equal(streamed, out.tokens)
+    assert all(list(active) == [True, True, True, False] for _, active in seen)
+
+
+def test_sharded_params_on_a_mesh_give_the_same_completions(tiny):
+    from jaxalign.models.llama import logical_axes
+    from jaxalign.sharding import DEFAULT_RULES
+
+    model, params = tiny
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    rules = tuple(DEFAULT_RULES.items())
+    shardings = nn.logical_to_mesh_sharding(logical_axes(model), mesh, rules)
+    sharded = jax.device_put(params, shardings)
+    expected = generate(model, params, PROMPTS, NEW)
+    out = generate(model, sharded, PROMPTS, NEW, mesh=mesh, rules=rules)
+    np.testing.assert_array_equal(out.tokens, expected.tokens)
+    np.testing.assert_allclose(out.logprobs, expected.logprobs, atol=1e-5)
+
+
+def test_too_long_prompts_fail_clearly_or_are_truncated(tiny):
+    model, params = tiny
+    context = model.config.max_position_embeddings
+    long_prompt = list(range(3, 3 + context - 4))
+    with pytest.raises(JaxalignError, match=rf"prompt 1 has {context - 4} tokens.*at most {context - NEW}"):
+        generate(model, params, [[1, 2], long_prompt], NEW)
+    out = generate(model, params, [[1, 2], long_prompt], NEW, truncate_prompts=True)
+    expected = generate(model, params, [[1, 2], long_prompt[-(context - NEW) :]], NEW)
+    assert out.completions() == expected.completions()
+
+
+@pytest.mark.parametrize(
+    "prompts,kwargs,message",
+    [
+        ([], {}, "no prompts"),
+        ([[1, 2], []], {}, "prompt 1 is empty"),
+        ([[1, 999]], {}, "token id 999 is outside the vocabulary"),
+        ([[1]], {"min_new_tokens": NEW + 1}, "min_new_tokens"),
+        ([[1]], {"sampling": SamplingParams(temperature=1.0)}, "explicit rng"),
+    ],
+)
+def test_bad_generation_input_is_reported(tiny, prompts, kwargs, message):
+    model, params = tiny
+    with pytest.raises(JaxalignError, match=message):
+        generate(model, params, prompts, NEW, **kwargs)
