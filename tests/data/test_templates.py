@@ -195,12 +195,22 @@ def sp_with_eot(sp_tok):
     return tok
 
 
+@pytest.fixture(scope="module")
+def sp_encoder(sp_with_eot):
+    return SegmentEncoder(sp_with_eot)
+
+
+@pytest.fixture(scope="module")
+def smol_encoder(smol_tok):
+    return SegmentEncoder(smol_tok)
+
+
 @pytest.mark.parametrize("template", [t for t, *_ in PINNED])
-def test_sentencepiece_segment_tokens_equal_whole_string_tokens(sp_with_eot, template):
+def test_sentencepiece_segment_tokens_equal_whole_string_tokens(sp_with_eot, sp_encoder, template):
     """Whole string = what `tokenizer(text)` gives for each bos-led piece (LLaMA-2-chat encodes turn by turn)."""
     conversation = next(c for t, c, *_ in PINNED if t == template)
     segments = render(conversation, template, _tokens_for(sp_with_eot))
-    ids = tokenize_segments([segments], SegmentEncoder(sp_with_eot))[0].ids.tolist()
+    ids = tokenize_segments([segments], sp_encoder)[0].ids.tolist()
     whole = []
     for turn in render_text(segments).split("<s>")[1:]:
         whole += [sp_with_eot.bos_token_id] + sp_with_eot.encode(turn, add_special_tokens=False)
@@ -208,12 +218,12 @@ def test_sentencepiece_segment_tokens_equal_whole_string_tokens(sp_with_eot, tem
 
 
 @pytest.mark.parametrize("template", [t for t, *_ in PINNED if t != "plain"])
-def test_byte_level_bpe_segment_tokens_equal_whole_string_tokens(smol_tok, template):
+def test_byte_level_bpe_segment_tokens_equal_whole_string_tokens(smol_tok, smol_encoder, template):
     conversation = next(c for t, c, *_ in PINNED if t == template)
     segments = render(conversation, template, SpecialTokens(bos=None, eos=smol_tok.eos_token, eot="<|eot|>"))
     if template == "lima":
         segments = [s for s in segments if not s.special]
-    ids = tokenize_segments([segments], SegmentEncoder(smol_tok))[0].ids.tolist()
+    ids = tokenize_segments([segments], smol_encoder)[0].ids.tolist()
     assert ids == smol_tok.backend_tokenizer.encode(render_text(segments), add_special_tokens=False).ids
 
 
@@ -226,9 +236,9 @@ def test_byte_level_bpe_plain_template_boundary_after_blank_line(smol_tok):
     assert response == smol_tok.encode("2 + 3 = 5.", add_special_tokens=False) + [smol_tok.eos_token_id]
 
 
-def test_sentencepiece_trained_tokens_are_the_answer_tokens(sp_with_eot):
+def test_sentencepiece_trained_tokens_are_the_answer_tokens(sp_with_eot, sp_encoder):
     segments = render(TWO_TURNS, "vicuna_v1.1", _tokens_for(sp_with_eot))
-    tokens = tokenize_segments([segments], SegmentEncoder(sp_with_eot))[0]
+    tokens = tokenize_segments([segments], sp_encoder)[0]
     pieces = sp_with_eot.convert_ids_to_tokens(tokens.ids[tokens.response].tolist())
     assert pieces == ["▁", "2", "▁+", "▁", "3", "▁=", "▁", "5", ".", "</s>", "▁", "5", "▁*", "▁", "4", "▁=", "▁", "2",
                       "0", ".", "</s>"]
