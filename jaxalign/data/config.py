@@ -69,7 +69,7 @@ class TruncationConfig:
             raise JaxalignError(f"config key 'data.truncation.max_prompt_fraction': expected 0 < x < 1, got {fraction}")
 
 
-SourcesValue = Union[str, SourceSpec, list[SourceSpec], None]
+SourcesValue = Union[str, SourceSpec, list[Union[str, SourceSpec]], None]
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ class DataConfig:
             return (value,)
         if not value:
             raise JaxalignError(f"config key 'data.{split}': the list of sources is empty")
-        return tuple(value)
+        return tuple(SourceSpec(path=v) if isinstance(v, str) else v for v in value)
 
     def replace(self, **changes) -> "DataConfig":
         return dataclasses.replace(self, **changes)

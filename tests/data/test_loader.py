@@ -1,0 +1,198 @@
+import json
+import re
+
+import numpy as np
+import pytest
+
+from jaxalign.config import from_dict
+from jaxalign.data import DataConfig, build_loader, make_global_batch
+from jaxalign.data.loader import DataLoader
+from jaxalign.errors import JaxalignError
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def numbered(tmp_path_factory):
+    """37 alpaca records whose texts carry their number, of varied lengths."""
+    path = tmp_path_factory.mktemp("data") / "numbered.jsonl"
+    return _write_jsonl(path, [{"instruction": f"item {i}" + " x" * (i % 7), "output": f"ok {i}"} for i in range(37)])
+
+
+def _config(**values):
+    return from_dict(DataConfig, {"template": "gpt4all", **values})
+
+
+def _example_numbers(byte_tok, batch) -> list[int]:
+    """The record numbers of the examples of an LM batch, row by row, segment by segment."""
+    out = []
+    for ids, segments in zip(batch["input_ids"], batch["segment_ids"]):
+        for segment in range(1, int(segments.max()) + 1):
+            text = byte_tok.decode(ids[segments == segment].tolist())
+            out.append(int(re.search(r"item (\d+)", text).group(1)))
+    return out
+
+
+def _equal_batches(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_resume_continues_with_identical_batches(byte_tok, numbered, pack):
+    config = _config(train=str(numbered), pack=pack, seed=5)
+    loader = build_loader(config, byte_tok, batch_size=4, seq_len=48)
+    reference = [next(loader) for _ in range(25)]  # several epochs of 37 examples
+    for k in (3, 11, 19):
+        first = build_loader(config, byte_tok, batch_size=4, seq_len=48)
+        for _ in range(k):
+            next(first)
+        state = json.loads(json.dumps(first.state_dict()))
+        resumed = build_loader(config, byte_tok, batch_size=4, seq_len=48)
+        resumed.load_state_dict(state)
+        for expected in reference[k : k + 5]:
+            assert _equal_batches(next(resumed), expected)
+
+
+def test_state_dict_is_json_and_counts(byte_tok, numbered):
+    loader = build_loader(_config(train=str(numbered)), byte_tok, batch_size=4, seq_len=48)
+    next(loader)
+    state = loader.state_dict()
+    assert json.loads(json.dumps(state)) == state
+    assert state["epoch"] == 0 and state["position"] == 4 and state["stats"]["examples"] == 4
+
+
+def test_two_processes_cover_the_epoch_exactly_without_overlap(byte_tok, numbered):
+    config = _config(train=str(numbered), pack=True, seed=1)
+    shares = []
+    for p in range(2):
+        loader = build_loader(config, byte_tok, batch_size=4, seq_len=48, process_index=p, process_count=2)
+        share_size = loader.shard(0).size
+        seen = []
+        while len(seen) < share_size:
+            seen += _example_numbers(byte_tok, next(loader))
+        shares.append(seen[:share_size])
+    assert not set(shares[0]) & set(shares[1])
+    assert sorted(shares[0] + shares[1]) == list(range(37))
+    assert abs(len(shares[0]) - len(shares[1])) <= 1
+
+
+def test_epochs_are_reshuffled_deterministically(byte_tok, numbered):
+    loader = build_loader(_config(train=str(numbered), seed=2), byte_tok, batch_size=4, seq_len=48)
+    again = build_loader(_config(train=str(numbered), seed=2), byte_tok, batch_size=4, seq_len=48)
+    other = build_loader(_config(train=str(numbered), seed=3), byte_tok, batch_size=4, seq_len=48)
+    assert (loader.epoch_order(0) == again.epoch_order(0)).all()
+    assert not (loader.epoch_order(0) == loader.epoch_order(1)).all()
+    assert not (loader.epoch_order(0) == other.epoch_order(0)).all()
+    assert sorted(loader.epoch_order(1)) == list(range(37))
+    unshuffled = build_loader(_config(train=str(numbered), shuffle=False), byte_tok, batch_size=4, seq_len=48)
+    assert _example_numbers(byte_tok, next(unshuffled)) == [0, 1, 2, 3]
+
+
+def test_mixture_weights(byte_tok, tmp_path):
+    a = _write_jsonl(tmp_path / "a.jsonl", [{"instruction": f"item {i}", "output": "a"} for i in range(10)])
+    b = _write_jsonl(tmp_path / "b.jsonl", [{"instruction": f"item {100 + i}", "output": "b"} for i in range(20)])
+    config = _config(train=[{"path": str(a), "weight": 2.0}, {"path": str(b), "weight": 0.5}])
+    loader = build_loader(config, byte_tok, batch_size=4, seq_len=48)
+    for epoch in (0, 1):
+        order = loader.epoch_order(epoch)
+        counts = np.bincount(order, minlength=30)
+        assert (counts[:10] == 2).all() and counts[10:].sum() == 10 and counts[10:].max() == 1
+    assert set(loader.epoch_order(0)[loader.epoch_order(0) >= 10]) != set(loader.epoch_order(1)[loader.epoch_order(1) >= 10])
+
+
+def test_eval_fraction_splits_disjointly(byte_tok, numbered):
+    config = _config(train=str(numbered), eval_fraction=0.2)
+    train = build_loader(config, byte_tok, batch_size=4, seq_len=48)
+    evaluation = build_loader(config, byte_tok, batch_size=4, seq_len=48, split="eval")
+    train_items = {e.origin for e in train.examples}
+    eval_items = {e.origin for e in evaluation.examples}
+    assert len(eval_items) == 7 and len(train_items) == 30 and not train_items & eval_items
+
+
+def test_eval_loader_is_one_padded_pass_the_same_length_on_every_process(byte_tok, numbered):
+    config = _config(train=str(numbered), eval=str(numbered), pack=True)
+    lengths, numbers = [], []
+    for p in range(2):
+        loader = build_loader(config, byte_tok, batch_size=4, seq_len=48, split="eval", process_index=p,
+                              process_count=2)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        assert all(_equal_batches(x, y) for x, y in zip(batches, list(loader)))  # a second pass is the same
+        lengths.append(len(batches))
+        numbers += [n for b in batches for n in _example_numbers(byte_tok, b)]
+    assert lengths[0] == lengths[1]
+    assert sorted(numbers) == list(range(37))
+
+
+def test_preference_loader(byte_tok):
+    config = from_dict(DataConfig, {"train": "demo:preferences", "template": "vicuna_v1.1", "margin": "small",
+                                    "system_message": ""})
+    loader = build_loader(config, byte_tok, batch_size=8, seq_len=256)
+    batch = next(loader)
+    assert loader.kind == "preference"
+    assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape == (8, 256)
+    assert set(batch["safety"].tolist()) <= {0, 1} and (batch["strength"] >= 0).all()
+    np.testing.assert_allclose(batch["margin"], np.array([1.0, 2 / 3, 1 / 3, 0.0])[batch["strength"]], rtol=1e-6)
+    for b in range(8):
+        chosen = batch["chosen_input_ids"][b][batch["chosen_loss_mask"][b] == 0]
+        rejected = batch["rejected_input_ids"][b][batch["rejected_loss_mask"][b] == 0]
+        prompt_len = int(np.argmax(batch["chosen_loss_mask"][b]))
+        assert (chosen[:prompt_len] == rejected[:prompt_len]).all()
+        assert batch["chosen_loss_mask"][b].sum() > 0 and batch["rejected_loss_mask"][b].sum() > 0
+
+
+def test_prompt_loader_for_rl(byte_tok):
+    config = from_dict(DataConfig, {"train": "demo:prompts", "template": "vicuna_v1.1", "system_message": ""})
+    loader = build_loader(config, byte_tok, batch_size=4, seq_len=64)
+    batch = next(loader)
+    assert loader.kind == "prompt"
+    for b in range(4):
+        text = byte_tok.decode(batch["input_ids"][b][batch["segment_ids"][b] == 1].tolist())
+        assert text.startswith("<s>USER: ") and text.endswith(" ASSISTANT:")
+        assert batch["input_ids"][b][-1] == byte_tok.convert_tokens_to_ids(":")
+
+
+def test_dropped_and_truncated_are_counted(byte_tok, tmp_path):
+    records = [{"instruction": "short", "output": "fine"}, {"instruction": "p" * 100, "output": "lost"},
+               {"instruction": "q", "output": "r" * 100}]
+    path = _write_jsonl(tmp_path / "d.jsonl", records)
+    loader = build_loader(_config(train=str(path), shuffle=False), byte_tok, batch_size=2, seq_len=32)
+    next(loader)
+    stats = loader.state_dict()["stats"]
+    assert stats["dropped"] == 1 and stats["truncated"] == 1 and stats["examples"] == 2
+    counts = loader.pass_stats()
+    assert (counts["examples"], counts["dropped"], counts["truncated"]) == (2, 1, 1)
+
+
+def test_make_global_batch_shards_rows_over_the_mesh(byte_tok, numbered):
+    import jax
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2, 1), ("data", "fsdp", "tensor"))
+    batch = next(build_loader(_config(train=str(numbered)), byte_tok, batch_size=8, seq_len=48))
+    arrays = make_global_batch(batch, mesh)
+    assert arrays["input_ids"].shape == (8, 48)
+    assert len(arrays["input_ids"].addressable_shards) == 8
+    assert arrays["input_ids"].addressable_shards[0].data.shape == (1, 48)
+    np.testing.assert_array_equal(np.asarray(arrays["loss_mask"]), batch["loss_mask"])
+
+
+def test_loader_errors(byte_tok, numbered, sp_tok):
+    with pytest.raises(JaxalignError, match="train.batch_size"):
+        build_loader(_config(train=str(numbered)), byte_tok, batch_size=3, seq_len=48, process_count=2)
+    with pytest.raises(JaxalignError, match="process_index 2"):
+        build_loader(_config(train=str(numbered)), byte_tok, batch_size=4, seq_len=48, process_index=2,
+                     process_count=2)
+    with pytest.raises(JaxalignError, match="no pad token.*data.pad_token"):
+        build_loader(_config(train=str(numbered)), sp_tok, batch_size=4, seq_len=48)
+    with pytest.raises(JaxalignError, match="'epoch' and 'position'"):
+        build_loader(_config(train=str(numbered)), byte_tok, batch_size=4, seq_len=48).load_state_dict({"epoch": 0})
+
+
+def test_mixing_kinds_in_one_split_is_an_error(byte_tok):
+    config = from_dict(DataConfig, {"train": ["demo:instructions", "demo:preferences"], "template": "alpaca"})
+    with pytest.raises(JaxalignError, match="mixes examples of different kinds"):
+        DataLoader(config, byte_tok, batch_size=4, seq_len=64)
