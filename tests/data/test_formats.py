@@ -1,0 +1,182 @@
+import json
+
+import pytest
+
+from jaxalign.data.formats import Conversation, Message, PreferencePair, Prompt, Text, detect_format, parse_record
+from jaxalign.data.sources import load_source
+from jaxalign.data.config import SourceSpec
+from jaxalign.data.templates import SpecialTokens, render, render_pair, render_text
+from jaxalign.errors import JaxalignError
+
+ORIGIN = "data.jsonl:7"
+
+
+@pytest.mark.parametrize(
+    "record, fmt",
+    [
+        ({"instruction": "a", "input": "", "output": "b"}, "alpaca"),
+        ({"instruction": "a", "context": "", "response": "b"}, "dolly"),
+        ({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}, "sharegpt"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}, "messages"),
+        ({"prompt": "a", "chosen": "b", "rejected": "c"}, "preference"),
+        ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}, "hh"),
+        ({"prompt": "a"}, "prompt"),
+        ({"text": "a"}, "text"),
+    ],
+)
+def test_detect_format(record, fmt):
+    assert detect_format(record, ORIGIN) == fmt
+
+
+def test_alpaca_keeps_input_as_context():
+    example = parse_record({"instruction": "Add.", "input": "2 and 3", "output": "5"}, "alpaca", ORIGIN)
+    assert example == Conversation((Message("user", "Add.", "2 and 3"), Message("assistant", "5")), ORIGIN)
+    assert example.messages[0].text() == "Add.\n\n2 and 3"
+
+
+def test_dolly_context():
+    example = parse_record({"instruction": "Sum?", "context": "2, 3", "response": "5"}, "dolly", ORIGIN)
+    assert example.messages[0].context == "2, 3" and example.messages[1].content == "5"
+
+
+def test_sharegpt_roles_system_field_and_trailing_user_turn():
+    record = {
+        "system": "Be kind.",
+        "conversations": [
+            {"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}, {"from": "human", "value": "bye?"}
+        ],
+    }
+    example = parse_record(record, "sharegpt", ORIGIN)
+    assert [(m.role, m.content) for m in example.messages] == [
+        ("system", "Be kind."), ("user", "hi"), ("assistant", "hello")
+    ]
+
+
+def test_messages_with_system_message():
+    record = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "u"},
+                           {"role": "assistant", "content": "a"}]}
+    assert [m.role for m in parse_record(record, "messages", ORIGIN).messages] == ["system", "user", "assistant"]
+
+
+def test_preference_with_message_lists_strength_and_safety():
+    record = {
+        "prompt": [{"role": "user", "content": "q"}],
+        "chosen": [{"role": "assistant", "content": "good"}],
+        "rejected": "bad",
+        "strength": "slightly better",
+        "safety": True,
+    }
+    pair = parse_record(record, "preference", ORIGIN)
+    assert pair == PreferencePair((Message("user", "q"),), (Message("assistant", "good"),),
+                                  (Message("assistant", "bad"),), 2, 1, ORIGIN)
+    assert parse_record({**record, "strength": 0, "safety": False}, "preference", ORIGIN).strength == 0
+    unlabelled = parse_record({"prompt": "q", "chosen": "a", "rejected": "b"}, "preference", ORIGIN)
+    assert (unlabelled.strength, unlabelled.safety) == (-1, -1)
+
+
+def test_hh_full_text_pairs():
+    record = {
+        "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+2?\n\nAssistant: 4",
+        "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: 2+2?\n\nAssistant: 5",
+    }
+    pair = parse_record(record, "hh", ORIGIN)
+    assert [(m.role, m.content) for m in pair.prompt] == [("user", "Hi"), ("assistant", "Hello!"), ("user", "2+2?")]
+    assert pair.chosen == (Message("assistant", "4"),) and pair.rejected == (Message("assistant", "5"),)
+
+
+def test_prompt_with_reference_answer():
+    prompt = parse_record({"prompt": "2+2?", "answer": "4"}, "prompt", ORIGIN)
+    assert prompt == Prompt((Message("user", "2+2?"),), "4", ORIGIN)
+
+
+def test_text():
+    assert parse_record({"text": "abc"}, "text", ORIGIN) == Text("abc", ORIGIN)
+
+
+def test_unknown_fields_are_ignored():
+    assert parse_record({"instruction": "a", "output": "b", "id": 3, "source": "x"}, "alpaca", ORIGIN)
+
+
+# ---- bad input: each error names the origin (file:line) and the field ----
+
+BAD = [
+    ({"input": "x", "output": "y"}, "alpaca", "missing field 'instruction'"),
+    ({"instruction": "x"}, "alpaca", "missing field 'output'"),
+    ({"instruction": 3, "output": "y"}, "alpaca", "field 'instruction' must be a str, got int"),
+    ({"instruction": "x", "output": "  "}, "alpaca", "field 'output' is empty"),
+    ({"instruction": "x", "input": ["a"], "output": "y"}, "alpaca", "field 'input' must be a str, got list"),
+    ({"instruction": "x", "context": "c"}, "dolly", "missing field 'response'"),
+    ({"conversations": "hello"}, "sharegpt", "field 'conversations' must be a list, got str"),
+    ({"conversations": []}, "sharegpt", "field 'conversations' is an empty conversation"),
+    ({"conversations": [{"from": "robot", "value": "x"}]}, "sharegpt",
+     r"field 'conversations\[0\].from': unknown role 'robot'"),
+    ({"conversations": [{"from": "human"}]}, "sharegpt", r"field 'conversations\[0\]' has no 'value'"),
+    ({"conversations": [{"from": "human", "value": 5}]}, "sharegpt",
+     r"field 'conversations\[0\].value' must be a string"),
+    ({"conversations": ["hi"]}, "sharegpt", r"field 'conversations\[0\]' must be an object"),
+    ({"conversations": [{"from": "gpt", "value": "a"}, {"from": "human", "value": "b"}]}, "sharegpt",
+     "turn 1 is 'assistant', expected 'user'"),
+    ({"conversations": [{"from": "human", "value": "a"}]}, "sharegpt", "has no assistant turn"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"},
+                   {"role": "assistant", "content": "c"}]}, "messages", "turn 2 is 'user', expected 'assistant'"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
+                   {"role": "assistant", "content": "c"}]}, "messages", "a system message is only allowed first"),
+    ({"prompt": "q", "chosen": "a"}, "preference", "missing field 'rejected'"),
+    ({"prompt": "q", "chosen": 1, "rejected": "b"}, "preference", "field 'chosen' must be a string or messages"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "strength": "much better"}, "preference", "field 'strength'"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "safety": "yes"}, "preference", "field 'safety' must be true"),
+    ({"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "preference",
+     "field 'chosen' must end with an assistant message"),
+    ({"chosen": "Human: a Assistant: b", "rejected": "x"}, "hh", r"field 'chosen' must start with '\\n\\nHuman:'"),
+    ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: z\n\nAssistant: c"}, "hh",
+     "must share the dialogue"),
+    ({"chosen": "\n\nHuman: a", "rejected": "\n\nHuman: a"}, "hh", "must end with an '\\\\n\\\\nAssistant:' turn"),
+    ({"prompt": ""}, "prompt", "field 'prompt' is empty"),
+    ({"prompt": "q", "answer": 4}, "prompt", "field 'answer' must be a string"),
+    ({"text": None}, "text", "missing field 'text'"),
+    (["not", "a", "record"], "alpaca", "expected a JSON object"),
+]
+
+
+@pytest.mark.parametrize("record, fmt, message", BAD)
+def test_bad_records_name_origin_and_field(record, fmt, message):
+    with pytest.raises(JaxalignError, match=message) as info:
+        parse_record(record, fmt, ORIGIN)
+    assert str(info.value).startswith(f"{ORIGIN}: ")
+
+
+def test_undetectable_format():
+    with pytest.raises(JaxalignError, match=r"data.jsonl:7: cannot detect the record format from its fields \['foo'\]"):
+        detect_format({"foo": 1}, ORIGIN)
+
+
+def test_unknown_format():
+    with pytest.raises(JaxalignError, match="unknown format 'csv'"):
+        parse_record({"a": 1}, "csv", ORIGIN)
+
+
+# ---- real files: LLaMA-Factory's demo data ----
+
+
+def test_llamafactory_alpaca_demo_loads_and_renders(llamafactory_data):
+    data = load_source(SourceSpec(str(llamafactory_data / "alpaca_en_demo.json")))
+    assert data.format == "alpaca" and len(data.examples) == len(json.loads(
+        (llamafactory_data / "alpaca_en_demo.json").read_text()))
+    tokens = SpecialTokens("<s>", "</s>", "<|eot|>")
+    with_input = next(e for e in data.examples if e.messages[0].context)
+    text = render_text(render(with_input, "alpaca", tokens))
+    assert "### Input:\n" + with_input.messages[0].context + "\n\n### Response:\n" in text
+    assert text.endswith(with_input.messages[1].content + "</s>")
+
+
+def test_llamafactory_dpo_demo_loads_and_renders(llamafactory_data):
+    data = load_source(SourceSpec(str(llamafactory_data / "dpo_en_demo.json")))
+    assert data.format == "preference" and len(data.examples) == 300
+    tokens = SpecialTokens("<s>", "</s>", "<|eot|>")
+    multi_turn = [e for e in data.examples if len(e.prompt) > 1]
+    for pair in data.examples[:5] + multi_turn[:5]:
+        chosen, rejected = render_pair(pair, "chatml", tokens)
+        assert [s.text for s in chosen if s.response] == [pair.chosen[-1].content + "<|im_end|>"]
+        assert [s.text for s in rejected if s.response] == [pair.rejected[-1].content + "<|im_end|>"]
+        prompt_text = "".join(s.text for s in chosen if not s.response).rstrip("\n")
+        assert pair.prompt[-1].content in prompt_text

@@ -1,0 +1,162 @@
+import importlib.util
+import json
+
+import pytest
+
+from jaxalign.data.config import SourceSpec
+from jaxalign.data.sources import demo_path, load_source, resolve_files
+from jaxalign.errors import JaxalignError
+
+RECORDS = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(5)]
+
+
+def _jsonl(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_jsonl_json_and_parquet_give_the_same_examples(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+
+    _jsonl(tmp_path / "a.jsonl", [json.dumps(r) for r in RECORDS])
+    (tmp_path / "a.json").write_text(json.dumps(RECORDS))
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(RECORDS), tmp_path / "a.parquet")
+    loaded = [load_source(SourceSpec(str(tmp_path / f"a.{ext}"))) for ext in ("jsonl", "json", "parquet")]
+    contents = [[e.messages for e in data.examples] for data in loaded]
+    assert contents[0] == contents[1] == contents[2] and len(contents[0]) == 5
+    assert [d.format for d in loaded] == ["alpaca"] * 3
+    assert loaded[0].examples[2].origin == f"{tmp_path / 'a.jsonl'}:3"
+    assert loaded[1].examples[2].origin == f"{tmp_path / 'a.json'}: record 2"
+    assert loaded[2].examples[2].origin == f"{tmp_path / 'a.parquet'}: row 2"
+
+
+def test_globs_and_folders_are_sorted(tmp_path):
+    for name in ("b.jsonl", "a.jsonl", "c.txt"):
+        _jsonl(tmp_path / name, [json.dumps(RECORDS[0])])
+    assert [p.name for p in resolve_files(str(tmp_path / "*.jsonl"))] == ["a.jsonl", "b.jsonl"]
+    assert [p.name for p in resolve_files(str(tmp_path))] == ["a.jsonl", "b.jsonl"]
+    assert len(load_source(SourceSpec(str(tmp_path / "*.jsonl"))).examples) == 2
+
+
+def test_demo_sources_and_limit():
+    assert demo_path("instructions").name == "instructions.jsonl"
+    assert len(load_source(SourceSpec("demo:instructions", limit=7)).examples) == 7
+
+
+def test_blank_lines_are_ignored(tmp_path):
+    path = _jsonl(tmp_path / "a.jsonl", [json.dumps(RECORDS[0]), "", "   ", json.dumps(RECORDS[1])])
+    data = load_source(SourceSpec(str(path)))
+    assert [e.origin.rsplit(":", 1)[1] for e in data.examples] == ["1", "4"]
+
+
+def test_per_source_format_overrides_detection(tmp_path):
+    path = _jsonl(tmp_path / "a.jsonl", [json.dumps({"prompt": "q", "text": "t"})])
+    assert load_source(SourceSpec(str(path))).format == "prompt"
+    assert load_source(SourceSpec(str(path), format="text")).examples[0].text == "t"
+    assert load_source(SourceSpec(str(path)), default_format="text").format == "text"
+
+
+def test_on_error_skip_counts_and_reports_lines(tmp_path):
+    path = _jsonl(tmp_path / "a.jsonl", [
+        json.dumps(RECORDS[0]), "{not json", json.dumps({"instruction": "x"}), json.dumps(RECORDS[1]),
+        json.dumps({"instruction": 1, "output": "y"}),
+    ])
+    data = load_source(SourceSpec(str(path)), on_error="skip")
+    assert len(data.examples) == 2
+    assert len(data.skipped) == 3
+    assert data.skipped[0].startswith(f"{path}:2: malformed JSON")
+    assert data.skipped[1] == f"{path}:3: missing field 'output'"
+    assert data.skipped[2].startswith(f"{path}:5: field 'instruction' must be a str")
+
+
+# ---- bad input ----
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    path = _jsonl(tmp_path / "a.jsonl", [json.dumps(RECORDS[0]), '{"instruction": "x", "output": }'])
+    with pytest.raises(JaxalignError, match=rf"^{path}:2: malformed JSON: Expecting value \(column 32\)"):
+        load_source(SourceSpec(str(path)))
+
+
+def test_missing_field_names_file_line_and_field(tmp_path):
+    path = _jsonl(tmp_path / "a.jsonl", [json.dumps(RECORDS[0]), json.dumps({"instruction": "x", "outptu": "y"})])
+    with pytest.raises(JaxalignError, match=rf"^{path}:2: missing field 'output'$"):
+        load_source(SourceSpec(str(path)))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(JaxalignError, match=r"data source .*nope.jsonl: file does not exist"):
+        load_source(SourceSpec(str(tmp_path / "nope.jsonl")))
+
+
+def test_glob_without_matches(tmp_path):
+    with pytest.raises(JaxalignError, match="the glob matched no files"):
+        load_source(SourceSpec(str(tmp_path / "*.jsonl")))
+
+
+def test_folder_without_data_files(tmp_path):
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(JaxalignError, match="the folder has no .jsonl, .json, .parquet files"):
+        load_source(SourceSpec(str(tmp_path)))
+
+
+def test_unknown_demo_dataset():
+    with pytest.raises(JaxalignError, match="no such demo dataset; available: dialogues_messages"):
+        load_source(SourceSpec("demo:nothing"))
+
+
+def test_json_file_must_hold_a_list(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"data": RECORDS}))
+    with pytest.raises(JaxalignError, match="a .json data file must hold a list of records, got dict"):
+        load_source(SourceSpec(str(tmp_path / "a.json")))
+
+
+def test_malformed_json_file_names_the_line(tmp_path):
+    (tmp_path / "a.json").write_text('[\n  {"instruction": "x", "output": "y"},\n  {"instruction": \n]')
+    with pytest.raises(JaxalignError, match=r"a.json:4: malformed JSON"):
+        load_source(SourceSpec(str(tmp_path / "a.json")))
+
+
+def test_json_record_error_names_the_record(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([RECORDS[0], {"instruction": "x"}]))
+    with pytest.raises(JaxalignError, match=r"a.json: record 1: missing field 'output'"):
+        load_source(SourceSpec(str(tmp_path / "a.json")))
+
+
+def test_unreadable_parquet(tmp_path):
+    (tmp_path / "a.parquet").write_bytes(b"definitely not parquet")
+    with pytest.raises(JaxalignError, match="not a readable Parquet file"):
+        load_source(SourceSpec(str(tmp_path / "a.parquet")))
+
+
+def test_no_usable_records_after_skipping(tmp_path):
+    path = _jsonl(tmp_path / "a.jsonl", ["{bad", "[1, 2]"])
+    with pytest.raises(JaxalignError, match=r"no usable records \(2 skipped, first: .*a.jsonl:1: malformed JSON"):
+        load_source(SourceSpec(str(path)), on_error="skip")
+
+
+def test_format_mismatch_after_detection_names_the_line(tmp_path):
+    path = _jsonl(tmp_path / "a.jsonl", [json.dumps(RECORDS[0]), json.dumps({"text": "t"})])
+    with pytest.raises(JaxalignError, match=rf"{path}:2: missing field 'instruction'"):
+        load_source(SourceSpec(str(path)))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is not None, reason="datasets is installed")
+def test_hf_source_without_datasets_says_what_to_install():
+    with pytest.raises(JaxalignError, match=r"hf:tatsu-lab/alpaca: needs the Hugging Face `datasets` package"):
+        load_source(SourceSpec("hf:tatsu-lab/alpaca"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("datasets") is None, reason="datasets is not installed")
+def test_hf_source_reads_local_files(tmp_path):
+    _jsonl(tmp_path / "train.jsonl", [json.dumps(r) for r in RECORDS])
+    data = load_source(SourceSpec(f"hf:{tmp_path}"))
+    assert data.format == "alpaca" and len(data.examples) == 5
+    assert data.examples[0].origin == f"hf:{tmp_path}[train] row 0"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow_datasets") is not None, reason="tfds is installed")
+def test_tfds_source_without_tfds_says_what_to_install():
+    with pytest.raises(JaxalignError, match=r"tfds:mnist: needs tensorflow-datasets"):
+        load_source(SourceSpec("tfds:mnist"))
