@@ -37,7 +37,7 @@ class SourceSpec:
     epoch, 2.5 = each twice plus a random half.
     """
 
-    path: str
+    path: str = ""
     weight: float = 1.0
     format: Optional[Format] = None
     split: str = "train"
@@ -45,6 +45,8 @@ class SourceSpec:
     limit: Optional[int] = None
 
     def __post_init__(self):
+        if not self.path:
+            raise JaxalignError("data source: 'path' is required (a file, glob, demo:NAME, hf:NAME or tfds:NAME)")
         if self.weight < 0:
             raise JaxalignError(f"data source {self.path}: weight must be >= 0, got {self.weight}")
         if self.limit is not None and self.limit <= 0:

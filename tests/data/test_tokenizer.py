@@ -1,0 +1,41 @@
+import pytest
+
+from jaxalign.data.tokenizer import BYTE_SPECIAL_TOKENS, CONTINUE, START, SegmentEncoder, byte_tokenizer, load_tokenizer
+from jaxalign.errors import JaxalignError
+
+
+def test_byte_tokenizer_layout_and_round_trip():
+    tok = byte_tokenizer()
+    assert len(tok) == 264
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 1, 2)
+    assert tok.convert_tokens_to_ids(list(BYTE_SPECIAL_TOKENS)) == list(range(8))
+    text = "Héllo, wörld! 日本 <|im_end|>\n\t"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == text
+    assert tok.encode("A", add_special_tokens=False) == [8 + ord("A")]
+    assert ids[-3] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert len(tok.encode("日", add_special_tokens=False)) == 3
+
+
+def test_byte_tokenizer_is_deterministic():
+    assert byte_tokenizer().get_vocab() == byte_tokenizer().get_vocab()
+
+
+def test_load_tokenizer(smollm2_dir, tmp_path):
+    assert len(load_tokenizer("byte")) == 264
+    assert load_tokenizer(str(smollm2_dir)).eos_token == "<|im_end|>"
+    with pytest.raises(JaxalignError, match="not 'byte' and not a folder"):
+        load_tokenizer(str(tmp_path / "missing"))
+    with pytest.raises(JaxalignError, match="could not load a tokenizer"):
+        load_tokenizer(str(tmp_path))
+
+
+def test_sentencepiece_contexts(sp_tok):
+    encoder = SegmentEncoder(sp_tok)
+    start, cont, after_eos = encoder.encode([" answer", " answer", "USER"], [START, CONTINUE, "</s>"])
+    assert sp_tok.convert_ids_to_tokens(cont) == ["▁answer"]
+    assert sp_tok.convert_ids_to_tokens(start) == sp_tok.convert_ids_to_tokens(
+        sp_tok.encode(" answer", add_special_tokens=False))
+    whole = sp_tok.backend_tokenizer.encode("</s>USER", add_special_tokens=False).ids
+    assert after_eos == whole[1:]
+    assert encoder.encode(["", "x"], [CONTINUE, CONTINUE])[0] == []
