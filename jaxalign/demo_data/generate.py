@@ -210,7 +210,17 @@ INSTRUCTION_KINDS = [
 
 
 def instructions(rng: random.Random, n: int = 480) -> list[dict]:
-    return [_instruction(rng, INSTRUCTION_KINDS[i % len(INSTRUCTION_KINDS)]) for i in range(n)]
+    """`n` records, cycling through the task kinds; redraws a few times to avoid repeating a record."""
+    records, seen = [], set()
+    for i in range(n):
+        for _ in range(20):
+            record = _instruction(rng, INSTRUCTION_KINDS[i % len(INSTRUCTION_KINDS)])
+            key = (record["instruction"], record["input"])
+            if key not in seen:
+                break
+        seen.add(key)
+        records.append(record)
+    return records
 
 
 def _user_text(record: dict) -> str:

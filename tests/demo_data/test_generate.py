@@ -1,0 +1,107 @@
+import json
+import re
+from collections import Counter
+
+import pytest
+
+from jaxalign.data.config import SourceSpec
+from jaxalign.data.sources import DEMO_DIR, load_source
+from jaxalign.demo_data.generate import CAPITALS, OPPOSITES, PLURALS, render_all
+
+EXPECTED = {
+    "instructions": ("alpaca", 480),
+    "dialogues_sharegpt": ("sharegpt", 320),
+    "dialogues_messages": ("messages", 320),
+    "preferences": ("preference", 420),
+    "prompts": ("prompt", 320),
+}
+
+
+def _records(name):
+    return [json.loads(line) for line in (DEMO_DIR / f"{name}.jsonl").read_text().splitlines()]
+
+
+def test_committed_files_equal_the_generator_output():
+    rendered = render_all()
+    assert sorted(rendered) == sorted(f"{name}.jsonl" for name in EXPECTED)
+    for name, text in rendered.items():
+        assert (DEMO_DIR / name).read_text() == text, f"{name} is stale: run python -m jaxalign.demo_data.generate"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_dataset_loads_in_its_format(name):
+    data = load_source(SourceSpec(f"demo:{name}"))
+    assert (data.format, len(data.examples)) == EXPECTED[name]
+    assert not data.skipped
+
+
+def _check_answer(instruction: str, given: str, output: str):
+    """Recomputes the answer of a generated instruction and compares."""
+    if m := re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\?", instruction):
+        a, op, b = int(m[1]), m[2], int(m[3])
+        assert output == f"{a} {op} {b} = {eval(f'{a} {op} {b}')}."
+    elif instruction == "Add the two numbers.":
+        a, b = map(int, given.split(" and "))
+        assert output == f"The sum is {a + b}."
+    elif instruction == "Reverse the letters of the word.":
+        assert output == given[::-1]
+    elif instruction == "Write the word in capital letters.":
+        assert output == given.upper()
+    elif m := re.fullmatch(r'How many letters are in the word "(\w+)"\?', instruction):
+        assert output == f'The word "{m[1]}" has {len(m[1])} letters.'
+    elif m := re.fullmatch(r"What is the capital of (.+)\?", instruction):
+        assert output == f"The capital of {m[1]} is {CAPITALS[m[1]]}."
+    elif instruction == "Sort these words alphabetically.":
+        assert output == ", ".join(sorted(given.split(", ")))
+    elif instruction == "Give the plural of the noun.":
+        assert output == PLURALS[given]
+    elif m := re.fullmatch(r'What is the opposite of "(\w+)"\?', instruction):
+        assert output == f'The opposite of "{m[1]}" is "{OPPOSITES[m[1]]}".'
+    elif m := re.fullmatch(r"Is (\d+) even or odd\?", instruction):
+        assert output == f"{m[1]} is {'even' if int(m[1]) % 2 == 0 else 'odd'}."
+    elif m := re.fullmatch(r"Which is larger, (\d+) or (\d+)\?", instruction):
+        a, b = int(m[1]), int(m[2])
+        assert output == f"{max(a, b)} is larger than {min(a, b)}."
+    elif instruction == "Continue the sequence with the next number.":
+        seq = [int(x) for x in given.split(", ")]
+        assert int(output) == seq[-1] + (seq[1] - seq[0])
+    else:
+        raise AssertionError(f"unexpected instruction {instruction!r}")
+
+
+def test_instruction_answers_are_correct():
+    records = _records("instructions")
+    for record in records:
+        _check_answer(record["instruction"], record["input"], record["output"])
+    assert 0.25 < sum(bool(r["input"]) for r in records) / len(records) <= 0.5
+    assert len({r["instruction"] + r["input"] for r in records}) > 430
+
+
+def test_preferences_strengths_safety_and_correct_chosen():
+    records = _records("preferences")
+    assert Counter(r["strength"] for r in records).keys() == {
+        "significantly better", "better", "slightly better", "negligibly better"
+    }
+    assert sum(r["safety"] for r in records) == len(records) // 5
+    for record in records:
+        assert record["chosen"] != record["rejected"]
+        if not record["safety"]:
+            instruction, _, given = record["prompt"].partition("\n\n")
+            _check_answer(instruction, given, record["chosen"])
+
+
+def test_prompt_answers_are_short_and_right():
+    for record in _records("prompts"):
+        if m := re.fullmatch(r"What is (\d+) ([-+*]) (\d+)\?", record["prompt"]):
+            assert int(record["answer"]) == eval(f"{m[1]} {m[2]} {m[3]}")
+        assert len(record["answer"]) <= 20
+
+
+def test_dialogue_later_turns_follow_from_earlier_ones():
+    for record in _records("dialogues_sharegpt"):
+        turns = [t for t in record["conversations"] if t["from"] != "system"]
+        first = re.fullmatch(r"What is (\d+) \+ (\d+)\?", turns[0]["value"])
+        if first and turns[2]["value"].startswith("Now multiply that by"):
+            total = int(first[1]) + int(first[2])
+            k = int(turns[2]["value"].rstrip(".").split()[-1])
+            assert turns[3]["value"] == f"{total} * {k} = {total * k}."
