@@ -235,7 +235,9 @@ def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype: Any
 
 
 def _param_init(init, names):
-    return nn.with_logical_partitioning(init, names)
+    # rules=(): parameters get their shardings from jit, never from a constraint at unbox time; a constraint there
+    # breaks DenseGeneral's flat-then-reshaped kernel init (which flax also runs abstractly during apply).
+    return nn.with_logical_partitioning(init, names, rules=())
 
 
 class RMSNorm(nn.Module):

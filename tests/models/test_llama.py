@@ -111,3 +111,30 @@ def test_bad_config_values_are_reported():
         LlamaConfig.tiny(num_kv_heads=3)
     with pytest.raises(JaxalignError, match="rope_type"):
         LlamaConfig.tiny(rope_scaling={"rope_type": "yarn", "factor": 2.0})
+
+
+def test_sharded_forward_equals_unsharded():
+    config = LlamaConfig.tiny()
+    model, params = _init(config)
+    ids = _tokens(4, 8)
+    expected = model.apply({"params": params}, ids)
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    rules = (("batch", "data"), ("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
+             ("vocab", "tensor"))
+    shardings = nn.logical_to_mesh_sharding(logical_axes(model), mesh, rules)
+    sharded = jax.device_put(params, shardings)
+    assert sharded["model"]["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(sharded, ids)
+    np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    config = LlamaConfig.tiny()
+    model, params = _init(config)
+    ids = _tokens(2, 8)
+    reference = model.apply({"params": params}, ids)
+    low = LlamaForCausalLM(LlamaConfig.tiny(dtype="bfloat16")).apply({"params": params}, ids)
+    assert low.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(low - reference)) / jnp.max(jnp.abs(reference))) < 5e-2
