@@ -257,12 +257,19 @@ def _sharding_context(mesh: Mesh | None, rules):
         yield
 
 
-def _last_position_logits(module, input_ids, positions, segment_ids, cache):
-    """Prefill: runs the trunk over the prompt but the LM head only at the last position (the next token's logits)."""
-    hidden, cache = module.model(input_ids, positions, segment_ids, cache)
-    last = hidden[:, -1:]
-    logits = module.model.attend(last) if module.config.tie_word_embeddings else module.lm_head(last)
-    return logits[:, 0], cache
+def _trunk(module, input_ids, positions, segment_ids, cache):
+    return module.model(input_ids, positions, segment_ids, cache)
+
+
+def _next_token_logits(config, params, hidden_last: jax.Array) -> jax.Array:
+    """Float32 logits `[B, V]` from the final hidden state `[B, embed]` of each row, with the LM head's matrix (or
+    the embedding when tied); lets prefill skip the head at every prompt position but the last."""
+    if config.tie_word_embeddings:
+        matrix = params["model"]["embed_tokens"]["embedding"].T
+    else:
+        matrix = params["lm_head"]["kernel"]
+    matrix = matrix.astype(config.compute_dtype)
+    return jnp.einsum("be,ev->bv", hidden_last, matrix, preferred_element_type=jnp.float32)
 
 
 def _is_in(values: jax.Array, ids: jax.Array) -> jax.Array:
@@ -287,9 +294,8 @@ def _generate_program(model, max_new_tokens, sampling, mesh, rules, on_tokens):
     def run(params, input_ids, segment_ids, positions, active, rng, stop_ids, pad_id, min_new_tokens):
         batch, length = input_ids.shape
         cache = constrain_cache(init_cache(model.config, batch, length + max_new_tokens))
-        logits, cache = model.apply(
-            {"params": params}, input_ids, positions, segment_ids, cache, method=_last_position_logits
-        )
+        hidden, cache = model.apply({"params": params}, input_ids, positions, segment_ids, cache, method=_trunk)
+        logits = _next_token_logits(model.config, params, hidden[:, -1])
         next_positions = positions[:, -1] + 1
 
         def pick(step, logits, rng, done, tokens, logprobs, lengths):
