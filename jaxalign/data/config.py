@@ -34,7 +34,9 @@ class SourceSpec:
     `datasets`, by name or local folder) or `tfds:NAME` (tensorflow-datasets via `tfds.data_source`).
 
     `weight` scales how many of its examples each epoch draws: 1 = each once, 0.5 = a fresh random half every
-    epoch, 2.5 = each twice plus a random half.
+    epoch, 2.5 = each twice plus a random half. `split` / `hf_config`: the split (hf, tfds) and the `datasets`
+    config name; `data_dir`: where tfds finds prepared datasets (default: tfds' own); `limit`: read at most this
+    many records.
     """
 
     path: str = ""
@@ -42,6 +44,7 @@ class SourceSpec:
     format: Optional[Format] = None
     split: str = "train"
     hf_config: Optional[str] = None
+    data_dir: Optional[str] = None
     limit: Optional[int] = None
 
     def __post_init__(self):

@@ -145,7 +145,7 @@ def _tfds_records(spec: SourceSpec):
         ) from None
     name = spec.path[len("tfds:") :]
     try:
-        source = tfds.data_source(name, split=spec.split)
+        source = tfds.data_source(name, split=spec.split, data_dir=spec.data_dir)
     except Exception as err:  # tfds raises its own and builder-specific exception types
         raise JaxalignError(f"data source {spec.path} (split {spec.split!r}): {err}") from None
     for i in range(len(source)):

@@ -160,3 +160,39 @@ def test_hf_source_reads_local_files(tmp_path):
 def test_tfds_source_without_tfds_says_what_to_install():
     with pytest.raises(JaxalignError, match=r"tfds:mnist: needs tensorflow-datasets"):
         load_source(SourceSpec("tfds:mnist"))
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory):
+    """A tiny tensorflow-datasets dataset prepared as array_record (no TensorFlow needed)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    pytest.importorskip("array_record")
+
+    class JaxalignTestInstructions(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = tfds.features.FeaturesDict({"instruction": tfds.features.Text(), "output": tfds.features.Text()})
+            return tfds.core.DatasetInfo(builder=self, features=features)
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            for i, record in enumerate(RECORDS):
+                yield i, record
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    JaxalignTestInstructions(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    return data_dir
+
+
+def test_tfds_data_source_on_array_record(tfds_dir):
+    data = load_source(SourceSpec("tfds:jaxalign_test_instructions", data_dir=str(tfds_dir)))
+    assert data.format == "alpaca"
+    assert sorted((m[0].content, m[1].content) for m in (e.messages for e in data.examples)) == [
+        (r["instruction"], r["output"]) for r in RECORDS
+    ]
+    assert data.examples[0].origin == "tfds:jaxalign_test_instructions[train] row 0"
+    with pytest.raises(JaxalignError, match=r"tfds:jaxalign_test_instructions \(split 'test'\)"):
+        load_source(SourceSpec("tfds:jaxalign_test_instructions", split="test", data_dir=str(tfds_dir)))
