@@ -212,46 +212,50 @@ class ParamSpec:
     to_hf: Callable[[np.ndarray], np.ndarray]
 
 
+def _same(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def _transpose(x: np.ndarray) -> np.ndarray:
+    return x.T
+
+
 def param_specs(config: LlamaConfig) -> list[ParamSpec]:
-    """The full name/shape mapping between HF tensors and jaxalign params, in file order."""
+    """The full name/shape mapping between HF tensors and jaxalign params, in file order.
+
+    HF linear weights are `[out, in]`; jaxalign kernels are `[in, out...]` with the head axes split out
+    (`q_proj` `[embed, heads, head_dim]`, `o_proj` `[heads, head_dim, embed]`).
+    """
     e, v, m = config.hidden_size, config.vocab_size, config.intermediate_size
     h, kv, d = config.num_heads, config.num_kv_heads, config.head_dim
-
-    def same(x):
-        return x
-
-    def linear(out_shape):
-        """HF `[out, in]` weight <-> jaxalign `[in, *out_shape]` kernel."""
-        return (lambda w: w.T.reshape(-1, *out_shape)), (lambda k: k.reshape(k.shape[0], -1).T)
-
-    def bias(out_shape):
-        return (lambda b: b.reshape(out_shape)), (lambda b: b.reshape(-1))
-
-    o_to_jax = lambda w: w.T.reshape(h, d, e)  # noqa: E731
-    o_to_hf = lambda k: k.reshape(h * d, e).T  # noqa: E731
     layer = "model.layers.{i}."
     specs = [ParamSpec(("model", "embed_tokens", "embedding"), "model.embed_tokens.weight", False, (v, e), (v, e),
-                       same, same)]
-    projections = [("q_proj", h), ("k_proj", kv), ("v_proj", kv)]
-    for name, heads in projections:
-        to_jax, to_hf = linear((heads, d))
-        specs.append(ParamSpec(("self_attn", name, "kernel"), f"{layer}self_attn.{name}.weight", True,
-                               (heads * d, e), (e, heads, d), to_jax, to_hf))
+                       _same, _same)]
+    for name, heads in (("q_proj", h), ("k_proj", kv), ("v_proj", kv)):
+        specs.append(ParamSpec(
+            ("self_attn", name, "kernel"), f"{layer}self_attn.{name}.weight", True, (heads * d, e), (e, heads, d),
+            to_jax=lambda w, heads=heads: w.T.reshape(e, heads, d),
+            to_hf=lambda k, heads=heads: k.reshape(e, heads * d).T,
+        ))
         if config.attention_bias:
-            to_jax, to_hf = bias((heads, d))
-            specs.append(ParamSpec(("self_attn", name, "bias"), f"{layer}self_attn.{name}.bias", True,
-                                   (heads * d,), (heads, d), to_jax, to_hf))
-    specs.append(ParamSpec(("self_attn", "o_proj", "kernel"), f"{layer}self_attn.o_proj.weight", True, (e, h * d),
-                           (h, d, e), o_to_jax, o_to_hf))
-    transpose = lambda w: w.T  # noqa: E731
-    for name, hf_shape in [("gate_proj", (m, e)), ("up_proj", (m, e)), ("down_proj", (e, m))]:
+            specs.append(ParamSpec(
+                ("self_attn", name, "bias"), f"{layer}self_attn.{name}.bias", True, (heads * d,), (heads, d),
+                to_jax=lambda b, heads=heads: b.reshape(heads, d),
+                to_hf=lambda b, heads=heads: b.reshape(heads * d),
+            ))
+    specs.append(ParamSpec(
+        ("self_attn", "o_proj", "kernel"), f"{layer}self_attn.o_proj.weight", True, (e, h * d), (h, d, e),
+        to_jax=lambda w: w.T.reshape(h, d, e),
+        to_hf=lambda k: k.reshape(h * d, e).T,
+    ))
+    for name, hf_shape in (("gate_proj", (m, e)), ("up_proj", (m, e)), ("down_proj", (e, m))):
         specs.append(ParamSpec(("mlp", name, "kernel"), f"{layer}mlp.{name}.weight", True, hf_shape, hf_shape[::-1],
-                               transpose, transpose))
+                               _transpose, _transpose))
     for name in ("input_layernorm", "post_attention_layernorm"):
-        specs.append(ParamSpec((name, "scale"), f"{layer}{name}.weight", True, (e,), (e,), same, same))
-    specs.append(ParamSpec(("model", "norm", "scale"), "model.norm.weight", False, (e,), (e,), same, same))
+        specs.append(ParamSpec((name, "scale"), f"{layer}{name}.weight", True, (e,), (e,), _same, _same))
+    specs.append(ParamSpec(("model", "norm", "scale"), "model.norm.weight", False, (e,), (e,), _same, _same))
     if not config.tie_word_embeddings:
-        specs.append(ParamSpec(("lm_head", "kernel"), "lm_head.weight", False, (v, e), (e, v), transpose, transpose))
+        specs.append(ParamSpec(("lm_head", "kernel"), "lm_head.weight", False, (v, e), (e, v), _transpose, _transpose))
     return specs
 
 

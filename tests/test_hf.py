@@ -11,7 +11,7 @@ import pytest
 import jaxalign
 from jaxalign.errors import JaxalignError
 from jaxalign.hf import config_from_hf, config_to_hf, load_tokenizer
-from jaxalign.models.llama import LlamaConfig
+from jaxalign.models.llama import LlamaConfig, init_cache
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -196,6 +196,18 @@ def test_smollm2_real_weights_match_transformers(smollm2_dir):
               f"max|logit|={np.max(np.abs(reference)):.3f} ratio={diff:.3e}")
         assert diff <= 1e-4
         np.testing.assert_array_equal(ours.argmax(-1), reference.argmax(-1))
+
+    ids = tokenizer(prompts[0], return_tensors="np")["input_ids"]
+    with torch.no_grad():
+        expected = hf_model.generate(torch.tensor(ids), max_new_tokens=6, do_sample=False)[0, ids.shape[1]:].numpy()
+    cache = init_cache(model.config, batch_size=1, max_length=ids.shape[1] + 6)
+    logits, cache = apply({"params": params}, jnp.asarray(ids, jnp.int32), cache=cache)
+    generated = []
+    for _ in range(6):
+        generated.append(int(jnp.argmax(logits[0, -1])))
+        logits, cache = apply({"params": params}, jnp.asarray([[generated[-1]]], jnp.int32), cache=cache)
+    print(f"smollm2 greedy: {tokenizer.decode(generated)!r}")
+    assert generated == expected.tolist()
 
 
 def test_bad_inputs_name_the_file_or_tensor(variant_dirs, tmp_path):
