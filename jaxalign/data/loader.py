@@ -217,6 +217,7 @@ class DataLoader:
         self._shard_epoch, self._shard = None, None
         self._buffer: list[tuple[int, Item]] = []
         self._emitted = 0
+        self._dropped_run = 0
 
     def __iter__(self):
         return self
@@ -279,8 +280,15 @@ class DataLoader:
                     return None
             position, item = self._buffer[0]
             if item.dropped is None:
+                self._dropped_run = 0
                 return item
             self.stats["dropped"] += 1
+            self._dropped_run += 1
+            if self._dropped_run > self._current_shard().size:
+                raise JaxalignError(
+                    f"data.{self.split}: every example is dropped ({item.dropped}, e.g. {self.examples[0].origin}); "
+                    f"seq_len {self.seq_len} may be too short for the template"
+                )
             self._consume()
 
     def _consume(self):

@@ -196,3 +196,9 @@ def test_mixing_kinds_in_one_split_is_an_error(byte_tok):
     config = from_dict(DataConfig, {"train": ["demo:instructions", "demo:preferences"], "template": "alpaca"})
     with pytest.raises(JaxalignError, match="mixes examples of different kinds"):
         DataLoader(config, byte_tok, batch_size=4, seq_len=64)
+
+
+def test_every_example_dropped_is_an_error_not_an_endless_loop(byte_tok, numbered):
+    loader = build_loader(_config(train=str(numbered), system_message="x" * 80), byte_tok, batch_size=2, seq_len=16)
+    with pytest.raises(JaxalignError, match="every example is dropped .*seq_len 16"):
+        next(loader)
