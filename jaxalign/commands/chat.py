@@ -27,10 +27,10 @@ class TextStream:
     reused from turn to turn.
     """
 
-    def __init__(self, tokenizer, stop_ids: tuple[int, ...], out=sys.stdout):
+    def __init__(self, tokenizer, stop_ids: tuple[int, ...], out=None):
         self.tokenizer = tokenizer
         self.stop_ids = set(stop_ids)
-        self.out = out
+        self.out = sys.stdout if out is None else out
         self.tokens: list[int] = []
         self.printed = ""
 

@@ -90,12 +90,7 @@ def load_model(path: Path, dtype: str | None):
 def load_tokenizer(model_path: Path, tokenizer_path: Path | None):
     from jaxalign.hf import load_tokenizer as load
 
-    path = tokenizer_path or model_path
-    if tokenizer_path is None and not (path / "tokenizer_config.json").is_file() and not (
-        path / "tokenizer.json"
-    ).is_file():
-        raise JaxalignError(f"{path} holds no tokenizer; pass --tokenizer FOLDER")
-    return load(path)
+    return load(tokenizer_path or model_path)
 
 
 def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
