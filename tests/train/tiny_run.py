@@ -116,4 +116,6 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # Nothing here needs torch; blocking it keeps tensorboardX from importing it (seconds per subprocess).
+    sys.modules["torch"] = None
     sys.exit(main())
