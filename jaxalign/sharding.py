@@ -112,6 +112,14 @@ def global_batch(local_batch: dict, mesh: Mesh, rules) -> dict:
     return out
 
 
+def add_distributed_arguments(parser) -> None:
+    """`--coordinator`, `--num-processes`, `--process-id` for commands that may run on several hosts."""
+    group = parser.add_argument_group("multi-host (not needed on TPU VMs, which are detected)")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0 (or JAXALIGN_COORDINATOR)")
+    group.add_argument("--num-processes", type=int, help="number of processes (or JAXALIGN_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, help="this process, 0-based (or JAXALIGN_PROCESS_ID)")
+
+
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None) -> bool:
     """Starts `jax.distributed` when several processes take part; returns whether it did.

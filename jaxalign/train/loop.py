@@ -71,7 +71,23 @@ def model_init_fn(model) -> Callable[[jax.Array], Any]:
 
 def plan(config: RunConfig, model, devices=None) -> Layout:
     """Builds the mesh and the state's shardings from config, without allocating anything."""
-    mesh = shd.make_mesh(config.mesh, devices)
+    return _layout(config, model, shd.make_mesh(config.mesh, devices))
+
+
+def memory_report(config: RunConfig, model, device_count: int | None = None) -> str:
+    """Predicted per-device bytes of params + optimiser state for `config.mesh` over `device_count` devices
+    (default: the devices present). Nothing is allocated, so any device count can be planned from one CPU:
+
+        print(memory_report(config, LlamaForCausalLM(LlamaConfig(...)), device_count=256))
+    """
+    shape = shd.mesh_shape(config.mesh, jax.device_count() if device_count is None else device_count)
+    mesh = jax.sharding.AbstractMesh(shape, shd.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    layout = _layout(config, model, mesh)
+    sizes = ", ".join(f"{k}={v}" for k, v in zip(shd.MESH_AXES, shape))
+    return f"mesh {sizes} ({int(np.prod(shape))} devices)\n" + st.memory_report(layout.abstract, layout.shardings)
+
+
+def _layout(config: RunConfig, model, mesh) -> Layout:
     rules = shd.logical_rules(config.mesh)
     tx = make_optimizer(config.optimizer, config.train.steps)
     schedule = make_schedule(config.optimizer, config.train.steps)
@@ -80,13 +96,6 @@ def plan(config: RunConfig, model, devices=None) -> Layout:
     abstract_params = nn.meta.unbox(boxed)
     shardings = st.state_shardings(abstract_params, params_shardings, tx, mesh)
     return Layout(mesh, rules, tx, schedule, shardings, st.abstract_state(abstract_params, tx, shardings))
-
-
-def memory_report(config: RunConfig, model, devices=None) -> str:
-    """Predicted per-device bytes of params + optimiser state for `config.mesh` (no memory is allocated)."""
-    layout = plan(config, model, devices)
-    sizes = ", ".join(f"{k}={v}" for k, v in layout.mesh.shape.items())
-    return f"mesh {sizes} ({layout.mesh.size} devices)\n" + st.memory_report(layout.abstract, layout.shardings)
 
 
 def train(config: RunConfig, model, loss_fn: LossFn, train_data, *,
