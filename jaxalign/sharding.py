@@ -78,21 +78,26 @@ def logical_shardings(logical_specs, mesh: Mesh, rules):
     return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
 
 
-def check_divisible(abstract_tree, shardings, mesh: Mesh) -> None:
-    """Raises a JaxalignError naming the tensor and mesh key when a sharded dimension does not split evenly."""
+def check_divisible(abstract_tree, shardings, mesh: Mesh, logical_specs=None) -> None:
+    """Raises a JaxalignError naming the tensor, its logical axis and the mesh key when a sharded dimension does
+    not split evenly (e.g. mesh.tensor not dividing the number of key/value heads)."""
     paths_and_leaves = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
+    is_spec = lambda x: isinstance(x, PartitionSpec)  # noqa: E731
     flat_shardings = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-    for (path, leaf), sharding in zip(paths_and_leaves, flat_shardings):
-        for dim, axes in zip(leaf.shape, sharding.spec):
+    flat_logical = (jax.tree.leaves(logical_specs, is_leaf=is_spec) if logical_specs is not None
+                    else [None] * len(flat_shardings))
+    for (path, leaf), sharding, logical in zip(paths_and_leaves, flat_shardings, flat_logical):
+        for index, (dim, axes) in enumerate(zip(leaf.shape, sharding.spec)):
             if axes is None:
                 continue
             axes = (axes,) if isinstance(axes, str) else tuple(axes)
             parts = math.prod(mesh.shape[a] for a in axes)
             if dim % parts:
-                keys = ", ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
+                keys = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
+                name = f" ({logical[index]})" if logical is not None and index < len(logical) else ""
                 raise JaxalignError(
-                    f"tensor {jax.tree_util.keystr(path)} of shape {tuple(leaf.shape)}: dimension {dim} cannot be "
-                    f"split over {keys}; choose sizes that divide it or change mesh.rules"
+                    f"tensor {jax.tree_util.keystr(path)} of shape {tuple(leaf.shape)}: axis {index}{name} has size "
+                    f"{dim}, which {keys} does not divide; choose mesh sizes that divide it or change mesh.rules"
                 )
 
 

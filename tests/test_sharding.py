@@ -48,9 +48,8 @@ def test_rules_override_defaults():
 
 def test_tensor_size_not_dividing_heads_is_an_error_naming_mesh_tensor():
     config = RunConfig(mesh=MeshConfig(data=1, fsdp=1, tensor=8), train=TrainConfig(batch_size=8))
-    with pytest.raises(JaxalignError, match=r"heads|kv_proj|k_proj|q_proj") as err:
+    with pytest.raises(JaxalignError, match=r"axis 2 \(kv_heads\) has size 2, which mesh.tensor=8 does not divide"):
         plan(config, LlamaForCausalLM(LlamaConfig.tiny()))
-    assert "mesh.tensor=8" in str(err.value)
 
 
 def test_global_batch_from_process_local_rows():
@@ -70,8 +69,8 @@ def test_memory_report_plans_a_mesh_larger_than_this_machine():
     report = memory_report(config, model, device_count=256)
     n_params = 6_738_415_616
     assert "fsdp=256" in report and f"parameters: {n_params:,}" in report
-    per_device = 3 * 4 * n_params / 256 / 2**30
-    assert f"together {per_device:.3f} GiB" in report
+    per_device = 3 * 4 * n_params / 256 / 2**20
+    assert f"together {per_device:.2f} MiB" in report
 
 
 def test_distributed_flags_and_environment(monkeypatch):

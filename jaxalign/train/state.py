@@ -28,7 +28,7 @@ def param_shardings(abstract_boxed_params, mesh: Mesh, rules):
     parameters without names are replicated."""
     logical = nn.get_partition_spec(abstract_boxed_params)
     shardings = shd.logical_shardings(logical, mesh, rules)
-    shd.check_divisible(nn.meta.unbox(abstract_boxed_params), shardings, mesh)
+    shd.check_divisible(nn.meta.unbox(abstract_boxed_params), shardings, mesh, logical)
     return shardings
 
 
@@ -126,13 +126,16 @@ def memory_report(abstract: TrainState, shardings: TrainState) -> str:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     return (
         f"parameters: {n_params:,}\n"
-        f"per device: params {_gib(params)}, optimizer state {_gib(opt)}, together {_gib(params + opt)}\n"
-        f"all devices together: {_gib(total)} (activations and temporaries come on top)"
+        f"per device: params {_human_bytes(params)}, optimizer state {_human_bytes(opt)}, together {_human_bytes(params + opt)}\n"
+        f"all devices together: {_human_bytes(total)} (activations and temporaries come on top)"
     )
 
 
-def _gib(nbytes: int) -> str:
-    return f"{nbytes / 2**30:.3f} GiB"
+def _human_bytes(nbytes: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= size:
+            return f"{nbytes / size:.2f} {unit}"
+    return f"{nbytes} B"
 
 
 def _path_names(path) -> tuple:
