@@ -18,7 +18,8 @@ CONTEXT = 96
 
 @pytest.fixture(scope="module")
 def model_dir(smollm2_dir, tmp_path_factory):
-    """A tiny random LLaMA with SmolLM2's tokenizer (and chat template), saved as a Hugging Face folder."""
+    """A tiny random LLaMA (weights large enough that replies depend on the prompt) with SmolLM2's tokenizer and
+    chat template, saved as a Hugging Face folder."""
     folder = tmp_path_factory.mktemp("tiny_chat_model")
     tokenizer = load_tokenizer(smollm2_dir)
     config = transformers.LlamaConfig(
@@ -27,7 +28,12 @@ def model_dir(smollm2_dir, tmp_path_factory):
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.normal_(0.0, 0.2)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
