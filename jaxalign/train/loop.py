@@ -18,8 +18,9 @@
 - `eval_derived(line) -> dict` (optional): metrics computed from a finished eval line and added to it (SFT derives
   `eval_perplexity` from `eval_loss`, a quantity that is not a ratio of sums).
 
-Writes OUTPUT_DIR/metrics.jsonl (one JSON object per line with `step`; training lines `loss`, `grad_norm`, `lr`,
-`tokens_per_s` and the aux means; eval lines `eval_loss`, `eval_<aux>`) and OUTPUT_DIR/tensorboard. Checkpoints go
+Writes OUTPUT_DIR/metrics.jsonl (one JSON object per line with `step`; training lines every `train.log_every` steps
+with `loss`, `grad_norm` and the aux means averaged over the steps since the previous line, `lr` and `tokens_per_s`;
+eval lines `eval_loss`, `eval_<aux>`) and OUTPUT_DIR/tensorboard. Checkpoints go
 to OUTPUT_DIR/checkpoints every `checkpoint.every` steps and at the end; rerunning the same command resumes from the
 latest complete one. SIGTERM / Ctrl-C finish the current step, save, and return normally; a NaN or inf loss or
 gradient norm raises `JaxalignError` naming the step before anything from that step is saved.
@@ -156,12 +157,13 @@ def _run(config, layout: Layout, model, loss_fn, train_data, init_params, eval_d
             progress.update(1)
             checkpoint_due = config.checkpoint.every and step % config.checkpoint.every == 0
             stopping = stop.requested()
-            if step % config.train.log_every == 0 or step == total or checkpoint_due or stopping:
-                line = window.flush(time.perf_counter())
-                if step % config.train.log_every == 0 or step == total:
-                    logger.write(line)
-                    progress.set_postfix(loss=f"{line['loss']:.4f}")
+            if step % config.train.log_every == 0 or step == total or stopping:
+                line = window.line(time.perf_counter())
+                logger.write(line)
+                progress.set_postfix(loss=f"{line['loss']:.4f}")
                 window = _Window(time.perf_counter())
+            elif checkpoint_due:
+                window.check_finite()
             if config.train.eval_every and eval_data is not None and step % config.train.eval_every == 0:
                 eval_line = _evaluate(config, layout, eval_fn, state, eval_data, step)
                 logger.write({**eval_line, **eval_derived(eval_line)} if eval_derived else eval_line)
@@ -224,33 +226,44 @@ def _token_count(batch: dict) -> int:
 
 
 class _Window:
-    """Per-step metrics since the last flush, kept on device until needed (no host sync every step)."""
+    """Per-step metrics since the last log line, kept on device until a check or a log line needs them (no host
+    sync every step)."""
 
     def __init__(self, started: float):
         self.started = started
-        self.entries: list[tuple[int, dict]] = []
+        self.steps: list[int] = []
+        self.pending: list[dict] = []
+        self.fetched: list[dict] = []
         self.tokens = 0
 
     def add(self, step: int, metrics: dict, tokens: int) -> None:
-        self.entries.append((step, metrics))
+        self.steps.append(step)
+        self.pending.append(metrics)
         self.tokens += tokens
 
-    def flush(self, now: float) -> dict:
-        """Checks every step for NaN / inf and returns the window's log line (means; `lr` of the last step)."""
-        values = jax.device_get([m for _, m in self.entries])
-        for (step, _), metrics in zip(self.entries, values):
+    def check_finite(self) -> None:
+        """Raises naming the first step whose loss or gradient norm is NaN or inf."""
+        values = jax.device_get(self.pending)
+        first = len(self.fetched)
+        self.fetched.extend(values)
+        self.pending = []
+        for step, metrics in zip(self.steps[first:], values):
             for key in ("loss", "grad_norm"):
                 if not math.isfinite(float(metrics[key])):
                     raise JaxalignError(
                         f"step {step}: {key} is {float(metrics[key])}; stopping without saving this state (the last "
                         f"good checkpoint is kept). Lower optimizer.lr, check the data, or enable optimizer.clip"
                     )
-        line = {"step": self.entries[-1][0]}
-        for key in values[-1]:
+
+    def line(self, now: float) -> dict:
+        """The log line: means over the window (`lr` of the last step) and the token throughput."""
+        self.check_finite()
+        line = {"step": self.steps[-1]}
+        for key in self.fetched[-1]:
             if key == "lr":
-                line[key] = float(values[-1][key])
+                line[key] = float(self.fetched[-1][key])
             else:
-                line[key] = float(np.mean([float(m[key]) for m in values]))
+                line[key] = float(np.mean([float(m[key]) for m in self.fetched]))
         line["tokens_per_s"] = self.tokens / max(now - self.started, 1e-9)
         return line
 

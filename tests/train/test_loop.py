@@ -159,3 +159,37 @@ def test_resume_on_a_different_mesh(driver, reference, tmp_path):
     for step in range(3, STEPS + 1):
         expected = reference[1][step]["loss"]
         assert abs(lines[step]["loss"] - expected) <= 1e-5 * abs(expected), step
+
+
+def test_eval_every_logs_eval_loss_of_the_current_params(tmp_path):
+    """In-process: eval lines every train.eval_every steps, equal to the loss recomputed from the final params."""
+    import itertools
+
+    import jax
+
+    from jaxalign.config import RunConfig, apply_overrides, from_dict
+    from jaxalign.objectives.sft import make_loss_fn
+    from jaxalign.train.loop import train
+    from tests.train.tiny_run import TINY_OVERRIDES, SyntheticTokens, tiny_model
+
+    overrides = TINY_OVERRIDES + ["train.steps=4", "train.eval_every=2", "train.eval_batches=2",
+                                  "train.grad_accum=2", "checkpoint.every=0"]
+    config = from_dict(RunConfig, apply_overrides({"output_dir": str(tmp_path)}, overrides))
+    model = tiny_model()
+    loss_fn = make_loss_fn(model)
+
+    def eval_data():
+        return itertools.islice(SyntheticTokens(8, 16, model.config.vocab_size, seed=99), 5)
+
+    state = train(config, model, loss_fn, SyntheticTokens(8, 16, model.config.vocab_size), eval_data=eval_data)
+    assert int(state.step) == 4
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [line for line in lines if "eval_loss" in line]
+    assert [line["step"] for line in evals] == [2, 4]
+    assert set(evals[0]) == {"step", "eval_loss", "eval_correct"}
+    eval_loss = jax.jit(lambda params, batch: loss_fn(params, batch, None))
+    sums = [eval_loss(state.params, batch) for batch in itertools.islice(eval_data(), 2)]
+    expected = sum(float(s) for s, _ in sums) / sum(float(aux["weight"]) for _, aux in sums)
+    assert evals[-1]["eval_loss"] == pytest.approx(expected, rel=1e-5)
+    assert checkpoint_steps(tmp_path) == [4]
+    assert jax.tree.leaves(state.params)[0].sharding.mesh.shape["fsdp"] == 8
