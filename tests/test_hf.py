@@ -50,14 +50,25 @@ VARIANTS = {
         },
         24,
     ),
-    "linear_rope": ("LlamaConfig", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}, 24),
+    "linear_rope": (
+        "LlamaConfig",
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}},
+        24,
+    ),
     "dynamic_rope_beyond_max_positions": (
         "LlamaConfig",
-        {"max_position_embeddings": 16, "rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}},
+        {
+            "max_position_embeddings": 16,
+            "rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+        },
         40,
     ),
     "sliding_window_mistral": ("MistralConfig", {"sliding_window": 6}, 24),
-    "sliding_window_qwen2": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0}, 24),
+    "sliding_window_qwen2": (
+        "Qwen2Config",
+        {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 0},
+        24,
+    ),
     "separate_head_dim": ("LlamaConfig", {"head_dim": 24}, 24),
 }
 
@@ -100,8 +111,8 @@ def test_logits_match_transformers(variant, variant_dirs):
     model, params = jaxalign.load_pretrained(folder)
     ours = np.asarray(model.apply({"params": params}, jnp.asarray(ids, jnp.int32)))
     diff = relative_diff(reference, ours)
-    print(f"parity {variant}: max|diff|={np.max(np.abs(reference - ours)):.3e} max|logit|={np.max(np.abs(reference)):.3f}"
-          f" ratio={diff:.3e}")
+    print(f"parity {variant}: max|diff|={np.max(np.abs(reference - ours)):.3e} "
+          f"max|logit|={np.max(np.abs(reference)):.3f} ratio={diff:.3e}")
     assert ours.shape == reference.shape
     assert diff <= 1e-4
 
@@ -236,7 +247,8 @@ def test_bad_inputs_name_the_file_or_tensor(variant_dirs, tmp_path):
 
     wrong = copy("wrong_shape")
     save_file({**tensors, "model.norm.weight": np.ones(63, np.float32)}, wrong / "model.safetensors")
-    with pytest.raises(JaxalignError, match=r"model.safetensors: tensor 'model.norm.weight' has shape \[63\], expected \[64\]"):
+    shape_error = r"model.safetensors: tensor 'model.norm.weight' has shape \[63\], expected \[64\]"
+    with pytest.raises(JaxalignError, match=shape_error):
         jaxalign.load_pretrained(wrong)
 
     pickled = copy("pickled")

@@ -56,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
         save_pretrained(model, params, dst)
         direction = "jaxalign checkpoint -> Hugging Face folder"
     else:
-        raise JaxalignError(f"{src}: neither an HF folder (config.json) nor a jaxalign checkpoint (jaxalign_model.json)")
+        raise JaxalignError(
+            f"{src}: neither an HF folder (config.json) nor a jaxalign checkpoint (jaxalign_model.json)"
+        )
     copied = copy_tokenizer_files(src, dst)
     print(f"{direction}: wrote {dst} ({model.config.num_layers} layers, params {model.config.param_dtype}"
           f"{', tokenizer files copied' if copied else ''})", file=sys.stderr)

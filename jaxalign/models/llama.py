@@ -347,6 +347,21 @@ class DecoderLayer(nn.Module):
         return hidden, new_kv
 
 
+def _check_cache_room(cache: dict, length: int) -> None:
+    """Writing past the end would silently overwrite earlier slots (XLA clamps the update), so refuse it whenever
+    the write position is known (always outside jit)."""
+    max_length = cache["segment_ids"].shape[1]
+    try:
+        end = int(cache["index"]) + length
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        end = length
+    if end > max_length:
+        raise JaxalignError(
+            f"KV cache: writing {length} tokens at slot {end - length} needs {end} slots, the cache has "
+            f"{max_length}; make init_cache(max_length=...) larger"
+        )
+
+
 def _layer_class(config: LlamaConfig):
     if config.remat == "none":
         return DecoderLayer
@@ -377,6 +392,7 @@ class LlamaModel(nn.Module):
             layer_cache = None
             new_cache = None
         else:
+            _check_cache_room(cache, length)
             cache_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, start, axis=1)
             cache_positions = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, start, axis=1)
             key_slots = jnp.arange(cache_segments.shape[1], dtype=jnp.int32)

@@ -44,6 +44,8 @@ def test_cache_decode_matches_full_forward(tiny):
     assert int(cache["index"]) == 12
     assert cache["k"].shape == (config.num_layers, 2, 16, config.num_kv_heads, config.head_dim)
     np.testing.assert_allclose(decoded, full, atol=1e-5, rtol=0)
+    with pytest.raises(JaxalignError, match="needs 17 slots, the cache has 16"):
+        model.apply({"params": params}, ids[:, :5], cache=cache)
 
 
 def test_packed_row_equals_separate_rows(tiny):
@@ -125,7 +127,8 @@ def test_sharded_forward_equals_unsharded():
              ("vocab", "tensor"))
     shardings = nn.logical_to_mesh_sharding(logical_axes(model), mesh, rules)
     sharded = jax.device_put(params, shardings)
-    assert sharded["model"]["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    q_kernel = sharded["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q_kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(sharded, ids)
