@@ -3,7 +3,7 @@
 Layout: OUTPUT_DIR/checkpoints/<step>/{state, data} — `state` holds the sharded TrainState, `data` a JSON object
 with one loader state per process. Orbax writes each step into a temporary folder and renames it when complete,
 so an interrupted save never looks finished; a step whose files were damaged afterwards fails to restore and is
-skipped (moved to OUTPUT_DIR/corrupt_checkpoints/) in favour of the previous one.
+skipped (moved to OUTPUT_DIR/corrupt_checkpoints/) in favour of the previous one that restores.
 """
 
 import json
@@ -15,6 +15,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+
+from jaxalign.errors import JaxalignError
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +42,11 @@ class Checkpointer:
     def restore_latest(self, abstract_state):
         """(step, state, data_state) from the newest checkpoint that restores; None when there is none.
 
-        `abstract_state` carries the target shardings, so a checkpoint saved on one mesh loads onto another.
+        `abstract_state` carries the target shardings, so a checkpoint saved on one mesh loads onto another. Steps
+        newer than the restored one that failed are set aside with a warning. When no step restores (typically a
+        changed model or optimizer config), nothing is moved and a JaxalignError says so.
         """
+        failed = []
         for step in reversed(self.steps()):
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -53,11 +58,21 @@ class Checkpointer:
                 if len(data) != jax.process_count() or key not in data:
                     raise ValueError(f"it holds data positions of {len(data)} processes, this run has "
                                      f"{jax.process_count()}")
-                return step, restored["state"], data[key]
-            except Exception as err:  # noqa: BLE001 - any failure to read a step means: fall back to the previous
-                logger.warning("checkpoint step %d in %s cannot be restored (%s: %s); trying the previous one",
-                               step, self.directory, type(err).__name__, str(err).splitlines()[0][:300])
-                self._set_aside(step)
+            except Exception as err:  # noqa: BLE001 - any failure to read a step means: try the previous one
+                reason = f"{type(err).__name__}: {str(err).splitlines()[0][:300] if str(err) else ''}"
+                logger.warning("checkpoint step %d in %s cannot be restored (%s); trying the previous one",
+                               step, self.directory, reason)
+                failed.append((step, reason))
+                continue
+            for bad_step, _ in failed:
+                self._set_aside(bad_step)
+            return step, restored["state"], data[key]
+        if failed:
+            step, reason = failed[0]
+            raise JaxalignError(
+                f"no checkpoint in {self.directory} can be restored (newest, step {step}: {reason}). If the model, "
+                f"optimizer or number of processes changed, use a new output_dir"
+            )
         return None
 
     def wait(self) -> None:
