@@ -157,7 +157,8 @@ def hf_model_type(config: LlamaConfig) -> str:
 
 
 def config_to_hf(config: LlamaConfig) -> dict:
-    """A transformers 5 `config.json` dict for `config` (rope in `rope_parameters`)."""
+    """A `config.json` dict for `config`: rope in transformers 5 `rope_parameters`, repeated as the older
+    `rope_theta` / `rope_scaling` keys so readers built on earlier transformers get the same frequencies."""
     model_type = hf_model_type(config)
     rope_parameters = {"rope_theta": config.rope_theta, "rope_type": "default"}
     if config.rope_scaling:
@@ -174,6 +175,8 @@ def config_to_hf(config: LlamaConfig) -> dict:
         "head_dim": config.head_dim,
         "max_position_embeddings": config.max_position_embeddings,
         "rope_parameters": rope_parameters,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": dict(config.rope_scaling) if config.rope_scaling else None,
         "rms_norm_eps": config.rms_norm_eps,
         "tie_word_embeddings": config.tie_word_embeddings,
         "hidden_act": "silu",

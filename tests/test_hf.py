@@ -127,6 +127,7 @@ def test_config_maps_both_rope_styles():
     assert config_from_hf({**TINY, "model_type": "llama"}).rope_scaling is None
     back = config_to_hf(config_from_hf(new_style))
     assert back["rope_parameters"] == new_style["rope_parameters"]
+    assert back["rope_theta"] == 5e5 and back["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
     assert config_from_hf(back) == config_from_hf(new_style)
 
 
@@ -141,6 +142,15 @@ def test_export_reloads_in_transformers_bit_identical(variant, variant_dirs, tmp
     for name, tensor in reloaded.state_dict().items():
         assert torch.equal(tensor, original[name]), name
     assert set(reloaded.state_dict()) == set(original)
+    def head_dim(config):
+        return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+    assert head_dim(reloaded.config) == head_dim(hf_model.config)
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "rope_parameters", "rms_norm_eps", "tie_word_embeddings",
+            "sliding_window", "max_position_embeddings", "layer_types")
+    for key in keys:
+        assert getattr(reloaded.config, key, None) == getattr(hf_model.config, key, None), key
     reexported, params_again = jaxalign.load_pretrained(tmp_path / "out", scan_layers=variant != "gqa")
     assert reexported.config == model.config
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, params_again)
