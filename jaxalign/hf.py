@@ -369,7 +369,10 @@ def read_hf_config(path: str | Path) -> dict:
     if not folder.is_dir():
         raise JaxalignError(f"{folder}: not a directory (expected a Hugging Face model folder)")
     if not config_path.is_file():
-        raise JaxalignError(f"{config_path}: missing; a Hugging Face model folder needs config.json")
+        hint = ""
+        if (folder / "jaxalign_model.json").is_file():
+            hint = " (this is a jaxalign model checkpoint: use jaxalign.models.checkpoint.load_model_checkpoint)"
+        raise JaxalignError(f"{config_path}: missing; a Hugging Face model folder needs config.json{hint}")
     try:
         return json.loads(config_path.read_text())
     except json.JSONDecodeError as err:

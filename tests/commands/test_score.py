@@ -63,6 +63,14 @@ def test_scores_match_transformers_in_input_order(hf_folder, tmp_path, capsys):
         assert result["perplexity"] == pytest.approx(math.exp(-expected / (len(ids) - 1)), rel=1e-4)
     assert "scored 7 texts, 83 predicted tokens" in capsys.readouterr().err
 
+    checkpoint = tmp_path / "checkpoint"
+    assert main(["convert", str(folder), str(checkpoint)]) == 0
+    assert main(["score", "--model", str(checkpoint), "--data", str(data), "--batch-size", "4"]) == 0
+    from_checkpoint = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for ours, again in zip(results, from_checkpoint):
+        assert again["num_tokens"] == ours["num_tokens"]
+        assert again["logprob"] == pytest.approx(ours["logprob"], rel=1e-5, abs=1e-5)
+
 
 def test_bad_lines_and_too_long_texts_are_reported(hf_folder, tmp_path, capsys):
     folder, _ = hf_folder
