@@ -49,7 +49,7 @@ def tokenize_segments(segment_lists: list[list[Segment]], encoder: SegmentEncode
     for e, segments in enumerate(segment_lists):
         ids, response, turn = [], [], []
         for s, segment in enumerate(segments):
-            seg_ids = [_special_id(encoder.tokenizer, segment.text)] if segment.special else pieces[e][s]
+            seg_ids = [encoder.special_id(segment.text)] if segment.special else pieces[e][s]
             ids.extend(seg_ids)
             response.extend([segment.response] * len(seg_ids))
             turn.extend([segment.turn] * len(seg_ids))
@@ -57,16 +57,6 @@ def tokenize_segments(segment_lists: list[list[Segment]], encoder: SegmentEncode
             Tokens(np.asarray(ids, np.int32), np.asarray(response, bool), np.asarray(turn, np.int32).reshape(-1))
         )
     return out
-
-
-def _special_id(tokenizer, token: str) -> int:
-    vocab = tokenizer.get_vocab()
-    if token not in vocab:
-        raise JaxalignError(
-            f"token {token!r} is not in the tokenizer's vocabulary; list it in config key 'data.added_tokens' "
-            "(or data.eot_token / data.pad_token) so it is added and the embeddings resized"
-        )
-    return vocab[token]
 
 
 def trained_flags(tokens: Tokens, mode: str) -> np.ndarray:

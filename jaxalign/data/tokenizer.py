@@ -107,6 +107,19 @@ class SegmentEncoder:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._start = backend
         self._continuation = _without_prefix_space(backend) if backend is not None else None
+        self._special_ids: dict[str, int] = {}
+
+    def special_id(self, token: str) -> int:
+        """The id of special token string `token`; an error naming the config keys when it is not in the vocab."""
+        if token not in self._special_ids:
+            vocab = self.tokenizer.get_vocab()
+            if token not in vocab:
+                raise JaxalignError(
+                    f"token {token!r} is not in the tokenizer's vocabulary; list it in config key 'data.added_tokens' "
+                    "(or data.eot_token / data.pad_token) so it is added and the embeddings resized"
+                )
+            self._special_ids[token] = vocab[token]
+        return self._special_ids[token]
 
     def encode(self, texts: list[str], contexts: list[str]) -> list[list[int]]:
         if self._start is None:
