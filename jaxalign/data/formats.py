@@ -178,7 +178,8 @@ def _messages(items, name: str, origin: str, role_key: str, content_key: str) ->
                 f"{', '.join(sorted(ROLE_ALIASES))}"
             )
         if not isinstance(content, str):
-            raise JaxalignError(f"{origin}: field '{where}.{content_key}' must be a string, got {type(content).__name__}")
+            kind = type(content).__name__
+            raise JaxalignError(f"{origin}: field '{where}.{content_key}' must be a string, got {kind}")
         messages.append(Message(ROLE_ALIASES[role.lower()], content))
     return messages
 

@@ -253,7 +253,8 @@ class DataLoader:
     def _assemble(self, rows: list[list[Item]]) -> dict[str, np.ndarray]:
         pad = self.preprocessor.pad_id
         if self.kind == "lm":
-            batch = packing.lm_batch([[(i.parts[0].ids, i.parts[0].trained) for i in r] for r in rows], self.seq_len, pad)
+            examples = [[(i.parts[0].ids, i.parts[0].trained) for i in r] for r in rows]
+            batch = packing.lm_batch(examples, self.seq_len, pad)
             real = batch["segment_ids"] > 0
         elif self.kind == "preference":
             pairs = [
@@ -323,7 +324,8 @@ class DataLoader:
     def _count_eval_batches(self) -> int:
         """Batches of the process with the largest share, so all processes run the same number of eval steps."""
         items = self.preprocessor.process(self.examples)
-        return max(_pass_stats([items[i] for i in self.shard(0, p)], self)["batches"] for p in range(self.process_count))
+        shares = [[items[i] for i in self.shard(0, p)] for p in range(self.process_count)]
+        return max(_pass_stats(share, self)["batches"] for share in shares)
 
     def pass_stats(self, epoch: int = 0, limit: int | None = None) -> dict:
         """Counts over this process's share of `epoch` (at most `limit` examples), without moving the loader."""

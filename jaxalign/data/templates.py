@@ -4,24 +4,24 @@ Built-ins reproduce the recipes (`RECIPES.md`) exactly; `render_text` joins the 
 Special tokens (bos, eos, LIMA's end-of-turn) are their own segments and become exactly one token id. Segment
 boundaries sit before a space, after a newline or at a special token (see `tokenizer.py` for why).
 
-| template | shape (one user turn u, one answer a; `⟨eos⟩` is the tokenizer's eos token) |
+| template | shape (user turns u, answers a; ⟨eos⟩ the tokenizer's eos; ⟨s⟩ `<|im_start|>`, ⟨e⟩ `<|im_end|>`) |
 |---|---|
 | alpaca | ⟨bos⟩{preamble}\\n\\n### Instruction:\\n{u}\\n\\n[### Input:\\n{input}\\n\\n]### Response:\\n{a}⟨eos⟩ |
 | dolly | ⟨bos⟩{preamble}\\n### Instruction:\\n{u}[\\n{context}]\\n### Response:\\n{a}⟨eos⟩ |
 | vicuna_v1.1 | ⟨bos⟩{system} USER: {u} ASSISTANT: {a}⟨eos⟩USER: ... |
 | koala | ⟨bos⟩BEGINNING OF CONVERSATION: USER: {u} GPT:{a}⟨eos⟩USER: ... |
 | llama2_chat | ⟨bos⟩[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{u} [/INST] {a} ⟨eos⟩⟨bos⟩[INST] {u2} [/INST] ... |
-| chatml | ⟨bos⟩<\\|im_start\\|>system\\n{system}<\\|im_end\\|>\\n<\\|im_start\\|>user\\n{u}<\\|im_end\\|>\\n<\\|im_start\\|>assistant\\n{a}<\\|im_end\\|>\\n |
+| chatml | ⟨bos⟩[⟨s⟩system\\n{system}⟨e⟩\\n]⟨s⟩user\\n{u}⟨e⟩\\n⟨s⟩assistant\\n{a}⟨e⟩\\n |
 | orca | ⟨bos⟩### System:\\n{system}\\n\\n### User:\\n{u}\\n\\n### Response:\\n{a}⟨eos⟩\\n\\n### User:\\n... |
 | lima | ⟨bos⟩[{system}⟨eot⟩]{u}⟨eot⟩{a}⟨eot⟩{u2}⟨eot⟩... |
-| gpt4all | ⟨bos⟩{u}\\n{a}⟨eos⟩ |
+| gpt4all | ⟨bos⟩[{system}\\n]{u}\\n{a}⟨eos⟩{u2}\\n... |
 | plain | ⟨bos⟩[{system}\\n\\n]{u}\\n\\n{a}⟨eos⟩{u2}\\n\\n... |
 
 The response segments are `{a}` with the text the recipe glues to it (vicuna " {a}", llama2 " {a} ") and the end
 token (eos, chatml's `<|im_end|>`, lima's eot); everything else is prompt. ⟨bos⟩ appears when the tokenizer has a
 bos token and `data.add_bos` is on. The orca layout is the one of the public Orca reproductions (the paper does
-not publish a string); gpt4all and plain ignore / prepend a system message as shown. Chat templates without an
-input slot show alpaca's `input` / dolly's `context` after the instruction, separated by a blank line.
+not publish a string); gpt4all and plain put a system message first, as shown. Chat templates without an input
+slot show alpaca's `input` / dolly's `context` after the instruction, separated by a blank line.
 
 `tokenizer` renders with the tokenizer's own `chat_template` (transformers `apply_chat_template`): a message's text
 is the difference between rendering the dialogue up to it and up to the message before; an assistant message's
@@ -34,7 +34,9 @@ from dataclasses import dataclass
 from jaxalign.data.formats import Conversation, Message, PreferencePair, Prompt, Text
 from jaxalign.errors import JaxalignError
 
-ALPACA_SYSTEM = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+ALPACA_SYSTEM = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
 ALPACA_INPUT_SYSTEM = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request."

@@ -28,7 +28,8 @@ def sp_tokenizer_dir() -> Path:
     downloads = CACHE_DIR / "downloads" / "mistral-common"
     downloads.mkdir(parents=True, exist_ok=True)
     if not list(downloads.glob("*.whl")):
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(downloads), "mistral-common==1.13.1"]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(downloads)]
+        cmd.append("mistral-common==1.13.1")
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0 or not list(downloads.glob("*.whl")):
             pytest.skip(f"could not download mistral-common: {result.stderr.strip()[-300:]}")

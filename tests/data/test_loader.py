@@ -100,7 +100,8 @@ def test_mixture_weights(byte_tok, tmp_path):
         order = loader.epoch_order(epoch)
         counts = np.bincount(order, minlength=30)
         assert (counts[:10] == 2).all() and counts[10:].sum() == 10 and counts[10:].max() == 1
-    assert set(loader.epoch_order(0)[loader.epoch_order(0) >= 10]) != set(loader.epoch_order(1)[loader.epoch_order(1) >= 10])
+    drawn = [set(order[order >= 10]) for order in (loader.epoch_order(0), loader.epoch_order(1))]
+    assert drawn[0] != drawn[1]
 
 
 def test_eval_fraction_splits_disjointly(byte_tok, numbered):

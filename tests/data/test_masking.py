@@ -43,7 +43,8 @@ def _trained_text(byte_tok, tokens, flags) -> list[str]:
 
 
 def test_tokens_are_one_per_character_and_special(byte_tok, lima_tokens):
-    assert byte_tok.decode(lima_tokens.ids.tolist()) == "<s>S<|eot|>u1<|eot|>a1<|eot|>u2<|eot|>a2<|eot|>u3<|eot|>a3<|eot|>"
+    expected = "<s>S<|eot|>u1<|eot|>a1<|eot|>u2<|eot|>a2<|eot|>u3<|eot|>a3<|eot|>"
+    assert byte_tok.decode(lima_tokens.ids.tolist()) == expected
     assert lima_tokens.ids.size == 1 + 2 + 3 * 6
 
 
