@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 
 from jaxalign.data.formats import Conversation, Message, PreferencePair, Prompt, Text
@@ -275,3 +276,44 @@ def test_byte_tokenizer_chat_template(byte_tok):
 def test_tokenizer_template_without_chat_template_is_an_error(sp_tok):
     with pytest.raises(JaxalignError, match="no chat_template"):
         render(TWO_TURNS, "tokenizer", _tokens_for(sp_tok), tokenizer=sp_tok)
+
+
+@pytest.fixture(scope="module")
+def smol_with_eot(smol_tok):
+    from jaxalign.data import load_tokenizer
+
+    tok = load_tokenizer(smol_tok.name_or_path)
+    tok.add_special_tokens({"additional_special_tokens": ["<|eot|>"]})
+    return tok, SegmentEncoder(tok)
+
+
+def _spans(segments) -> list[str]:
+    """Texts of the maximal runs of consecutive response segments."""
+    spans, current = [], ""
+    for segment in segments:
+        if segment.response:
+            current += segment.text
+        elif current:
+            spans.append(current)
+            current = ""
+    return spans + ([current] if current else [])
+
+
+@pytest.mark.parametrize("template, conversation, expected, responses", PINNED)
+def test_trained_token_runs_decode_to_exactly_the_response_spans(smol_with_eot, template, conversation, expected,
+                                                                 responses):
+    tok, encoder = smol_with_eot
+    segments = render(conversation, template, SpecialTokens(bos="<|im_start|>", eos="<|im_end|>", eot="<|eot|>"))
+    tokens = tokenize_segments([segments], encoder)[0]
+    runs, start = [], None
+    for j, flag in enumerate(list(tokens.response) + [False]):
+        if flag and start is None:
+            start = j
+        elif not flag and start is not None:
+            runs.append(tok.decode(tokens.ids[start:j].tolist()))
+            start = None
+    assert runs == _spans(segments)
+    first = int(np.argmax(tokens.response))
+    assert tok.decode(tokens.ids[:first].tolist()) == "".join(
+        s.text for s in segments[: next(i for i, s in enumerate(segments) if s.response)]
+    )
