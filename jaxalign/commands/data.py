@@ -57,15 +57,17 @@ def run(args) -> int:
         print(f"source {source.spec.path}: format {source.format}, {len(source.examples)} records")
     order = loader.shard(0)[: args.num_examples]
     items = loader.preprocessor.process([loader.examples[i] for i in order])
-    for index, item in zip(order, items):
+    for index, example_items in zip(order, items):
         example = loader.examples[index]
-        status = f"dropped: {item.dropped}" if item.dropped else ("truncated" if item.truncated else "")
-        print(f"\n--- {example.origin} {status}".rstrip())
-        names = ("chosen", "rejected") if len(item.parts) == 2 else ("",)
-        for name, part in zip(names, item.parts):
-            if name:
-                print(f"[{name}]")
-            print(render_marked(tokenizer, part.ids, part.trained, color))
+        for block, item in enumerate(example_items):
+            status = f"dropped: {item.dropped}" if item.dropped else ("truncated" if item.truncated else "")
+            label = f" block {block + 1}/{len(example_items)}" if len(example_items) > 1 else ""
+            print(f"\n--- {example.origin}{label} {status}".rstrip())
+            names = ("chosen", "rejected") if len(item.parts) == 2 else ("",)
+            for name, part in zip(names, item.parts):
+                if name:
+                    print(f"[{name}]")
+                print(render_marked(tokenizer, part.ids, part.trained, color))
     stats = loader.pass_stats(0, args.limit)
     print("\ncounts (one epoch" + (f", first {args.limit} examples" if args.limit else "") + "):")
     for key in ("examples", "tokens", "trained_tokens", "truncated", "dropped", "rows", "batches"):

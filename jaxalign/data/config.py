@@ -62,11 +62,12 @@ class TruncationConfig:
 
     `max_prompt_fraction`: the prompt (tokens before the first trained token) keeps at most this fraction of
     `seq_len`, cut from its end (GPT4All: 0.5). `overlong`: `truncate` cuts the end of an example that does not
-    fit, `drop` drops it. Examples left with no trained token are dropped and counted either way.
+    fit, `drop` drops it, `split` cuts it into consecutive `seq_len` blocks, each its own example (Vicuna's long
+    chats; preference pairs are truncated instead). Examples left with no trained token are dropped and counted.
     """
 
     max_prompt_fraction: Optional[float] = None
-    overlong: Literal["truncate", "drop"] = "truncate"
+    overlong: Literal["truncate", "drop", "split"] = "truncate"
 
     def __post_init__(self):
         fraction = self.max_prompt_fraction

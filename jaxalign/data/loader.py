@@ -7,8 +7,10 @@ tokenised as they are reached (in chunks, batched through the tokenizer), cut to
 and placed into fixed-shape rows: one per row, or packed first-come (`data.pack`). Train loaders run forever over
 epochs; eval loaders make one pass (every process the same number of batches, padded) and restart on next use.
 
-`state_dict()` is JSON-able `{epoch, position, stats}`: `position` is the next example of this process's share not
-yet in a returned batch, so `load_state_dict` in a fresh loader continues with exactly the next batch.
+`state_dict()` is JSON-able `{epoch, position, part, stats}`: `position` is the next example of this process's share
+not yet (wholly) in a returned batch and `part` its next block (`truncation.overlong: split`), so `load_state_dict` in
+a fresh loader continues with exactly the next batch. `stats` counts examples (blocks), tokens, trained tokens,
+truncated and dropped examples, rows and padding tokens of the batches returned so far.
 
 ```python
 from jaxalign.data import DataConfig, build_loader, load_tokenizer
@@ -26,7 +28,7 @@ import numpy as np
 from jaxalign.data import packing
 from jaxalign.data.config import DataConfig
 from jaxalign.data.formats import Conversation, PreferencePair, Prompt, Text
-from jaxalign.data.masking import Fitted, fit, tokenize_segments, trained_flags
+from jaxalign.data.masking import Fitted, fit, split_blocks, tokenize_segments, trained_flags
 from jaxalign.data.sources import SourceData, load_source
 from jaxalign.data.templates import render, render_pair, special_tokens
 from jaxalign.data.tokenizer import SegmentEncoder
@@ -88,7 +90,8 @@ class Preprocessor:
             return render_pair(example, c.template, self.tokens, c.system_message, self.tokenizer)
         return render(example, c.template, self.tokens, c.system_message, self.tokenizer)
 
-    def process(self, examples: list) -> list[Item]:
+    def process(self, examples: list) -> list[list[Item]]:
+        """The items of each example: one, or several blocks with `truncation.overlong: split`."""
         flat, shapes = [], []
         for example in examples:
             rendered = self.segments(example)
@@ -103,20 +106,24 @@ class Preprocessor:
             items.append(self._fit(example, parts))
         return items
 
-    def _fit(self, example, parts) -> Item:
+    def _fit(self, example, parts) -> list[Item]:
         trunc = self.config.truncation
         if isinstance(example, Prompt):
             ids = parts[0].ids
             cut = ids.size > self.seq_len
             ids = ids[-self.seq_len :]
-            return Item((Fitted(ids, np.zeros(ids.size, bool), cut, None),))
-        mode = "assistant" if isinstance(example, PreferencePair) else self.config.mask
-        fitted = tuple(
-            fit(p.ids, trained_flags(p, mode), self.seq_len, trunc.max_prompt_fraction, trunc.overlong) for p in parts
-        )
+            return [Item((Fitted(ids, np.zeros(ids.size, bool), cut, None),))]
         if isinstance(example, PreferencePair):
-            return Item(fitted, example.strength, example.safety)
-        return Item(fitted)
+            overlong = "truncate" if trunc.overlong == "split" else trunc.overlong
+            fitted = tuple(
+                fit(p.ids, trained_flags(p, "assistant"), self.seq_len, trunc.max_prompt_fraction, overlong)
+                for p in parts
+            )
+            return [Item(fitted, example.strength, example.safety)]
+        trained = trained_flags(parts[0], self.config.mask)
+        if trunc.overlong == "split":
+            return [Item((block,)) for block in split_blocks(parts[0].ids, trained, self.seq_len)]
+        return [Item((fit(parts[0].ids, trained, self.seq_len, trunc.max_prompt_fraction, trunc.overlong),))]
 
 
 def split_eval(sources: list[SourceData], fraction: float, seed: int, split: str) -> list[SourceData]:
@@ -205,17 +212,17 @@ class DataLoader:
         return self.epoch_order(epoch)[p :: self.process_count]
 
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "position": self._position, "stats": dict(self.stats)}
+        return {"epoch": self._epoch, "position": self._position, "part": self._part, "stats": dict(self.stats)}
 
     def load_state_dict(self, state: dict):
         try:
-            epoch, position = int(state["epoch"]), int(state["position"])
+            epoch, position, part = int(state["epoch"]), int(state["position"]), int(state.get("part", 0))
         except (KeyError, TypeError, ValueError):
             raise JaxalignError(f"data loader state must have integer 'epoch' and 'position', got {state!r}") from None
-        self._epoch, self._position = epoch, position
+        self._epoch, self._position, self._part = epoch, position, part
         self.stats = {k: int(state.get("stats", {}).get(k, 0)) for k in STAT_KEYS}
         self._shard_epoch, self._shard = None, None
-        self._buffer: list[tuple[int, Item]] = []
+        self._buffer: list[tuple[int, Item]] = []  # (shard position of its example, item)
         self._emitted = 0
         self._dropped_run = 0
 
@@ -293,11 +300,14 @@ class DataLoader:
             self._consume()
 
     def _consume(self):
-        _, item = self._buffer.pop(0)
+        position, item = self._buffer.pop(0)
         if item.dropped is None:
             self.stats["examples"] += 1
             self.stats["truncated"] += int(item.truncated)
-        self._position += 1
+        if self._buffer and self._buffer[0][0] == position:
+            self._part += 1
+        else:
+            self._position, self._part = position + 1, 0
 
     def _fill(self) -> bool:
         """Processes the next chunk of this process's share; False when an eval pass is done."""
@@ -312,8 +322,9 @@ class DataLoader:
                 raise JaxalignError(f"data.{self.split}: process {self.process_index} has no examples in its share")
         end = min(self._position + CHUNK, shard.size)
         indices = shard[self._position : end]
-        items = self.preprocessor.process([self.examples[i] for i in indices])
-        self._buffer = list(zip(range(self._position, end), items))
+        processed = self.preprocessor.process([self.examples[i] for i in indices])
+        self._buffer = [(p, item) for p, items in zip(range(self._position, end), processed) for item in items]
+        self._buffer = self._buffer[self._part :] if self._part else self._buffer
         return True
 
     def _current_shard(self) -> np.ndarray:
@@ -324,7 +335,7 @@ class DataLoader:
     def _count_eval_batches(self) -> int:
         """Batches of the process with the largest share, so all processes run the same number of eval steps."""
         items = self.preprocessor.process(self.examples)
-        shares = [[items[i] for i in self.shard(0, p)] for p in range(self.process_count)]
+        shares = [[item for i in self.shard(0, p) for item in items[i]] for p in range(self.process_count)]
         return max(_pass_stats(share, self)["batches"] for share in shares)
 
     def pass_stats(self, epoch: int = 0, limit: int | None = None) -> dict:
@@ -332,7 +343,8 @@ class DataLoader:
         shard = self.shard(epoch)[:limit]
         items = []
         for start in range(0, shard.size, CHUNK):
-            items += self.preprocessor.process([self.examples[i] for i in shard[start : start + CHUNK]])
+            for example_items in self.preprocessor.process([self.examples[i] for i in shard[start : start + CHUNK]]):
+                items += example_items
         return _pass_stats(items, self)
 
 

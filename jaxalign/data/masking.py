@@ -113,3 +113,14 @@ def fit(ids: np.ndarray, trained: np.ndarray, seq_len: int, max_prompt_fraction=
     if not trained[1:].any():
         return Fitted(ids, trained, truncated, "all trained tokens truncated")
     return Fitted(ids, trained, truncated, None)
+
+
+def split_blocks(ids: np.ndarray, trained: np.ndarray, seq_len: int) -> list[Fitted]:
+    """Consecutive blocks of at most `seq_len` tokens (long dialogues split to fit, as Vicuna's and the imitation
+    study's 2048-token blocks). Blocks without a trained target are left out; none left: one dropped example."""
+    blocks = []
+    for start in range(0, ids.size, seq_len):
+        block_ids, block_trained = ids[start : start + seq_len], trained[start : start + seq_len]
+        if block_trained[1:].any():
+            blocks.append(Fitted(block_ids, block_trained, False, None))
+    return blocks or [Fitted(ids, trained, False, "no trained tokens")]

@@ -40,17 +40,18 @@ def _equal_batches(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_resume_continues_with_identical_batches(byte_tok, numbered, pack):
-    config = _config(train=str(numbered), pack=pack, seed=5)
-    loader = build_loader(config, byte_tok, batch_size=4, seq_len=48)
+@pytest.mark.parametrize("pack, overlong, seq_len", [(False, "truncate", 48), (True, "truncate", 48),
+                                                     (True, "split", 12), (False, "split", 12)])
+def test_resume_continues_with_identical_batches(byte_tok, numbered, pack, overlong, seq_len):
+    config = _config(train=str(numbered), pack=pack, seed=5, truncation={"overlong": overlong}, mask="full")
+    loader = build_loader(config, byte_tok, batch_size=4, seq_len=seq_len)
     reference = [next(loader) for _ in range(25)]  # several epochs of 37 examples
-    for k in (3, 11, 19):
-        first = build_loader(config, byte_tok, batch_size=4, seq_len=48)
+    for k in (3, 11, 15, 19):  # with split, 11 and 15 stop inside an example (part 1, 2)
+        first = build_loader(config, byte_tok, batch_size=4, seq_len=seq_len)
         for _ in range(k):
             next(first)
         state = json.loads(json.dumps(first.state_dict()))
-        resumed = build_loader(config, byte_tok, batch_size=4, seq_len=48)
+        resumed = build_loader(config, byte_tok, batch_size=4, seq_len=seq_len)
         resumed.load_state_dict(state)
         for expected in reference[k : k + 5]:
             assert _equal_batches(next(resumed), expected)
@@ -203,3 +204,15 @@ def test_every_example_dropped_is_an_error_not_an_endless_loop(byte_tok, numbere
     loader = build_loader(_config(train=str(numbered), system_message="x" * 80), byte_tok, batch_size=2, seq_len=16)
     with pytest.raises(JaxalignError, match="every example is dropped .*seq_len 16"):
         next(loader)
+
+
+def test_overlong_split_cuts_examples_into_blocks(byte_tok, tmp_path):
+    path = _write_jsonl(tmp_path / "long.jsonl", [{"text": "abcdefghij" * 3}])
+    config = from_dict(DataConfig, {"train": str(path), "truncation": {"overlong": "split"}, "shuffle": False})
+    loader = build_loader(config, byte_tok, batch_size=4, seq_len=12)
+    batch = next(loader)
+    rows = [byte_tok.decode(ids[seg > 0].tolist()) for ids, seg in zip(batch["input_ids"], batch["segment_ids"])]
+    assert "".join(rows[:3]) == "<s>" + "abcdefghij" * 3 + "</s>"
+    assert [len(byte_tok.encode(r, add_special_tokens=False)) for r in rows[:3]] == [12, 12, 8]
+    assert rows[3].startswith("<s>abcdefghi")  # the next epoch
+    assert loader.pass_stats()["examples"] == 3

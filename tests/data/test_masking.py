@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from jaxalign.data.formats import Conversation, Message
-from jaxalign.data.masking import fit, tokenize_segments, trained_flags
+from jaxalign.data.masking import fit, split_blocks, tokenize_segments, trained_flags
 from jaxalign.data.templates import SpecialTokens, render
 from jaxalign.data.tokenizer import SegmentEncoder
 from jaxalign.errors import JaxalignError
@@ -132,3 +132,11 @@ def test_fit_drops_examples_without_trained_tokens():
     ids = np.arange(4, dtype=np.int32)
     assert fit(ids, np.zeros(4, bool), 8).dropped == "no trained tokens"
     assert fit(ids, np.array([True, False, False, False]), 8).dropped == "no trained tokens"
+
+
+def test_split_blocks_leaves_out_blocks_without_targets():
+    ids, trained = _example(10, 5)
+    blocks = split_blocks(ids, trained, 4)
+    assert [b.ids.tolist() for b in blocks] == [[8, 9, 10, 11], [12, 13, 14]]
+    assert all(b.dropped is None and not b.truncated for b in blocks)
+    assert split_blocks(*_example(10, 0), 4)[0].dropped == "no trained tokens"
