@@ -273,3 +273,16 @@ def test_bad_inputs_name_the_file_or_tensor(variant_dirs, tmp_path):
 def test_llama_config_tiny_round_trips_through_hf_config():
     config = LlamaConfig.tiny(head_dim=8, eos_token_id=(2, 3))
     assert config_from_hf(config_to_hf(config)) == config
+
+
+def test_save_pretrained_writes_the_tokenizer(variant_dirs, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "hello": 1, "world": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    model, params = jaxalign.load_pretrained(variant_dirs["tied_embeddings"][0])
+    jaxalign.save_pretrained(model, params, tmp_path / "out", tokenizer=tokenizer)
+    assert load_tokenizer(tmp_path / "out")("hello world there")["input_ids"] == [1, 2, 0]
+    with pytest.raises(JaxalignError, match="no tokenizer files"):
+        load_tokenizer(variant_dirs["tied_embeddings"][0])
