@@ -39,3 +39,16 @@ def test_sentencepiece_contexts(sp_tok):
     whole = sp_tok.backend_tokenizer.encode("</s>USER", add_special_tokens=False).ids
     assert after_eos == whole[1:]
     assert encoder.encode(["", "x"], [CONTINUE, CONTINUE])[0] == []
+
+
+def test_byte_tokenizer_survives_save_and_autotokenizer_load(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = byte_tokenizer()
+    tok.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = "<s>Héllo<|im_end|>\n<|eot|>[PAD]"
+    assert loaded.encode(text, add_special_tokens=False) == tok.encode(text, add_special_tokens=False)
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == ("<s>", "</s>", "<pad>")
+    messages = [{"role": "user", "content": "hi"}]
+    assert loaded.apply_chat_template(messages, tokenize=False) == tok.apply_chat_template(messages, tokenize=False)
