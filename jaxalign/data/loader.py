@@ -212,13 +212,28 @@ class DataLoader:
         return self.epoch_order(epoch)[p :: self.process_count]
 
     def state_dict(self) -> dict:
-        return {"epoch": self._epoch, "position": self._position, "part": self._part, "stats": dict(self.stats)}
+        return {
+            "epoch": self._epoch,
+            "position": self._position,
+            "part": self._part,
+            "process": [self.process_index, self.process_count],
+            "num_examples": len(self.examples),
+            "stats": dict(self.stats),
+        }
 
     def load_state_dict(self, state: dict):
+        """Continues where `state` (from `state_dict` of a loader over the same data and processes) stopped."""
         try:
             epoch, position, part = int(state["epoch"]), int(state["position"]), int(state.get("part", 0))
         except (KeyError, TypeError, ValueError):
             raise JaxalignError(f"data loader state must have integer 'epoch' and 'position', got {state!r}") from None
+        here = {"process": [self.process_index, self.process_count], "num_examples": len(self.examples)}
+        for key, value in here.items():
+            if key in state and list(np.atleast_1d(state[key])) != list(np.atleast_1d(value)):
+                raise JaxalignError(
+                    f"the data position in the checkpoint was saved with {key} {state[key]}, this run has {value}; "
+                    "resume with the same data and the same number of processes"
+                )
         self._epoch, self._position, self._part = epoch, position, part
         self.stats = {k: int(state.get("stats", {}).get(k, 0)) for k in STAT_KEYS}
         self._shard_epoch, self._shard = None, None

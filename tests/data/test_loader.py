@@ -216,3 +216,14 @@ def test_overlong_split_cuts_examples_into_blocks(byte_tok, tmp_path):
     assert [len(byte_tok.encode(r, add_special_tokens=False)) for r in rows[:3]] == [12, 12, 8]
     assert rows[3].startswith("<s>abcdefghi")  # the next epoch
     assert loader.pass_stats()["examples"] == 3
+
+
+def test_resuming_with_other_processes_or_data_is_an_error(byte_tok, numbered, tmp_path):
+    config = _config(train=str(numbered))
+    state = build_loader(config, byte_tok, batch_size=4, seq_len=48, process_count=2).state_dict()
+    with pytest.raises(JaxalignError, match=r"saved with process \[0, 2\], this run has \[0, 1\]"):
+        build_loader(config, byte_tok, batch_size=4, seq_len=48).load_state_dict(state)
+    smaller = _write_jsonl(tmp_path / "s.jsonl", [{"instruction": "item 1", "output": "x"}])
+    with pytest.raises(JaxalignError, match="saved with num_examples 37, this run has 1"):
+        build_loader(_config(train=str(smaller)), byte_tok, batch_size=4, seq_len=48,
+                     process_count=2).load_state_dict(state)
