@@ -89,6 +89,9 @@ class DataConfig:
       data the same as `assistant`); `last_turn`: only the last assistant turn (Ghost Attention); `full`: all.
       Preference pairs always train only the chosen / rejected response.
     - `system_message`: overrides the template's default system message (`""` = none) where a record has none.
+    - `add_bos`: built-in templates start with the tokenizer's bos token (LLaMA-2-chat: every turn); the
+      `tokenizer` template leaves bos to the chat template.
+    - `shuffle`, `seed`: the per-epoch order; `on_error: skip` skips bad records and reports them (file:line).
     - `pad_token`, `eot_token`, `added_tokens`: tokens added to the tokenizer (see `tokens_to_add`); the SFT
       command resizes the embeddings for them. `pad_token` is needed when the tokenizer has none (Alpaca: `[PAD]`).
       `eot_token` is LIMA's end-of-turn token, used by the `lima` template.
