@@ -227,3 +227,18 @@ def test_resuming_with_other_processes_or_data_is_an_error(byte_tok, numbered, t
     with pytest.raises(JaxalignError, match="saved with num_examples 37, this run has 1"):
         build_loader(_config(train=str(smaller)), byte_tok, batch_size=4, seq_len=48,
                      process_count=2).load_state_dict(state)
+
+
+def test_mixture_of_formats_koala_style(byte_tok):
+    config = from_dict(DataConfig, {
+        "train": [{"path": "demo:instructions", "weight": 0.25}, {"path": "demo:dialogues_sharegpt", "weight": 0.5},
+                  {"path": "demo:dialogues_messages", "weight": 0.5}],
+        "template": "koala", "pack": True,
+    })
+    loader = build_loader(config, byte_tok, batch_size=4, seq_len=512)
+    assert [s.format for s in loader.sources] == ["alpaca", "sharegpt", "messages"]
+    assert loader.epoch_order(0).size == 120 + 160 + 160
+    batch = next(loader)
+    text = byte_tok.decode(batch["input_ids"][0][batch["segment_ids"][0] == 1].tolist())
+    assert text.startswith("<s>BEGINNING OF CONVERSATION: ")
+    assert batch["segment_ids"].max() > 1
