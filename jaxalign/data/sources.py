@@ -108,8 +108,11 @@ def _json_records(path: Path):
 
 
 def _parquet_records(path: Path):
-    import pyarrow
-    import pyarrow.parquet
+    try:
+        import pyarrow
+        import pyarrow.parquet
+    except ImportError:
+        raise JaxalignError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
 
     try:
         table = pyarrow.parquet.read_table(path)

@@ -16,7 +16,7 @@ def _jsonl(path, lines):
 
 
 def test_jsonl_json_and_parquet_give_the_same_examples(tmp_path):
-    import pyarrow
+    pyarrow = pytest.importorskip("pyarrow")
     import pyarrow.parquet
 
     _jsonl(tmp_path / "a.jsonl", [json.dumps(r) for r in RECORDS])
@@ -125,6 +125,7 @@ def test_json_record_error_names_the_record(tmp_path):
 
 
 def test_unreadable_parquet(tmp_path):
+    pytest.importorskip("pyarrow")
     (tmp_path / "a.parquet").write_bytes(b"definitely not parquet")
     with pytest.raises(JaxalignError, match="not a readable Parquet file"):
         load_source(SourceSpec(str(tmp_path / "a.parquet")))
