@@ -16,7 +16,8 @@ def _jsonl(path, lines):
 
 
 def test_jsonl_json_and_parquet_give_the_same_examples(tmp_path):
-    pyarrow = pytest.importorskip("pyarrow")
+    pytest.importorskip("pyarrow")
+    import pyarrow
     import pyarrow.parquet
 
     _jsonl(tmp_path / "a.jsonl", [json.dumps(r) for r in RECORDS])
