@@ -21,6 +21,7 @@ batch = next(loader)          # dict of numpy int32 [8, 256]: input_ids, targets
 ```
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,7 @@ class Item:
     parts: tuple[Fitted, ...]
     strength: int = -1
     safety: int = -1
+    index: int = -1  # the example's index in `DataLoader.examples`, set when the loader reads it
 
     @property
     def dropped(self) -> str | None:
@@ -288,6 +290,7 @@ class DataLoader:
             real = np.concatenate([batch["chosen_segment_ids"], batch["rejected_segment_ids"]]) > 0
         else:
             batch = packing.prompt_batch([r[0].parts[0].ids if r else None for r in rows], self.seq_len, pad)
+            batch["example_index"] = np.asarray([r[0].index if r else -1 for r in rows], np.int32)
             real = batch["segment_ids"] > 0
         self.stats["rows"] += real.shape[0]
         self.stats["tokens"] += int(real.sum())
@@ -338,7 +341,11 @@ class DataLoader:
         end = min(self._position + CHUNK, shard.size)
         indices = shard[self._position : end]
         processed = self.preprocessor.process([self.examples[i] for i in indices])
-        self._buffer = [(p, item) for p, items in zip(range(self._position, end), processed) for item in items]
+        self._buffer = [
+            (p, dataclasses.replace(item, index=int(shard[p])))
+            for p, items in zip(range(self._position, end), processed)
+            for item in items
+        ]
         self._buffer = self._buffer[self._part :] if self._part else self._buffer
         return True
 

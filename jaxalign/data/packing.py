@@ -17,7 +17,8 @@ row at the end of an eval set).
 
 Prompt batch (RL), left-padded so generation continues every row at the same slot: `input_ids`, `segment_ids`
 (1 on tokens, 0 on padding), `positions` (0... from the first real token), all `[B, L]` int32; `prompt_length`
-`[B]` int32 and `prompt_mask` `[B]` float32 (0 for padding rows).
+`[B]` int32 and `prompt_mask` `[B]` float32 (0 for padding rows). The loader adds `example_index` `[B]` int32:
+the row's index in `loader.examples` (-1 for padding), whose `.reference` is the record's reference answer.
 """
 
 import numpy as np

@@ -155,6 +155,8 @@ def test_prompt_loader_for_rl(byte_tok):
         text = byte_tok.decode(batch["input_ids"][b][batch["segment_ids"][b] == 1].tolist())
         assert text.startswith("<s>USER: ") and text.endswith(" ASSISTANT:")
         assert batch["input_ids"][b][-1] == byte_tok.convert_tokens_to_ids(":")
+        example = loader.examples[batch["example_index"][b]]
+        assert f"USER: {example.messages[-1].content} ASSISTANT:" in text and example.reference
 
 
 def test_dropped_and_truncated_are_counted(byte_tok, tmp_path):
