@@ -52,6 +52,14 @@ def test_tensor_size_not_dividing_heads_is_an_error_naming_mesh_tensor():
         plan(config, LlamaForCausalLM(LlamaConfig.tiny()))
 
 
+def test_batch_that_does_not_split_over_batch_shards_names_the_key():
+    config = RunConfig(mesh=MeshConfig(data=2, fsdp=4, tensor=1), train=TrainConfig(batch_size=16, grad_accum=4))
+    with pytest.raises(JaxalignError, match=r"'train.batch_size': 16 rows / train.grad_accum=4 = 4 rows per "
+                                            r"micro-batch, not a multiple of the 8 batch shards \(mesh.data=2 x "
+                                            r"mesh.fsdp=4\)"):
+        plan(config, LlamaForCausalLM(LlamaConfig.tiny()))
+
+
 def test_global_batch_from_process_local_rows():
     mesh = shd.make_mesh(MeshConfig(data=2, fsdp=4, tensor=1))
     rules = shd.logical_rules(MeshConfig())
@@ -63,7 +71,7 @@ def test_global_batch_from_process_local_rows():
 
 
 def test_memory_report_plans_a_mesh_larger_than_this_machine():
-    config = RunConfig(mesh=MeshConfig(data=1, fsdp=-1, tensor=1))
+    config = RunConfig(mesh=MeshConfig(data=1, fsdp=-1, tensor=1), train=TrainConfig(batch_size=256))
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
                                          num_heads=32, num_kv_heads=32))
     report = memory_report(config, model, device_count=256)

@@ -90,6 +90,7 @@ def memory_report(config: RunConfig, model, device_count: int | None = None) -> 
 
 def _layout(config: RunConfig, model, mesh) -> Layout:
     rules = shd.logical_rules(config.mesh)
+    _check_batch_fits(config, mesh, rules)
     tx = make_optimizer(config.optimizer, config.train.steps)
     schedule = make_schedule(config.optimizer, config.train.steps)
     boxed = jax.eval_shape(model_init_fn(model), jax.random.PRNGKey(0))
@@ -97,6 +98,25 @@ def _layout(config: RunConfig, model, mesh) -> Layout:
     abstract_params = nn.meta.unbox(boxed)
     shardings = st.state_shardings(abstract_params, params_shardings, tx, mesh)
     return Layout(mesh, rules, tx, schedule, shardings, st.abstract_state(abstract_params, tx, shardings))
+
+
+def _check_batch_fits(config: RunConfig, mesh, rules) -> None:
+    axes = shd.spec_for(("batch",), rules)[0] or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    shards = int(np.prod([mesh.shape[a] for a in axes]))
+    micro = config.train.batch_size // config.train.grad_accum
+    if micro % shards:
+        names = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
+        raise JaxalignError(
+            f"config key 'train.batch_size': {config.train.batch_size} rows / train.grad_accum="
+            f"{config.train.grad_accum} = {micro} rows per micro-batch, not a multiple of the {shards} batch shards "
+            f"({names})"
+        )
+    if config.train.batch_size % jax.process_count():
+        raise JaxalignError(
+            f"config key 'train.batch_size': {config.train.batch_size} rows do not split over "
+            f"{jax.process_count()} processes"
+        )
 
 
 def train(config: RunConfig, model, loss_fn: LossFn, train_data, *,

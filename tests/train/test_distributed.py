@@ -48,6 +48,7 @@ def assert_close(lines, reference, steps) -> None:
             assert abs(lines[step][key] - expected) <= 1e-5 * abs(expected), (step, key)
 
 
+@pytest.mark.slow
 def test_two_processes_train_save_and_resume_like_one(driver, tmp_path):
     single = driver.run(tmp_path / "single", devices=4)
     assert single.returncode == 0, single.stderr[-3000:]

@@ -172,8 +172,7 @@ def test_eval_every_logs_eval_loss_of_the_current_params(tmp_path):
     from jaxalign.train.loop import train
     from tests.train.tiny_run import TINY_OVERRIDES, SyntheticTokens, tiny_model
 
-    overrides = TINY_OVERRIDES + ["train.steps=4", "train.eval_every=2", "train.eval_batches=2",
-                                  "train.grad_accum=2", "checkpoint.every=0"]
+    overrides = TINY_OVERRIDES + ["train.steps=4", "train.eval_every=2", "train.eval_batches=2", "checkpoint.every=0"]
     config = from_dict(RunConfig, apply_overrides({"output_dir": str(tmp_path)}, overrides))
     model = tiny_model()
     loss_fn = make_loss_fn(model)
