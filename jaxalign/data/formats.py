@@ -237,10 +237,8 @@ def _response(value, name: str, origin: str) -> tuple[Message, ...]:
         value = [value]
     if not isinstance(value, list):
         raise JaxalignError(f"{origin}: field '{name}' must be a string or messages, got {type(value).__name__}")
-    role_key, content_key = ("from", "value") if value and isinstance(value[0], dict) and "from" in value[0] else (
-        "role",
-        "content",
-    )
+    sharegpt_style = bool(value) and isinstance(value[0], dict) and "from" in value[0]
+    role_key, content_key = ("from", "value") if sharegpt_style else ("role", "content")
     messages = _messages(value, name, origin, role_key, content_key)
     if not messages:
         raise JaxalignError(f"{origin}: field '{name}' is an empty list of messages")
