@@ -84,22 +84,3 @@ def prompt_batch(prompts: list, seq_len: int, pad_id: int) -> dict[str, np.ndarr
     batch["prompt_length"] = lengths
     batch["prompt_mask"] = np.asarray([p is not None for p in prompts], np.float32)
     return batch
-
-
-def greedy_rows(lengths: list[int], seq_len: int, pack: bool, rows: int) -> tuple[list[list[int]], int]:
-    """Assigns examples (in order) to `rows` rows: packed first-come, or one per row.
-
-    Returns (indices per row, how many examples were placed); the rest wait for the next batch.
-    """
-    assignment: list[list[int]] = [[] for _ in range(rows)]
-    row, used, placed = 0, 0, 0
-    for i, n in enumerate(lengths):
-        if assignment[row] and (not pack or used + n > seq_len):
-            row += 1
-            used = 0
-            if row == rows:
-                break
-        assignment[row].append(i)
-        used += n
-        placed = i + 1
-    return assignment, placed
