@@ -244,3 +244,58 @@ def test_mixture_of_formats_koala_style(byte_tok):
     text = byte_tok.decode(batch["input_ids"][0][batch["segment_ids"][0] == 1].tolist())
     assert text.startswith("<s>BEGINNING OF CONVERSATION: ")
     assert batch["segment_ids"].max() > 1
+
+
+WORKER = """
+import json, sys
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxalign.config import from_dict
+from jaxalign.data import DataConfig, build_loader, byte_tokenizer, make_global_batch
+
+port, process_id, data, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=process_id)
+config = from_dict(DataConfig, {"train": data, "template": "gpt4all", "pack": True, "seed": 1})
+loader = build_loader(config, byte_tokenizer(), batch_size=4, seq_len=48, process_index=jax.process_index(),
+                      process_count=jax.process_count())
+mesh = Mesh(np.array(jax.devices()).reshape(4, 1), ("data", "fsdp"))
+batches = [make_global_batch(next(loader), mesh) for _ in range(3)]
+gather = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, PartitionSpec()))
+rows = [np.asarray(gather(b["input_ids"])).tolist() for b in batches]
+json.dump({"rows": rows, "state": loader.state_dict()}, open(out, "w"))
+"""
+
+
+def test_two_real_processes_make_one_global_batch(byte_tok, numbered, tmp_path):
+    """Two jax.distributed processes (2 CPU devices each): each loads its own share, the global array is the
+    concatenation of the shares in process order, identical to what the single-process simulation gives."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(port), str(i), str(numbered), str(tmp_path / f"{i}.json")],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=240)
+        assert proc.returncode == 0, stderr[-3000:]
+    results = [json.loads((tmp_path / f"{i}.json").read_text()) for i in range(2)]
+    assert results[0]["rows"] == results[1]["rows"]
+
+    config = _config(train=str(numbered), pack=True, seed=1)
+    simulated = [build_loader(config, byte_tok, batch_size=4, seq_len=48, process_index=p, process_count=2)
+                 for p in range(2)]
+    for rows in results[0]["rows"]:
+        local = [next(loader)["input_ids"] for loader in simulated]
+        assert np.array_equal(np.asarray(rows), np.concatenate(local))
+    assert [r["state"] for r in results] == [loader.state_dict() for loader in simulated]
