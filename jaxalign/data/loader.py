@@ -28,7 +28,7 @@ import numpy as np
 
 from jaxalign.data import packing
 from jaxalign.data.config import DataConfig
-from jaxalign.data.formats import Conversation, PreferencePair, Prompt, Text
+from jaxalign.data.formats import Conversation, PreferencePair, Prompt, Text, parse_record
 from jaxalign.data.masking import Fitted, fit, split_blocks, tokenize_segments, trained_flags
 from jaxalign.data.sources import SourceData, load_source
 from jaxalign.data.templates import render, render_pair, special_tokens
@@ -91,6 +91,12 @@ class Preprocessor:
         if isinstance(example, PreferencePair):
             return render_pair(example, c.template, self.tokens, c.system_message, self.tokenizer)
         return render(example, c.template, self.tokens, c.system_message, self.tokenizer)
+
+    def prompt_ids(self, messages: list[dict], origin: str = "prompt") -> np.ndarray:
+        """Token ids of a chat (`[{role, content}]`, ending with a user turn) rendered with the config's template up
+        to the assistant header: what generation continues (chat, rollouts) for a model trained on this data."""
+        parsed = parse_record({"messages": messages}, "prompt", origin)
+        return tokenize_segments([self.segments(parsed)], self.encoder)[0].ids
 
     def process(self, examples: list) -> list[list[Item]]:
         """The items of each example: one, or several blocks with `truncation.overlong: split`."""

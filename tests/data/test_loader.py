@@ -299,3 +299,15 @@ def test_two_real_processes_make_one_global_batch(byte_tok, numbered, tmp_path):
         local = [next(loader)["input_ids"] for loader in simulated]
         assert np.array_equal(np.asarray(rows), np.concatenate(local))
     assert [r["state"] for r in results] == [loader.state_dict() for loader in simulated]
+
+
+def test_prompt_ids_render_a_chat_for_generation(byte_tok):
+    from jaxalign.data.loader import Preprocessor
+
+    config = from_dict(DataConfig, {"template": "vicuna_v1.1", "system_message": "Be brief."})
+    messages = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                {"role": "user", "content": "3+3?"}]
+    ids = Preprocessor(config, byte_tok, seq_len=64).prompt_ids(messages)
+    assert byte_tok.decode(ids.tolist()) == "<s>Be brief. USER: 2+2? ASSISTANT: 4</s>USER: 3+3? ASSISTANT:"
+    with pytest.raises(JaxalignError, match="chat: field 'messages' must end with a user turn"):
+        Preprocessor(config, byte_tok, seq_len=64).prompt_ids(messages[:2], origin="chat")
