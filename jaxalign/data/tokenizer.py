@@ -151,7 +151,8 @@ class SegmentEncoder:
 
 
 def _without_prefix_space(backend):
-    """A copy of a `tokenizers.Tokenizer` that never prepends "▁" (Metaspace prepend or legacy Prepend normaliser)."""
+    """A copy of a `tokenizers.Tokenizer` that never prepends a space: Metaspace's "▁" prepend, a start-anchored
+    normaliser (legacy `Prepend("▁")`), or byte-level `add_prefix_space` (GPT-2 style "Ġ")."""
     from tokenizers import Tokenizer
 
     data = json.loads(backend.to_str())
@@ -183,6 +184,9 @@ def _drop_prepend(node, kind: str) -> bool:
             node["prepend_scheme"] = "never"
             node.pop("add_prefix_space", None)
             return True
+    if kind == "pre" and node.get("type") == "ByteLevel" and node.get("add_prefix_space"):
+        node["add_prefix_space"] = False
+        return True
     return False
 
 

@@ -52,3 +52,16 @@ def test_byte_tokenizer_survives_save_and_autotokenizer_load(tmp_path):
     assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == ("<s>", "</s>", "<pad>")
     messages = [{"role": "user", "content": "hi"}]
     assert loaded.apply_chat_template(messages, tokenize=False) == tok.apply_chat_template(messages, tokenize=False)
+
+
+def test_byte_level_add_prefix_space_is_off_for_continuations():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    start, cont = SegmentEncoder(tok).encode(["ab", "ab"], [START, CONTINUE])
+    assert tok.convert_ids_to_tokens(start) == ["Ġ", "a", "b"]
+    assert tok.convert_ids_to_tokens(cont) == ["a", "b"]
