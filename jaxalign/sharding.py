@@ -4,8 +4,11 @@ Model code names axes logically (`embed`, `mlp`, `heads`...); one rule table map
 same model runs replicated, fully sharded (FSDP) or tensor-parallel by changing config only.
 """
 
+import glob
+import importlib.util
 import math
 import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -129,8 +132,8 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
                            process_id: int | None = None) -> bool:
     """Starts `jax.distributed` when several processes take part; returns whether it did.
 
-    Arguments fall back to JAXALIGN_COORDINATOR, JAXALIGN_NUM_PROCESSES and JAXALIGN_PROCESS_ID. On a multi-host
-    TPU VM slice (TPU_WORKER_HOSTNAMES lists several hosts) JAX discovers everything by itself.
+    Arguments fall back to JAXALIGN_COORDINATOR, JAXALIGN_NUM_PROCESSES and JAXALIGN_PROCESS_ID. On a Cloud TPU VM
+    (single host or pod slice) JAX discovers the processes by itself.
     """
     coordinator = coordinator or os.environ.get("JAXALIGN_COORDINATOR")
     num_processes = num_processes if num_processes is not None else _env_int("JAXALIGN_NUM_PROCESSES")
@@ -146,10 +149,18 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)
         return True
-    if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+    if _on_cloud_tpu_vm():
         jax.distributed.initialize()
         return True
     return False
+
+
+def _on_cloud_tpu_vm() -> bool:
+    """TPU chips visible and libtpu installed: JAX then finds the slice's hosts from the VM metadata by itself."""
+    if importlib.util.find_spec("libtpu") is None:
+        return False
+    vfio = Path("/dev/vfio")
+    return bool(glob.glob("/dev/accel*")) or (vfio.is_dir() and any(p.name.isdigit() for p in vfio.iterdir()))
 
 
 def _env_int(name: str) -> int | None:
