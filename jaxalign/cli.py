@@ -19,6 +19,7 @@ COMMANDS = {
     "sft": ("jaxalign.commands.sft", "supervised fine-tuning (or training from scratch) on instruction / dialogue data"),
     "plot": ("jaxalign.commands.plot", "PNG curves (loss, eval loss, learning rate) from a run's metrics.jsonl"),
     "data": ("jaxalign.commands.data", "inspect a config's data: rendered examples, loss masks, token counts"),
+    "memory": ("jaxalign.commands.memory", "predicted per-device memory of parameters + optimiser state for a config"),
 }
 
 

@@ -1,0 +1,63 @@
+"""`jaxalign memory CONFIG [key.sub=value ...] [--devices N]`: predicted per-device memory of parameters and
+optimiser state for the config's model, optimiser and mesh, on any number of devices, without allocating them.
+
+Reads only the run-config sections the prediction needs (`model`, `train`, `optimizer`, `mesh`); other sections of
+a command's config are ignored, so the same YAML file works for every training command.
+"""
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from jaxalign.errors import JaxalignError
+
+USED_SECTIONS = ("model", "train", "optimizer", "mesh")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="YAML run config")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="number of devices to plan for (default: the devices this machine has)")
+
+
+def model_config(section):
+    """`LlamaConfig` of `model.path` (HF folder or jaxalign model checkpoint) or of `model.config`."""
+    from jaxalign.config import from_dict
+    from jaxalign.models.llama import LlamaConfig
+
+    numerics = {"dtype": section.dtype, "param_dtype": section.param_dtype}
+    if section.path is not None:
+        from jaxalign.hf import config_from_hf, read_hf_config
+        from jaxalign.models.checkpoint import is_model_checkpoint, read_model_config
+
+        path = Path(section.path)
+        if (path / "config.json").is_file():
+            config = config_from_hf(read_hf_config(path), where=str(path / "config.json"))
+        elif is_model_checkpoint(path):
+            config = read_model_config(path)
+        else:
+            raise JaxalignError(f"config key 'model.path': {path} is neither a Hugging Face folder nor a jaxalign "
+                                "model checkpoint")
+        return dataclasses.replace(config, **numerics)
+    values = dict(section.config)
+    preset = values.pop("preset", None)
+    if preset not in (None, "tiny"):
+        raise JaxalignError(f"config key 'model.config.preset': expected 'tiny' or no preset, got {preset!r}")
+    base = dataclasses.asdict(LlamaConfig.tiny()) if preset == "tiny" else {}
+    base.pop("head_dim", None)
+    return from_dict(LlamaConfig, {**base, **values, **numerics}, prefix="model.config")
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxalign.config import RunConfig, apply_overrides, from_dict, load_yaml
+    from jaxalign.models.llama import LlamaForCausalLM
+    from jaxalign.train.loop import memory_report
+
+    if args.devices is not None and args.devices < 1:
+        raise JaxalignError(f"--devices: expected a positive number, got {args.devices}")
+    data = apply_overrides(load_yaml(args.config), args.overrides)
+    config = from_dict(RunConfig, {k: v for k, v in data.items() if k in USED_SECTIONS}, where=f"{args.config}: ")
+    model = LlamaForCausalLM(model_config(config.model))
+    print(memory_report(config, model, device_count=args.devices))
+    return 0
