@@ -24,6 +24,9 @@ eval lines `eval_loss`, `eval_<aux>`) and OUTPUT_DIR/tensorboard. Checkpoints go
 to OUTPUT_DIR/checkpoints every `checkpoint.every` steps and at the end; rerunning the same command resumes from the
 latest complete one. SIGTERM / Ctrl-C finish the current step, save, and return normally; a NaN or inf loss or
 gradient norm raises `JaxalignError` naming the step before anything from that step is saved.
+
+With several processes every process calls `train` with its own share of the data; OUTPUT_DIR must be a folder
+all hosts share (NFS, gcsfuse), since each host writes its own shards of a checkpoint there.
 """
 
 import dataclasses
