@@ -262,20 +262,14 @@ class DataLoader:
             self.load_state_dict({"epoch": 0, "position": 0})
             raise StopIteration
         rows: list[list[Item]] = [[] for _ in range(self.local_batch_size)]
-        row, used = 0, 0
+        used = [0] * self.local_batch_size
         pack = self.config.pack and self.kind == "lm"
-        while True:
-            item = self._peek()
-            if item is None:
+        while (item := self._peek()) is not None:
+            row = first_fit(used, item.parts[0].ids.size, self.seq_len, pack)
+            if row is None:
                 break
-            n = item.parts[0].ids.size
-            if rows[row] and (not pack or used + n > self.seq_len):
-                row += 1
-                used = 0
-                if row == len(rows):
-                    break
             rows[row].append(item)
-            used += n
+            used[row] += item.parts[0].ids.size
             self._consume()
         self._emitted += 1
         return self._assemble(rows)
@@ -376,24 +370,39 @@ class DataLoader:
         return _pass_stats(items, self)
 
 
+def first_fit(used: list[int], n: int, seq_len: int, pack: bool) -> int | None:
+    """The row of a batch an example of `n` tokens goes to: the first with room (packed) or the first empty one;
+    None when the batch is full. Examples are placed in order, so the loader's position stays one number."""
+    for row, filled in enumerate(used):
+        if filled == 0 or pack and filled + n <= seq_len:
+            return row
+    return None
+
+
 def _pass_stats(items: list[Item], loader: DataLoader) -> dict:
     """examples, tokens, trained tokens, truncated, dropped, rows, batches and packing efficiency of `items`."""
     pack = loader.config.pack and loader.kind == "lm"
-    stats = dict.fromkeys(("examples", "tokens", "trained_tokens", "truncated", "dropped", "rows"), 0)
-    used = 0
+    stats = dict.fromkeys(("examples", "tokens", "trained_tokens", "truncated", "dropped", "rows", "batches"), 0)
+    used = [0] * loader.local_batch_size
     for item in items:
         if item.dropped is not None:
             stats["dropped"] += 1
             continue
         n = item.parts[0].ids.size
-        if stats["rows"] == 0 or not pack or used + n > loader.seq_len:
-            stats["rows"], used = stats["rows"] + 1, 0
-        used += n
+        row = first_fit(used, n, loader.seq_len, pack)
+        if row is None:
+            stats["batches"] += 1
+            stats["rows"] += len(used)
+            used = [0] * loader.local_batch_size
+            row = 0
+        used[row] += n
         stats["examples"] += 1
         stats["truncated"] += int(item.truncated)
         stats["tokens"] += sum(p.ids.size for p in item.parts)
         stats["trained_tokens"] += sum(int(p.trained[1:].sum()) for p in item.parts)
-    stats["batches"] = -(-stats["rows"] // loader.local_batch_size)
+    if any(used):
+        stats["batches"] += 1
+        stats["rows"] += sum(1 for filled in used if filled)
     capacity = stats["rows"] * loader.seq_len * (2 if loader.kind == "preference" else 1)
     stats["packing_efficiency"] = stats["tokens"] / capacity if capacity else 0.0
     return stats
