@@ -311,3 +311,13 @@ def test_prompt_ids_render_a_chat_for_generation(byte_tok):
     assert byte_tok.decode(ids.tolist()) == "<s>Be brief. USER: 2+2? ASSISTANT: 4</s>USER: 3+3? ASSISTANT:"
     with pytest.raises(JaxalignError, match="chat: field 'messages' must end with a user turn"):
         Preprocessor(config, byte_tok, seq_len=64).prompt_ids(messages[:2], origin="chat")
+
+
+def test_first_fit_places_examples_in_the_first_row_with_room():
+    from jaxalign.data.loader import first_fit
+
+    assert first_fit([10, 0, 0], 5, 16, pack=True) == 0
+    assert first_fit([14, 3, 0], 5, 16, pack=True) == 1
+    assert first_fit([14, 13, 12], 5, 16, pack=True) is None
+    assert first_fit([14, 0, 0], 1, 16, pack=False) == 1
+    assert first_fit([1, 1], 1, 16, pack=False) is None
