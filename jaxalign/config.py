@@ -32,14 +32,15 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Returns a copy of `data` with each `a.b.c=value` applied; values are parsed as YAML (`1e-5`, `true`, `[1, 2]`)."""
+    """Returns a copy of `data` with each `a.b.c=value` applied; values are parsed as YAML (`1e-5`, `true`, `[1, 2]`,
+    `null`), and `a.b=` with nothing after `=` sets the empty string."""
     data = _deep_copy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise JaxalignError(f"override {item!r}: expected key.sub=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         node = data

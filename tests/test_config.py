@@ -2,8 +2,8 @@
 
 import pytest
 
-from jaxalign.config import (CheckpointConfig, MeshConfig, OptimizerConfig, RunConfig, TrainConfig, load_config,
-                             to_dict)
+from jaxalign.config import (CheckpointConfig, MeshConfig, OptimizerConfig, RunConfig, TrainConfig, apply_overrides,
+                             load_config, to_dict)
 from jaxalign.errors import JaxalignError
 
 
@@ -28,6 +28,13 @@ def test_yaml_plus_overrides(tmp_path):
     assert config.data.train == "demo:instructions"
     assert load_config(RunConfig, None, []) == RunConfig()
     assert to_dict(config)["train"]["steps"] == 5
+
+
+def test_override_values_parse_as_yaml_and_empty_is_empty_string():
+    data = apply_overrides({"data": {"eval": "x.jsonl"}}, ["data.system_message=", "data.eval=null", "train.steps=10"])
+    assert data == {"data": {"system_message": "", "eval": None}, "train": {"steps": 10}}
+    with pytest.raises(JaxalignError, match="expected key.sub=value"):
+        apply_overrides({}, ["train.steps"])
 
 
 @pytest.mark.parametrize("overrides, message", [
