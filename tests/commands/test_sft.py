@@ -1,0 +1,110 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxalign.cli import main
+from jaxalign.commands.sft import SFTConfig, train_sft
+from jaxalign.config import apply_overrides, from_dict
+
+TINY_RUN = {
+    "seed": 0,
+    "model": {"config": {"preset": "tiny", "max_position_embeddings": 256}},
+    "data": {"train": "demo:instructions", "template": "alpaca", "mask": "prompt", "tokenizer": "byte"},
+    "train": {"batch_size": 16, "seq_len": 256, "log_every": 1},
+    "optimizer": {"name": "adamw", "lr": 3e-3, "schedule": "constant", "clip": 1.0, "weight_decay": 0.0},
+    "checkpoint": {"every": 0, "keep": 1, "async_save": False},
+}
+
+
+def tiny_config(tmp_path: Path, *overrides: str) -> SFTConfig:
+    data = apply_overrides(TINY_RUN, [f"output_dir={tmp_path}", *overrides])
+    return from_dict(SFTConfig, data)
+
+
+def metrics(output_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def memorised_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("memorise")
+    config = tiny_config(out, "data.train=[{path: 'demo:instructions', limit: 16}]", "data.shuffle=false",
+                         "data.eval=[{path: 'demo:instructions', limit: 16}]", "train.steps=120",
+                         "train.eval_every=120", "optimizer.lr=1e-2", "optimizer.schedule=cosine",
+                         "optimizer.warmup=10", "mesh.fsdp=8")
+    assert train_sft(config) == 0
+    return out
+
+
+def test_tiny_model_memorises_a_small_set(memorised_run):
+    lines = metrics(memorised_run)
+    train_lines = [line for line in lines if "loss" in line]
+    assert train_lines[0]["loss"] > 3.0
+    assert train_lines[-1]["loss"] < 0.05
+    (final_eval,) = [line for line in lines if "eval_loss" in line]
+    assert final_eval["eval_loss"] < 0.05
+    assert final_eval["eval_perplexity"] == pytest.approx(np.exp(final_eval["eval_loss"]))
+    assert final_eval["eval_correct"] > 0.99
+
+
+def test_export_loads_in_transformers_and_reproduces_the_training_data(memorised_run):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jaxalign.data import build_loader
+
+    hf_dir = memorised_run / "hf"
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir)
+    data_config = tiny_config(memorised_run, "data.train=[{path: 'demo:instructions', limit: 16}]",
+                              "data.shuffle=false").data
+    batch = next(build_loader(data_config, tokenizer, batch_size=1, seq_len=256))
+    trained = np.flatnonzero(batch["loss_mask"][0])
+    prompt = batch["input_ids"][0, : trained[0] + 1]
+    expected = batch["targets"][0, trained]
+    assert expected[-1] == tokenizer.eos_token_id
+    output = model.generate(torch.tensor(prompt[None].astype(np.int64)), max_new_tokens=len(expected) + 4,
+                            do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert output[0, len(prompt):].tolist() == expected.tolist()
+
+
+def test_losses_do_not_depend_on_devices_or_accumulation(tmp_path):
+    """(1 device, accumulation 1) in a fresh process vs (8 fake devices, accumulation 2), same global batch."""
+    common = ["train.steps=3", "data.eval_fraction=0.05", "train.eval_every=3", "data.pack=true"]
+    single = tmp_path / "single"
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(json.dumps(apply_overrides(TINY_RUN, common)))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "jaxalign.cli", "sft", str(config_file), f"output_dir={single}", "mesh.fsdp=1"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    sharded = tmp_path / "sharded"
+    assert train_sft(tiny_config(sharded, *common, "train.grad_accum=2", "mesh.data=2", "mesh.fsdp=4")) == 0
+    for one, eight in zip(metrics(single), metrics(sharded), strict=True):
+        assert one["step"] == eight["step"]
+        for key in ("loss", "grad_norm", "eval_loss"):
+            if key in one:
+                assert eight[key] == pytest.approx(one[key], rel=1e-5), (one["step"], key)
+
+
+def test_missing_tokenizer_is_a_config_error(tmp_path, capsys):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(json.dumps(apply_overrides(TINY_RUN, ["data.tokenizer=null"])))
+    assert main(["sft", str(config_file), f"output_dir={tmp_path}"]) == 2
+    assert "'data.tokenizer' is required" in capsys.readouterr().err
+
+
+def test_pretrained_architecture_cannot_be_overridden(tmp_path, memorised_run, capsys):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(json.dumps(TINY_RUN))
+    code = main(["sft", str(config_file), f"output_dir={tmp_path}", f"model.path={memorised_run / 'hf'}",
+                 "model.config={hidden_size: 32}"])
+    assert code == 2
+    assert "model.config.hidden_size': cannot change a pretrained model's architecture" in capsys.readouterr().err
