@@ -57,11 +57,15 @@ def single_device(model, batch):
     return loss_and_grads(model, batch, run_config(), devices=jax.devices()[:1])
 
 
-def assert_trees_close(actual, expected, rtol=1e-5):
+def assert_trees_close(actual, expected, rtol=1e-5) -> float:
+    """Checks every leaf's max difference relative to the leaf's scale; returns the largest."""
+    worst = 0.0
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(actual)[0], jax.tree.leaves(expected)):
         scale = max(float(np.max(np.abs(b))), 1e-12)
         err = float(np.max(np.abs(a - b))) / scale
         assert err <= rtol, f"{jax.tree_util.keystr(path)}: relative difference {err:.2e}"
+        worst = max(worst, err)
+    return worst
 
 
 @pytest.mark.parametrize("mesh, grad_accum", [((8, 1, 1), 1), ((1, 8, 1), 1), ((2, 2, 2), 1), ((1, 4, 2), 2)])
@@ -70,7 +74,9 @@ def test_sharded_gradients_equal_single_device(model, batch, single_device, mesh
     ref_loss, ref_grads, ref_params = single_device
     assert_trees_close(params, ref_params, rtol=0.0)
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss)
-    assert_trees_close(grads, ref_grads)
+    worst = assert_trees_close(grads, ref_grads)
+    print(f"mesh {mesh} accum {grad_accum}: loss rel diff {abs(loss - ref_loss) / abs(ref_loss):.1e}, "
+          f"largest gradient rel diff {worst:.1e}")
 
 
 def test_fsdp_splits_params_and_optimizer_state(model):
