@@ -14,10 +14,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxalign.errors import JaxalignError
 from jaxalign.models.llama import init_cache
+from jaxalign.sharding import DEFAULT_RULES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +153,8 @@ def generate(
     (`lax.while_loop`, stopping as soon as every row is done) on a cache of `prompt_bucket + max_new_tokens` slots.
     A row stops after a token in `stop_token_ids` (default: the model's EOS ids); stop tokens are masked until
     `min_new_tokens` tokens exist. Sharded params are used where they are (no copies): pass the `mesh` and logical
-    `rules` they were sharded with, and the batch and KV cache are sharded by the same rules.
+    `rules` (default: `jaxalign.sharding.DEFAULT_RULES`) they were sharded with; the batch and KV cache are then
+    sharded by the same rules and the (small) outputs come back replicated on every process.
 
     `on_tokens(tokens [B], active [B])` is called from the device loop after each step (for streaming); rows beyond
     `len(prompts)` are batch padding.
@@ -173,6 +175,8 @@ def generate(
             raise JaxalignError("sampling with temperature > 0 needs an explicit rng")
         rng = jax.random.key(0)
 
+    if mesh is not None and rules is None:
+        rules = tuple(DEFAULT_RULES.items())
     batch_multiple = 1 if mesh is None else _batch_shards(mesh, rules)
     batch = -(-bucket_size(len(prompts)) // batch_multiple) * batch_multiple
     length = bucket_size(max(len(p) for p in prompts), min_prompt_bucket)
@@ -334,4 +338,6 @@ def _generate_program(model, max_new_tokens, sampling, mesh, rules, on_tokens):
         _, _, _, (_, _, _, tokens, logprobs, lengths) = state
         return tokens, logprobs, lengths
 
-    return jax.jit(run)
+    if mesh is None:
+        return jax.jit(run)
+    return jax.jit(run, out_shardings=NamedSharding(mesh, PartitionSpec()))

@@ -202,9 +202,7 @@ class CompileCounter:
 def test_calls_in_the_same_bucket_do_not_recompile(tiny):
     model, params = tiny
     sampling = SamplingParams(temperature=1.0, top_k=20)
-    with CompileCounter() as first:
-        generate(model, params, PROMPTS, NEW, rng=jax.random.key(0), sampling=sampling)
-    assert first.count >= 1
+    generate(model, params, PROMPTS, NEW, rng=jax.random.key(0), sampling=sampling)
     other_prompts = [[1, 2, 3], [4] * 16, [9, 8], [7, 7, 7, 7, 7]]
     with CompileCounter() as later:
         generate(model, params, other_prompts, NEW, rng=jax.random.key(1), sampling=sampling)
