@@ -105,6 +105,8 @@ def params_initializer(base_config, load, new_vocab_size: int, mesh_config):
         return load
 
     def init_params(shardings):
+        import warnings
+
         import jax
 
         from jaxalign import sharding as shd
@@ -116,9 +118,12 @@ def params_initializer(base_config, load, new_vocab_size: int, mesh_config):
         mesh = jax.tree.leaves(shardings)[0].mesh
         boxed = jax.eval_shape(model_init_fn(LlamaForCausalLM(base_config)), jax.random.PRNGKey(0))
         params = load(param_shardings(boxed, mesh, shd.logical_rules(mesh_config)))
+        # Donation lets every unchanged weight keep its buffer; only the grown embedding tables are new.
         grow = jax.jit(lambda p: resize_embeddings(p, base_config, new_vocab_size)[0], out_shardings=shardings,
                        donate_argnums=0)
-        return grow(params)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            return grow(params)
 
     return init_params
 

@@ -108,3 +108,47 @@ def test_pretrained_architecture_cannot_be_overridden(tmp_path, memorised_run, c
                  "model.config={hidden_size: 32}"])
     assert code == 2
     assert "model.config.hidden_size': cannot change a pretrained model's architecture" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_fine_tune_lowers_eval_loss_and_exports(smollm2_dir, llamafactory_data, tmp_path):
+    """SmolLM2-135M-Instruct, a few steps on alpaca_en_demo.json with Alpaca's added [PAD] token."""
+    import jax
+
+    pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import jaxalign
+    from jaxalign.data import build_loader, load_tokenizer, prepare_tokenizer
+    from jaxalign.objectives.sft import make_loss_fn, resize_embeddings
+
+    config = from_dict(SFTConfig, {
+        "output_dir": str(tmp_path / "run"),
+        "model": {"path": str(smollm2_dir)},
+        "data": {"train": str(llamafactory_data / "alpaca_en_demo.json"), "eval_fraction": 0.02,
+                 "template": "alpaca", "mask": "prompt", "pad_token": "[PAD]"},
+        "train": {"steps": 4, "batch_size": 8, "seq_len": 128, "log_every": 1, "eval_every": 4},
+        "optimizer": {"name": "adamw", "lr": 1e-4, "schedule": "constant", "weight_decay": 0.0},
+        "checkpoint": {"every": 0, "keep": 1, "async_save": False},
+    })
+    tokenizer = load_tokenizer(str(smollm2_dir))
+    assert prepare_tokenizer(config.data, tokenizer) == ["[PAD]"]
+    model, params = jaxalign.load_pretrained(smollm2_dir)
+    params, grown = resize_embeddings(params, model.config, len(tokenizer))
+    loss_fn = jax.jit(make_loss_fn(type(model)(grown)))
+    sums = [loss_fn(params, batch, None) for batch in
+            build_loader(config.data, tokenizer, batch_size=8, seq_len=128, split="eval")]
+    before = sum(float(s) for s, _ in sums) / sum(float(aux["weight"]) for _, aux in sums)
+
+    assert train_sft(config) == 0
+    (after,) = [line["eval_loss"] for line in metrics(config.output_dir) if "eval_loss" in line]
+    assert after < before, (before, after)
+
+    hf_dir = tmp_path / "run" / "hf"
+    exported = AutoModelForCausalLM.from_pretrained(hf_dir)
+    hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    assert exported.config.vocab_size == len(hf_tokenizer) == 49153
+    prompt = hf_tokenizer("### Instruction:\nName a color.\n\n### Response:\n", return_tensors="pt")
+    output = exported.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assert output.shape[1] > prompt["input_ids"].shape[1]
+    assert hf_tokenizer.decode(output[0, prompt["input_ids"].shape[1]:]).strip()
