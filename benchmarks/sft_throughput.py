@@ -1,0 +1,312 @@
+"""SFT training throughput: jaxalign's real train step against transformers + PyTorch on the same tokens.
+
+    python benchmarks/sft_throughput.py                  # CPU: ~60M-parameter LLaMA, batch 8 x 512, float32
+    python benchmarks/sft_throughput.py --device gpu     # GPU: ~1B-parameter LLaMA, batch 8 x 2048, bfloat16
+
+Both sides train the same architecture (untied LLaMA, SwiGLU, RoPE, full attention) with AdamW and global-norm
+clipping at 1.0 on identical random token batches, loss on every token. Each side runs one untimed step first
+(compilation, allocation), then `--steps` timed steps. Printed: tokens/s of each, their ratio, and jaxalign's model
+FLOP/s as a fraction of the matmul peak measured in the same run (a jitted square matmul in the same dtype).
+
+Model FLOPs per token = 6 x (weights used in matmuls, i.e. all but the input embedding table)
+                        + 12 x layers x seq_len x hidden (attention scores and weighted sum, forward + backward),
+the usual accounting of the PaLM paper; remat recomputation is not counted.
+`--breakdown` adds timings of the pieces of one jaxalign step (forward, forward + backward, optimiser update, and
+the attention core alone) to show what limits it.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import time
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    batch_size: int
+    seq_len: int
+    dtype: str
+    remat: str = "none"
+
+    def matmul_params(self) -> int:
+        """Weights that take part in matmuls: attention and MLP projections of every layer plus the LM head."""
+        per_layer = 4 * self.hidden_size * self.hidden_size + 3 * self.hidden_size * self.intermediate_size
+        return self.num_layers * per_layer + self.hidden_size * self.vocab_size
+
+    def total_params(self) -> int:
+        norms = (2 * self.num_layers + 1) * self.hidden_size
+        return self.matmul_params() + self.vocab_size * self.hidden_size + norms
+
+    def flops_per_token(self) -> float:
+        return 6.0 * self.matmul_params() + 12.0 * self.num_layers * self.seq_len * self.hidden_size
+
+
+SETUPS = {
+    "cpu": Setup(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_layers=8, num_heads=8,
+                 batch_size=8, seq_len=512, dtype="float32"),
+    "gpu": Setup(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_layers=16, num_heads=16,
+                 batch_size=8, seq_len=2048, dtype="bfloat16", remat="full"),
+}
+
+
+def token_batches(setup: Setup, count: int, seed: int = 0) -> list[dict]:
+    """Random token rows `[B, L + 1]` split into inputs and next-token targets, every token trained."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(count):
+        tokens = rng.integers(0, setup.vocab_size, (setup.batch_size, setup.seq_len + 1), dtype=np.int32)
+        ones = np.ones((setup.batch_size, setup.seq_len), np.int32)
+        batches.append({
+            "input_ids": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": ones, "segment_ids": ones,
+            "positions": np.broadcast_to(np.arange(setup.seq_len, dtype=np.int32), ones.shape).copy(),
+        })
+    return batches
+
+
+def matmul_peak(dtype: str, size: int, repeats: int = 10) -> float:
+    """Best FLOP/s of a jitted `size x size` matmul in `dtype` (accumulating in float32)."""
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(keys[0], (size, size), jnp.float32).astype(dtype)
+    b = jax.random.normal(keys[1], (size, size), jnp.float32).astype(dtype)
+    matmul = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size**3 / best
+
+
+def jaxalign_model(setup: Setup):
+    from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=setup.vocab_size, hidden_size=setup.hidden_size, intermediate_size=setup.intermediate_size,
+        num_layers=setup.num_layers, num_heads=setup.num_heads, num_kv_heads=setup.num_heads,
+        max_position_embeddings=setup.seq_len, dtype=setup.dtype, param_dtype="float32", remat=setup.remat,
+    )
+    return LlamaForCausalLM(config)
+
+
+def jaxalign_run(setup: Setup, batches: list[dict], steps: int, breakdown: bool) -> dict:
+    """Tokens/s of `jaxalign.train.step.train_step` compiled as the training loop compiles it."""
+    import jax
+    from flax import linen as nn
+
+    from jaxalign import sharding as shd
+    from jaxalign.config import RunConfig, from_dict
+    from jaxalign.objectives.sft import make_loss_fn
+    from jaxalign.train import state as st
+    from jaxalign.train.loop import model_init_fn, plan
+    from jaxalign.train.step import train_step
+
+    config = from_dict(RunConfig, {
+        "train": {"steps": steps + 1, "batch_size": setup.batch_size, "seq_len": setup.seq_len},
+        "optimizer": {"name": "adamw", "lr": 1e-4, "schedule": "constant", "b1": 0.9, "b2": 0.999, "eps": 1e-8,
+                      "weight_decay": 0.0, "clip": 1.0},
+        "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+    })
+    model = jaxalign_model(setup)
+    loss_fn = make_loss_fn(model)
+    layout = plan(config, model)
+    with jax.set_mesh(layout.mesh), nn.logical_axis_rules(layout.rules):
+        state = st.init_state(model_init_fn(model), layout.tx, config.seed, layout.shardings)
+        device_batches = [shd.global_batch(b, layout.mesh, layout.rules) for b in batches]
+        batch_shardings = jax.tree.map(lambda x: x.sharding, device_batches[0])
+        batch_spec = shd.spec_for(("batch",), layout.rules)
+        step = jax.jit(
+            lambda s, b: train_step(s, b, loss_fn=loss_fn, tx=layout.tx, schedule=layout.schedule, grad_accum=1,
+                                    batch_spec=batch_spec),
+            in_shardings=(layout.shardings, batch_shardings), donate_argnums=0,
+        )
+        start = time.perf_counter()
+        state, metrics = step(state, device_batches[0])
+        jax.block_until_ready(metrics)
+        first_step_s = time.perf_counter() - start
+        losses = []
+        start = time.perf_counter()
+        for i in range(steps):
+            state, metrics = step(state, device_batches[(i + 1) % len(device_batches)])
+            losses.append(metrics["loss"])
+        jax.block_until_ready(losses)
+        elapsed = time.perf_counter() - start
+        result = {
+            "tokens_per_s": steps * setup.batch_size * setup.seq_len / elapsed,
+            "step_s": elapsed / steps,
+            "first_step_s": first_step_s,
+            "losses": [round(float(x), 4) for x in losses],
+        }
+        if breakdown:
+            result["breakdown_s"] = step_breakdown(setup, model, loss_fn, state, device_batches[0], layout.tx)
+    return result
+
+
+def _best_time(fn, *args, repeats: int = 3) -> float:
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def step_breakdown(setup: Setup, model, loss_fn, state, batch: dict, tx) -> dict:
+    """Seconds of the parts of one step, each compiled on its own (so XLA fuses them differently than the whole)."""
+    import jax
+    import jax.numpy as jnp
+
+    params = state.params
+    forward = jax.jit(lambda p, b: loss_fn(p, b, None)[0])
+    grads_fn = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None)[0]))
+    grads = grads_fn(params, batch)
+    update = jax.jit(lambda g, o, p: tx.update(g, o, p))
+    heads, head_dim = setup.num_heads, setup.hidden_size // setup.num_heads
+    shape = (setup.batch_size, setup.seq_len, heads, head_dim)
+    q = jnp.ones(shape, setup.dtype)
+    mask = jnp.tril(jnp.ones((setup.seq_len, setup.seq_len), bool))[None]
+
+    def attention_core(q, k, v):
+        scores = jnp.einsum("blhd,bshd->bhls", q, k).astype(jnp.float32) * head_dim**-0.5
+        probs = jax.nn.softmax(jnp.where(mask[:, None], scores, -1e30), axis=-1).astype(v.dtype)
+        return jnp.einsum("bhls,bshd->blhd", probs, v)
+
+    attention = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attention_core(q, k, v).astype(jnp.float32)),
+                                 argnums=(0, 1, 2)))
+    return {
+        "forward": round(_best_time(forward, params, batch), 4),
+        "forward_backward": round(_best_time(grads_fn, params, batch), 4),
+        "optimizer_update": round(_best_time(update, grads, state.opt_state, params), 4),
+        "attention_core_fwd_bwd_all_layers": round(setup.num_layers * _best_time(attention, q, q, q), 4),
+    }
+
+
+def torch_run(setup: Setup, batches: list[dict], steps: int, device: str) -> dict:
+    """transformers' LlamaForCausalLM (SDPA attention) + torch AdamW, eager, on the same token batches."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=setup.vocab_size, hidden_size=setup.hidden_size, intermediate_size=setup.intermediate_size,
+        num_hidden_layers=setup.num_layers, num_attention_heads=setup.num_heads,
+        num_key_value_heads=setup.num_heads, max_position_embeddings=setup.seq_len, tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    target = torch.device("cuda" if device == "gpu" else "cpu")
+    model = transformers.LlamaForCausalLM(config).to(target)
+    if setup.remat != "none":
+        model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    autocast = torch.autocast(target.type, dtype=torch.bfloat16, enabled=setup.dtype == "bfloat16")
+
+    def step(batch):
+        input_ids = torch.from_numpy(batch["input_ids"]).long().to(target)
+        targets = torch.from_numpy(batch["targets"]).long().to(target)
+        with autocast:
+            logits = model(input_ids=input_ids).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, setup.vocab_size), targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def sync():
+        if target.type == "cuda":
+            torch.cuda.synchronize()
+
+    start = time.perf_counter()
+    step(batches[0])
+    sync()
+    first_step_s = time.perf_counter() - start
+    losses = []
+    start = time.perf_counter()
+    for i in range(steps):
+        losses.append(step(batches[(i + 1) % len(batches)]))
+    sync()
+    elapsed = time.perf_counter() - start
+    return {
+        "tokens_per_s": steps * setup.batch_size * setup.seq_len / elapsed,
+        "step_s": elapsed / steps,
+        "first_step_s": first_step_s,
+        "losses": [round(float(x), 4) for x in losses],
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=sorted(SETUPS), default="cpu")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per framework")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--remat", default=None, help="jaxalign remat policy (none, full, dots, ...)")
+    parser.add_argument("--skip-torch", action="store_true", help="measure jaxalign only")
+    parser.add_argument("--breakdown", action="store_true", help="also time the parts of one jaxalign step")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    args = parser.parse_args(argv)
+
+    setup = SETUPS[args.device]
+    changes = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len),
+                                 ("remat", args.remat)) if v is not None}
+    setup = dataclasses.replace(setup, **changes)
+    batches = token_batches(setup, count=2)
+
+    import jax
+
+    results = {
+        "setup": dataclasses.asdict(setup),
+        "parameters": setup.total_params(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+                   f"jax devices: {jax.devices()[0].device_kind} x {jax.device_count()}",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "load_average_before": os.getloadavg(),
+    }
+    peak_size = 2048 if args.device == "cpu" else 8192
+    results["matmul_peak_flops"] = matmul_peak(setup.dtype, peak_size)
+    results["jaxalign"] = jaxalign_run(setup, batches, args.steps, args.breakdown)
+    model_flops = results["jaxalign"]["tokens_per_s"] * setup.flops_per_token()
+    results["jaxalign"]["model_flops_per_s"] = model_flops
+    results["jaxalign"]["fraction_of_matmul_peak"] = model_flops / results["matmul_peak_flops"]
+    if not args.skip_torch:
+        results["torch"] = torch_run(setup, batches, args.steps, args.device)
+        results["speedup_vs_torch"] = results["jaxalign"]["tokens_per_s"] / results["torch"]["tokens_per_s"]
+    results["load_average_after"] = os.getloadavg()
+
+    print(f"model: {setup.total_params() / 1e6:.1f}M parameters, batch {setup.batch_size} x {setup.seq_len}, "
+          f"{setup.dtype}, remat {setup.remat}; {results['machine']}")
+    print(f"{setup.dtype} matmul peak ({peak_size}^3): {results['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
+    jx = results["jaxalign"]
+    print(f"jaxalign: {jx['tokens_per_s']:.0f} tokens/s ({jx['step_s']:.2f} s/step, first step {jx['first_step_s']:.1f} s)"
+          f", {model_flops / 1e9:.1f} model GFLOP/s = {100 * jx['fraction_of_matmul_peak']:.1f}% of matmul peak")
+    if "torch" in results:
+        th = results["torch"]
+        print(f"pytorch:  {th['tokens_per_s']:.0f} tokens/s ({th['step_s']:.2f} s/step, {th['threads']} threads)")
+        print(f"jaxalign / pytorch: {results['speedup_vs_torch']:.2f}x")
+    if "breakdown_s" in jx:
+        print("jaxalign step parts (s): " + ", ".join(f"{k} {v}" for k, v in jx["breakdown_s"].items()))
+    print(f"load average before / after: {results['load_average_before']} / {results['load_average_after']}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+
+if __name__ == "__main__":
+    main()
