@@ -84,7 +84,7 @@ def pretrained_model_config(section):
     else:
         raise JaxalignError(
             f"config key 'model.path': {path} is neither a Hugging Face folder (config.json) nor a jaxalign model "
-            "checkpoint (jaxalign_model.json)"
+            "checkpoint (jaxalign_model.json); to train from random weights set model.path=null and model.config"
         )
     changed = sorted(set(section.config) - set(PRETRAINED_OVERRIDES))
     if changed:

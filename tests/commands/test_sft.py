@@ -152,3 +152,11 @@ def test_smollm2_fine_tune_lowers_eval_loss_and_exports(smollm2_dir, llamafactor
     output = exported.generate(**prompt, max_new_tokens=8, do_sample=False)
     assert output.shape[1] > prompt["input_ids"].shape[1]
     assert hf_tokenizer.decode(output[0, prompt["input_ids"].shape[1]:]).strip()
+
+
+def test_missing_model_path_says_how_to_train_from_scratch(tmp_path, capsys):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(json.dumps(TINY_RUN))
+    assert main(["sft", str(config_file), f"output_dir={tmp_path}", f"model.path={tmp_path / 'nowhere'}"]) == 2
+    err = capsys.readouterr().err
+    assert "'model.path'" in err and "nowhere is neither a Hugging Face folder" in err and "model.path=null" in err
