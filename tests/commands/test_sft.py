@@ -13,9 +13,9 @@ from jaxalign.config import apply_overrides, from_dict
 
 TINY_RUN = {
     "seed": 0,
-    "model": {"config": {"preset": "tiny", "max_position_embeddings": 256}},
-    "data": {"train": "demo:instructions", "template": "alpaca", "mask": "prompt", "tokenizer": "byte"},
-    "train": {"batch_size": 16, "seq_len": 256, "log_every": 1},
+    "model": {"config": {"preset": "tiny"}},
+    "data": {"train": "demo:instructions", "template": "plain", "mask": "prompt", "tokenizer": "byte"},
+    "train": {"batch_size": 16, "seq_len": 128, "log_every": 1},
     "optimizer": {"name": "adamw", "lr": 3e-3, "schedule": "constant", "clip": 1.0, "weight_decay": 0.0},
     "checkpoint": {"every": 0, "keep": 1, "async_save": False},
 }
@@ -63,7 +63,7 @@ def test_export_loads_in_transformers_and_reproduces_the_training_data(memorised
     model = AutoModelForCausalLM.from_pretrained(hf_dir)
     data_config = tiny_config(memorised_run, "data.train=[{path: 'demo:instructions', limit: 16}]",
                               "data.shuffle=false").data
-    batch = next(build_loader(data_config, tokenizer, batch_size=1, seq_len=256))
+    batch = next(build_loader(data_config, tokenizer, batch_size=1, seq_len=128))
     trained = np.flatnonzero(batch["loss_mask"][0])
     prompt = batch["input_ids"][0, : trained[0] + 1]
     expected = batch["targets"][0, trained]
