@@ -174,7 +174,7 @@ def train_sft(config: SFTConfig) -> int:
         eval_data = lambda: eval_loader  # noqa: E731 - the eval loader restarts after each full pass
 
     if added:
-        _say(f"added tokens {added} to the tokenizer; embeddings grown to {model_config.vocab_size} rows")
+        _say(f"added tokens {added} to the tokenizer; the model's vocabulary has {model_config.vocab_size} rows")
     state = train(config, model, make_loss_fn(model), train_loader, init_params=init_params, eval_data=eval_data,
                   eval_derived=perplexity)
 
