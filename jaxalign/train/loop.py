@@ -181,6 +181,7 @@ def _run(config, layout: Layout, model, loss_fn, train_data, init_params, eval_d
             checkpoint_due = config.checkpoint.every and step % config.checkpoint.every == 0
             stopping = stop.requested()
             if step % config.train.log_every == 0 or step == total or stopping:
+                window.check_finite()  # waits for the window's steps, so the clock below includes their device time
                 line = window.line(time.perf_counter())
                 logger.write(line)
                 progress.set_postfix(loss=f"{line['loss']:.4f}")
