@@ -106,3 +106,16 @@ def test_orca_stage2_starts_from_stage1_export(tmp_path):
     first = [json.loads(line) for line in (tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines()]
     second = [json.loads(line) for line in (tmp_path / "stage2" / "metrics.jsonl").read_text().splitlines()]
     assert second[0]["loss"] < first[0]["loss"]
+
+
+def test_quickstart_config_trains_from_scratch(tmp_path):
+    """configs/tiny/sft.yaml as the Quickstart runs it, shortened to 3 steps."""
+    config = load_config(SFTConfig, CONFIGS / "tiny" / "sft.yaml",
+                         [f"output_dir={tmp_path}", "train.steps=3", "optimizer.warmup=1", "train.log_every=1",
+                          "train.eval_every=3", "checkpoint.every=0"])
+    assert config.model.path is None and config.data.tokenizer == "byte"
+    assert train_sft(config) == 0
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 3]
+    assert lines[-1]["eval_perplexity"] > 1
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
