@@ -73,6 +73,19 @@ def test_export_loads_in_transformers_and_reproduces_the_training_data(memorised
     assert output[0, len(prompt):].tolist() == expected.tolist()
 
 
+def test_starts_from_a_jaxalign_model_checkpoint(memorised_run, tmp_path):
+    import jaxalign
+    from jaxalign.models.checkpoint import save_model_checkpoint
+
+    model, params = jaxalign.load_pretrained(memorised_run / "hf")
+    save_model_checkpoint(tmp_path / "checkpoint", model.config, params)
+    config = tiny_config(tmp_path / "run", f"model.path={tmp_path / 'checkpoint'}", "model.config={}",
+                         "data.train=[{path: 'demo:instructions', limit: 16}]", "train.steps=1", "mesh.fsdp=8")
+    assert train_sft(config) == 0
+    (line,) = metrics(tmp_path / "run")
+    assert line["loss"] < 0.05
+
+
 def test_losses_do_not_depend_on_devices_or_accumulation(tmp_path):
     """(1 device, accumulation 1) in a fresh process vs (8 fake devices, accumulation 2), same global batch."""
     common = ["train.steps=3", "data.eval_fraction=0.05", "train.eval_every=3", "data.pack=true"]
