@@ -117,3 +117,18 @@ def test_resize_embeddings_refuses_to_shrink(tiny_model):
     with pytest.raises(JaxalignError, match="cannot shrink the vocabulary from 64 to 10"):
         resize_embeddings(params, config, 10)
     assert resize_embeddings(params, config, 64) == (params, config)
+
+
+def test_residual_dropout_is_active_only_with_an_rng():
+    from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig.tiny(vocab_size=11, residual_dropout=(0.0, 0.3)))
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
+    batch = lm_batch(np.random.default_rng(4))
+    loss_fn = jax.jit(make_loss_fn(model))
+    deterministic = float(loss_fn(params, batch, None)[0])
+    first = float(loss_fn(params, batch, jax.random.key(1))[0])
+    assert first != deterministic
+    assert float(loss_fn(params, batch, jax.random.key(1))[0]) == first
+    assert float(loss_fn(params, batch, jax.random.key(2))[0]) != first
