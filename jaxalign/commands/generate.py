@@ -70,21 +70,21 @@ def read_prompts(path: Path) -> list[tuple[int, dict]]:
 
 
 def load_model(path: Path, dtype: str | None):
-    """(model, params) from a Hugging Face folder (has config.json) or a jaxalign model checkpoint folder."""
+    """(model, params) from a Hugging Face folder (config.json) or a jaxalign model checkpoint (jaxalign_model.json)."""
+    from jaxalign.models.checkpoint import CONFIG_FILE, is_model_checkpoint, load_model_checkpoint
+
     if not path.is_dir():
         raise JaxalignError(f"model folder {path} does not exist")
-    if (path / "config.json").is_file():
-        import jaxalign
+    if is_model_checkpoint(path):
+        return load_model_checkpoint(path, dtype=dtype)
+    if not (path / "config.json").is_file():
+        raise JaxalignError(
+            f"{path} is neither a Hugging Face model folder (config.json) nor a jaxalign model checkpoint "
+            f"({CONFIG_FILE})"
+        )
+    import jaxalign
 
-        return jaxalign.load_pretrained(path, dtype=dtype)
-    from jaxalign.models.checkpoint import load_model_checkpoint
-
-    model, params = load_model_checkpoint(path)
-    if dtype is not None and dtype != model.config.dtype:
-        import dataclasses
-
-        model = type(model)(dataclasses.replace(model.config, dtype=dtype))
-    return model, params
+    return jaxalign.load_pretrained(path, dtype=dtype)
 
 
 def load_tokenizer(model_path: Path, tokenizer_path: Path | None):

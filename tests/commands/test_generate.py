@@ -144,6 +144,8 @@ def test_bad_options_and_paths_are_reported(model_dir, tmp_path, capsys):
     assert exit_info.value.code == 2 and "unrecognized arguments: --temprature" in capsys.readouterr().err
     assert run_generate(tmp_path / "missing", prompts, tmp_path / "out.jsonl") == 2
     assert "model folder" in capsys.readouterr().err
+    assert run_generate(tmp_path, prompts, tmp_path / "out.jsonl") == 2
+    assert "neither a Hugging Face model folder (config.json) nor a jaxalign model checkpoint" in capsys.readouterr().err
     assert run_generate(model_dir, tmp_path / "none.jsonl", tmp_path / "out.jsonl") == 2
     assert "none.jsonl does not exist" in capsys.readouterr().err
     assert run_generate(model_dir, prompts, tmp_path / "out.jsonl", "--top-p", "1.5") == 2
@@ -156,3 +158,16 @@ def test_bad_options_and_paths_are_reported(model_dir, tmp_path, capsys):
     (no_template / "chat_template.jinja").unlink(missing_ok=True)
     assert run_generate(no_template, prompts, tmp_path / "out.jsonl") == 2
     assert "no chat template" in capsys.readouterr().err
+
+
+def test_a_jaxalign_model_checkpoint_generates_like_its_hugging_face_folder(model_dir, tmp_path):
+    import jaxalign
+    from jaxalign.models.checkpoint import save_model_checkpoint
+
+    model, params = jaxalign.load_pretrained(model_dir)
+    save_model_checkpoint(tmp_path / "ckpt", model.config, params)
+    prompts = write_lines(tmp_path / "prompts.jsonl", RECORDS)
+    assert run_generate(model_dir, prompts, tmp_path / "hf.jsonl", "--temperature", "0") == 0
+    assert run_generate(tmp_path / "ckpt", prompts, tmp_path / "ckpt.jsonl", "--temperature", "0",
+                        "--tokenizer", str(model_dir)) == 0
+    assert read_lines(tmp_path / "ckpt.jsonl") == read_lines(tmp_path / "hf.jsonl")
