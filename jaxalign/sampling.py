@@ -156,14 +156,16 @@ def generate(
     `rules` (default: `jaxalign.sharding.DEFAULT_RULES`) they were sharded with; the batch and KV cache are then
     sharded by the same rules and the (small) outputs come back replicated on every process.
 
-    `on_tokens(tokens [B], active [B])` is called from the device loop after each step (for streaming); rows beyond
-    `len(prompts)` are batch padding.
+    `on_tokens(tokens [B], active [B])` is called from the device loop after each step (for streaming, single device
+    only: JAX orders host callbacks on one device); rows beyond `len(prompts)` are batch padding.
     """
     config = model.config
     if max_new_tokens < 1:
         raise JaxalignError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not 0 <= min_new_tokens <= max_new_tokens:
         raise JaxalignError(f"min_new_tokens must be in 0..max_new_tokens={max_new_tokens}, got {min_new_tokens}")
+    if on_tokens is not None and mesh is not None:
+        raise JaxalignError("streaming with on_tokens runs on a single device; call generate without a mesh")
     prompts = _checked_prompts(prompts, config, max_new_tokens, truncate_prompts)
     if stop_token_ids is None:
         eos = config.eos_token_id

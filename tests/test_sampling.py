@@ -251,6 +251,8 @@ def test_sharded_params_on_a_mesh_give_the_same_completions(tiny):
     out = generate(model, sharded, PROMPTS, NEW, mesh=mesh, rules=rules)
     np.testing.assert_array_equal(out.tokens, expected.tokens)
     np.testing.assert_allclose(out.logprobs, expected.logprobs, atol=1e-5)
+    with pytest.raises(JaxalignError, match="on_tokens runs on a single device"):
+        generate(model, sharded, PROMPTS, NEW, mesh=mesh, rules=rules, on_tokens=print)
 
 
 def test_too_long_prompts_fail_clearly_or_are_truncated(tiny):
