@@ -95,7 +95,9 @@ def sample_logits(rng: jax.Array, logits: jax.Array, params: SamplingParams) -> 
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """log p(token) under the model's raw distribution (temperature 1, no top-k / top-p): `[..., V]`, `[...]` -> `[...]`.
+    """log p(token) under the model's raw distribution (temperature 1, no top-k / top-p).
+
+    logits `[..., V]`, tokens `[...]` -> `[...]`.
     """
     logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return jnp.take_along_axis(logprobs, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]

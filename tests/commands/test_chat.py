@@ -57,7 +57,8 @@ def test_multi_turn_chat_streams_replies_that_continue_the_conversation(model_di
     model, params = jaxalign.load_pretrained(model_dir)
 
     def reply_to(messages):
-        result = generate(model, params, [encode_chat(tokenizer, messages)], 6, stop_token_ids=(tokenizer.eos_token_id,))
+        prompt = encode_chat(tokenizer, messages)
+        result = generate(model, params, [prompt], 6, stop_token_ids=(tokenizer.eos_token_id,))
         return tokenizer.decode(result.completions()[0], skip_special_tokens=True)
 
     system = {"role": "system", "content": "Be brief."}

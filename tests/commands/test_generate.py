@@ -145,7 +145,7 @@ def test_bad_options_and_paths_are_reported(model_dir, tmp_path, capsys):
     assert run_generate(tmp_path / "missing", prompts, tmp_path / "out.jsonl") == 2
     assert "model folder" in capsys.readouterr().err
     assert run_generate(tmp_path, prompts, tmp_path / "out.jsonl") == 2
-    assert "neither a Hugging Face model folder (config.json) nor a jaxalign model checkpoint" in capsys.readouterr().err
+    assert "neither a Hugging Face model folder (config.json) nor a jaxalign" in capsys.readouterr().err
     assert run_generate(model_dir, tmp_path / "none.jsonl", tmp_path / "out.jsonl") == 2
     assert "none.jsonl does not exist" in capsys.readouterr().err
     assert run_generate(model_dir, prompts, tmp_path / "out.jsonl", "--top-p", "1.5") == 2
