@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxalign.errors import JaxalignError
 from jaxalign.models.llama import init_cache
-from jaxalign.sharding import DEFAULT_RULES
+from jaxalign.sharding import DEFAULT_RULES, batch_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,8 +179,11 @@ def generate(
             raise JaxalignError("sampling with temperature > 0 needs an explicit rng")
         rng = jax.random.key(0)
 
-    if mesh is not None and rules is None:
-        rules = tuple(DEFAULT_RULES.items())
+    if mesh is not None:
+        rules = tuple(
+            (name, tuple(axes) if isinstance(axes, list) else axes)
+            for name, axes in (DEFAULT_RULES.items() if rules is None else rules)
+        )
     batch_multiple = 1 if mesh is None else _batch_shards(mesh, rules)
     batch = -(-bucket_size(len(prompts)) // batch_multiple) * batch_multiple
     length = bucket_size(max(len(p) for p in prompts), min_prompt_bucket)
@@ -192,7 +195,7 @@ def generate(
     settings = (np.asarray(stop_token_ids, np.int32).reshape(-1), np.int32(pad_id), np.int32(min_new_tokens))
     with _sharding_context(mesh, rules):
         if mesh is not None:
-            inputs = tuple(jax.device_put(x, _batch_sharding(mesh, rules, x.ndim)) for x in inputs)
+            inputs = tuple(jax.device_put(x, batch_sharding(mesh, rules, x.ndim)) for x in inputs)
         tokens, logprobs, lengths = program(params, *inputs, rng, *settings)
     n = len(prompts)
     return Generation(np.asarray(tokens)[:n], np.asarray(logprobs)[:n], np.asarray(lengths)[:n])
@@ -245,15 +248,11 @@ def _left_pad(prompts, batch: int, length: int, pad_id: int) -> tuple[np.ndarray
 
 
 def _batch_shards(mesh: Mesh, rules) -> int:
-    spec = _batch_sharding(mesh, rules, 1).spec[0]
+    spec = batch_sharding(mesh, rules, 1).spec[0]
     if spec is None:
         return 1
     axes = (spec,) if isinstance(spec, str) else spec
     return math.prod(mesh.shape[a] for a in axes)
-
-
-def _batch_sharding(mesh: Mesh, rules, ndim: int) -> NamedSharding:
-    return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), rules))
 
 
 @contextlib.contextmanager

@@ -248,7 +248,7 @@ def test_sharded_params_on_a_mesh_give_the_same_completions(tiny):
     shardings = nn.logical_to_mesh_sharding(logical_axes(model), mesh, rules)
     sharded = jax.device_put(params, shardings)
     expected = generate(model, params, PROMPTS, NEW)
-    out = generate(model, sharded, PROMPTS, NEW, mesh=mesh, rules=rules)
+    out = generate(model, sharded, PROMPTS, NEW, mesh=mesh, rules=[list(rule) for rule in rules])
     np.testing.assert_array_equal(out.tokens, expected.tokens)
     np.testing.assert_allclose(out.logprobs, expected.logprobs, atol=1e-5)
     with pytest.raises(JaxalignError, match="on_tokens runs on a single device"):
