@@ -270,7 +270,12 @@ def _dense(config: LlamaConfig, features, names, name, axis=-1, bias=False):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped key/value heads, RoPE, segment masks and an optional KV-cache layer."""
+    """Multi-head attention with grouped key/value heads, RoPE, segment masks and an optional KV-cache layer.
+
+    Projections (here, in `MLP` and in `LMHead`) run on `[B * L, ...]` token matrices: a weight gradient then
+    contracts a single token dimension, where a `[B, L, ...]` dot_general makes XLA on CPU write transposed copies of
+    the activations (a fifth of a training step's time).
+    """
 
     config: LlamaConfig
 
@@ -278,9 +283,15 @@ class Attention(nn.Module):
     def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
         cfg = self.config
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = _dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"), "q_proj", bias=cfg.attention_bias)(x)
-        k = _dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), "k_proj", bias=cfg.attention_bias)(x)
-        v = _dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), "v_proj", bias=cfg.attention_bias)(x)
+        batch, length = x.shape[:2]
+        tokens = x.reshape(batch * length, x.shape[-1])
+        bias = cfg.attention_bias
+        q = _dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"), "q_proj", bias=bias)(tokens)
+        k = _dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), "k_proj", bias=bias)(tokens)
+        v = _dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), "v_proj", bias=bias)(tokens)
+        q = q.reshape(batch, length, heads, head_dim)
+        k = k.reshape(batch, length, kv_heads, head_dim)
+        v = v.reshape(batch, length, kv_heads, head_dim)
         q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
@@ -292,16 +303,20 @@ class Attention(nn.Module):
             new_kv = (k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
 
-        batch, length = q.shape[:2]
+        # Head-major q/k/v: both attention matmuls and their gradients then contract the minor dimension of the
+        # [L, S] score tensors, so XLA transposes the small [L, head_dim] operands instead of the scores.
         groups = heads // kv_heads
-        q = q.reshape(batch, length, kv_heads, groups, head_dim)
-        scores = jnp.einsum("blkgd,bskd->bkgls", q, k).astype(jnp.float32) * (head_dim**-0.5)
+        q = q.reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        scores = jnp.einsum("bkgld,bksd->bkgls", q, k).astype(jnp.float32) * (head_dim**-0.5)
         valid = mask[:, None, None, :, :]
         scores = jnp.where(valid, scores, MASK_VALUE)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = jnp.where(jnp.any(valid, axis=-1, keepdims=True), probs, 0.0).astype(v.dtype)
-        out = jnp.einsum("bkgls,bskd->blkgd", probs, v).reshape(batch, length, heads, head_dim)
+        out = jnp.einsum("bkgls,bksd->lbkgd", probs, v)
+        out = out.transpose(1, 0, 2, 3, 4).reshape(batch * length, heads, head_dim)
         out = _dense(cfg, cfg.hidden_size, ("heads", "head_dim", "embed"), "o_proj", axis=(-2, -1))(out)
+        out = out.reshape(batch, length, cfg.hidden_size)
         return out, new_kv
 
 
@@ -313,10 +328,13 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        gate = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
-        up = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up_proj")(x)
-        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
-        return _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down_proj")(hidden)
+        tokens = x.reshape(-1, x.shape[-1])
+        gate = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(tokens)
+        up = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up_proj")(tokens)
+        hidden = (nn.silu(gate) * up).reshape(x.shape[:-1] + (cfg.intermediate_size,))
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+        out = _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down_proj")(hidden.reshape(tokens.shape[0], -1))
+        return out.reshape(x.shape[:-1] + (cfg.hidden_size,))
 
 
 def _residual_dropout(module: nn.Module, x, rate, deterministic: bool):
@@ -457,7 +475,9 @@ class LMHead(nn.Module):
             (cfg.hidden_size, cfg.vocab_size),
             cfg.params_dtype,
         )
-        return jnp.einsum("ble,ev->blv", hidden, kernel.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+        tokens = hidden.reshape(-1, hidden.shape[-1])
+        logits = jnp.dot(tokens, kernel.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+        return logits.reshape(hidden.shape[:-1] + (cfg.vocab_size,))
 
 
 class LlamaForCausalLM(nn.Module):
@@ -477,7 +497,9 @@ class LlamaForCausalLM(nn.Module):
         if self.config.tie_word_embeddings:
             embedding = nn.meta.unbox(self.model.variables["params"]["embed_tokens"]["embedding"])
             embedding = embedding.astype(self.config.compute_dtype)
-            logits = jnp.einsum("ble,ve->blv", hidden, embedding, preferred_element_type=jnp.float32)
+            tokens = hidden.reshape(-1, hidden.shape[-1])
+            logits = jnp.einsum("te,ve->tv", tokens, embedding, preferred_element_type=jnp.float32)
+            logits = logits.reshape(hidden.shape[:-1] + (self.config.vocab_size,))
         else:
             logits = self.lm_head(hidden)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
