@@ -268,17 +268,6 @@ def _trunk(module, input_ids, positions, segment_ids, cache):
     return module.model(input_ids, positions, segment_ids, cache)
 
 
-def _next_token_logits(config, params, hidden_last: jax.Array) -> jax.Array:
-    """Float32 logits `[B, V]` from the final hidden state `[B, embed]` of each row, with the LM head's matrix (or
-    the embedding when tied); lets prefill skip the head at every prompt position but the last."""
-    if config.tie_word_embeddings:
-        matrix = params["model"]["embed_tokens"]["embedding"].T
-    else:
-        matrix = params["lm_head"]["kernel"]
-    matrix = matrix.astype(config.compute_dtype)
-    return jnp.einsum("be,ev->bv", hidden_last, matrix, preferred_element_type=jnp.float32)
-
-
 def _is_in(values: jax.Array, ids: jax.Array) -> jax.Array:
     """Elementwise: is the value one of `ids` (which may be empty)."""
     return jnp.any(values[..., None] == ids, axis=-1)
@@ -302,7 +291,7 @@ def _generate_program(model, max_new_tokens, sampling, mesh, rules, on_tokens):
         batch, length = input_ids.shape
         cache = constrain_cache(init_cache(model.config, batch, length + max_new_tokens))
         hidden, cache = model.apply({"params": params}, input_ids, positions, segment_ids, cache, method=_trunk)
-        logits = _next_token_logits(model.config, params, hidden[:, -1])
+        logits = model.apply({"params": params}, hidden[:, -1], method="logits")
         next_positions = positions[:, -1] + 1
 
         def pick(step, logits, rng, done, tokens, logprobs, lengths):

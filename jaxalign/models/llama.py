@@ -494,6 +494,12 @@ class LlamaForCausalLM(nn.Module):
     def __call__(self, input_ids, positions=None, segment_ids=None, cache=None, deterministic=True):
         out = self.model(input_ids, positions, segment_ids, cache, deterministic)
         hidden, new_cache = (out, None) if cache is None else out
+        logits = self.logits(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+    def logits(self, hidden):
+        """Float32 logits `[..., vocab]` from final hidden states `[..., hidden]` (the tied embedding or the head);
+        `model.apply(..., method="logits")` lets a sampler apply the head to the last position only."""
         if self.config.tie_word_embeddings:
             embedding = nn.meta.unbox(self.model.variables["params"]["embed_tokens"]["embedding"])
             embedding = embedding.astype(self.config.compute_dtype)
@@ -502,8 +508,9 @@ class LlamaForCausalLM(nn.Module):
             logits = logits.reshape(hidden.shape[:-1] + (self.config.vocab_size,))
         else:
             logits = self.lm_head(hidden)
-        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-        return logits if cache is None else (logits, new_cache)
+        if logits.ndim == 3:
+            logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return logits
 
 
 def logical_axes(model: nn.Module, *example_args, **example_kwargs) -> Any:
