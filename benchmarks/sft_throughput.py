@@ -17,7 +17,9 @@ the attention core alone) to show what limits it.
 
 import argparse
 import dataclasses
+import itertools
 import json
+import statistics
 import os
 import platform
 import time
@@ -107,8 +109,9 @@ def jaxalign_model(setup: Setup):
     return LlamaForCausalLM(config)
 
 
-def jaxalign_run(setup: Setup, batches: list[dict], steps: int, breakdown: bool) -> dict:
-    """Tokens/s of `jaxalign.train.step.train_step` compiled as the training loop compiles it."""
+def jaxalign_steps(setup: Setup, batches: list[dict], breakdown: dict | None = None):
+    """Generator of (seconds, loss) per step of `jaxalign.train.step.train_step`, compiled as the training loop
+    compiles it; the first step includes compilation. Fills `breakdown` with the step's parts when given."""
     import jax
     from flax import linen as nn
 
@@ -120,7 +123,7 @@ def jaxalign_run(setup: Setup, batches: list[dict], steps: int, breakdown: bool)
     from jaxalign.train.step import train_step
 
     config = from_dict(RunConfig, {
-        "train": {"steps": steps + 1, "batch_size": setup.batch_size, "seq_len": setup.seq_len},
+        "train": {"steps": 1000, "batch_size": setup.batch_size, "seq_len": setup.seq_len},
         "optimizer": {"name": "adamw", "lr": 1e-4, "schedule": "constant", "b1": 0.9, "b2": 0.999, "eps": 1e-8,
                       "weight_decay": 0.0, "clip": 1.0},
         "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
@@ -138,26 +141,14 @@ def jaxalign_run(setup: Setup, batches: list[dict], steps: int, breakdown: bool)
                                     batch_spec=batch_spec),
             in_shardings=(layout.shardings, batch_shardings), donate_argnums=0,
         )
-        start = time.perf_counter()
-        state, metrics = step(state, device_batches[0])
-        jax.block_until_ready(metrics)
-        first_step_s = time.perf_counter() - start
-        losses = []
-        start = time.perf_counter()
-        for i in range(steps):
-            state, metrics = step(state, device_batches[(i + 1) % len(device_batches)])
-            losses.append(metrics["loss"])
-        jax.block_until_ready(losses)
-        elapsed = time.perf_counter() - start
-        result = {
-            "tokens_per_s": steps * setup.batch_size * setup.seq_len / elapsed,
-            "step_s": elapsed / steps,
-            "first_step_s": first_step_s,
-            "losses": [round(float(x), 4) for x in losses],
-        }
-        if breakdown:
-            result["breakdown_s"] = step_breakdown(setup, model, loss_fn, state, device_batches[0], layout.tx)
-    return result
+        for index in itertools.count():
+            start = time.perf_counter()
+            state, metrics = step(state, device_batches[index % len(device_batches)])
+            loss = float(metrics["loss"])
+            elapsed = time.perf_counter() - start
+            if index == 0 and breakdown is not None:
+                breakdown.update(step_breakdown(setup, loss_fn, state, device_batches[0], layout.tx))
+            yield elapsed, loss
 
 
 def _best_time(fn, *args, repeats: int = 3) -> float:
@@ -172,7 +163,7 @@ def _best_time(fn, *args, repeats: int = 3) -> float:
     return best
 
 
-def step_breakdown(setup: Setup, model, loss_fn, state, batch: dict, tx) -> dict:
+def step_breakdown(setup: Setup, loss_fn, state, batch: dict, tx) -> dict:
     """Seconds of the parts of one step, each compiled on its own (so XLA fuses them differently than the whole)."""
     import jax
     import jax.numpy as jnp
@@ -202,8 +193,9 @@ def step_breakdown(setup: Setup, model, loss_fn, state, batch: dict, tx) -> dict
     }
 
 
-def torch_run(setup: Setup, batches: list[dict], steps: int, device: str) -> dict:
-    """transformers' LlamaForCausalLM (SDPA attention) + torch AdamW, eager, on the same token batches."""
+def torch_steps(setup: Setup, batches: list[dict], device: str):
+    """Generator of (seconds, loss) per step of transformers' LlamaForCausalLM (SDPA attention) + torch AdamW,
+    eager, on the same token batches."""
     import torch
     import transformers
 
@@ -238,23 +230,12 @@ def torch_run(setup: Setup, batches: list[dict], steps: int, device: str) -> dic
         if target.type == "cuda":
             torch.cuda.synchronize()
 
-    start = time.perf_counter()
-    step(batches[0])
-    sync()
-    first_step_s = time.perf_counter() - start
-    losses = []
-    start = time.perf_counter()
-    for i in range(steps):
-        losses.append(step(batches[(i + 1) % len(batches)]))
-    sync()
-    elapsed = time.perf_counter() - start
-    return {
-        "tokens_per_s": steps * setup.batch_size * setup.seq_len / elapsed,
-        "step_s": elapsed / steps,
-        "first_step_s": first_step_s,
-        "losses": [round(float(x), 4) for x in losses],
-        "threads": torch.get_num_threads(),
-    }
+    for index in itertools.count():
+        start = time.perf_counter()
+        loss = step(batches[index % len(batches)])
+        sync()
+        loss = float(loss)
+        yield time.perf_counter() - start, loss
 
 
 def main(argv=None) -> None:
@@ -288,12 +269,30 @@ def main(argv=None) -> None:
     sizes = (1024, 2048) if args.device == "cpu" else (4096, 8192)
     results["matmul_peak_flops"], peak_size = matmul_peak(setup.dtype, sizes)
     results["matmul_peak_size"] = peak_size
-    results["jaxalign"] = jaxalign_run(setup, batches, args.steps, args.breakdown)
+    breakdown = {} if args.breakdown else None
+    runners = {"jaxalign": jaxalign_steps(setup, batches, breakdown)}
+    if not args.skip_torch:
+        runners["torch"] = torch_steps(setup, batches, args.device)
+    # First (compiling / allocating) step of each, then timed steps alternating between the two, so that a change
+    # of load on a shared machine hits both sides alike; tokens/s uses the median step.
+    for name, runner in runners.items():
+        results[name] = {"first_step_s": next(runner)[0], "step_s_all": [], "losses": []}
+    for _ in range(args.steps):
+        for name, runner in runners.items():
+            seconds, loss = next(runner)
+            results[name]["step_s_all"].append(round(seconds, 3))
+            results[name]["losses"].append(round(loss, 4))
+    tokens = setup.batch_size * setup.seq_len
+    for name in runners:
+        results[name]["step_s"] = statistics.median(results[name]["step_s_all"])
+        results[name]["tokens_per_s"] = tokens / results[name]["step_s"]
+    if breakdown is not None:
+        results["jaxalign"]["breakdown_s"] = breakdown
     model_flops = results["jaxalign"]["tokens_per_s"] * setup.flops_per_token()
     results["jaxalign"]["model_flops_per_s"] = model_flops
     results["jaxalign"]["fraction_of_matmul_peak"] = model_flops / results["matmul_peak_flops"]
-    if not args.skip_torch:
-        results["torch"] = torch_run(setup, batches, args.steps, args.device)
+    if "torch" in results:
+        results["torch"]["threads"] = __import__("torch").get_num_threads()
         results["speedup_vs_torch"] = results["jaxalign"]["tokens_per_s"] / results["torch"]["tokens_per_s"]
     results["load_average_after"] = os.getloadavg()
 
@@ -301,11 +300,13 @@ def main(argv=None) -> None:
           f"{setup.dtype}, remat {setup.remat}; {results['machine']}")
     print(f"{setup.dtype} matmul peak ({peak_size}^3): {results['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
     jx = results["jaxalign"]
-    print(f"jaxalign: {jx['tokens_per_s']:.0f} tokens/s ({jx['step_s']:.2f} s/step, first step {jx['first_step_s']:.1f} s)"
+    print(f"jaxalign: {jx['tokens_per_s']:.0f} tokens/s (median {jx['step_s']:.2f} s/step of {jx['step_s_all']}, "
+          f"first step {jx['first_step_s']:.1f} s)"
           f", {model_flops / 1e9:.1f} model GFLOP/s = {100 * jx['fraction_of_matmul_peak']:.1f}% of matmul peak")
     if "torch" in results:
         th = results["torch"]
-        print(f"pytorch:  {th['tokens_per_s']:.0f} tokens/s ({th['step_s']:.2f} s/step, {th['threads']} threads)")
+        print(f"pytorch:  {th['tokens_per_s']:.0f} tokens/s (median {th['step_s']:.2f} s/step of {th['step_s_all']}, "
+              f"{th['threads']} threads)")
         print(f"jaxalign / pytorch: {results['speedup_vs_torch']:.2f}x")
     if "breakdown_s" in jx:
         print("jaxalign step parts (s): " + ", ".join(f"{k} {v}" for k, v in jx["breakdown_s"].items()))
