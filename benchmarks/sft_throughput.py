@@ -5,8 +5,9 @@
 
 Both sides train the same architecture (untied LLaMA, SwiGLU, RoPE, full attention) with AdamW and global-norm
 clipping at 1.0 on identical random token batches, loss on every token. Each side runs one untimed step first
-(compilation, allocation), then `--steps` timed steps. Printed: tokens/s of each, their ratio, and jaxalign's model
-FLOP/s as a fraction of the matmul peak measured in the same run (a jitted square matmul in the same dtype).
+(compilation, allocation), then `--steps` timed steps alternating between the two sides (a shared machine's load
+changes hit both alike); tokens/s uses the median step. Printed: tokens/s of each, their ratio, and jaxalign's model
+FLOP/s as a fraction of the matmul peak measured in the same run (jitted square matmuls in the same dtype).
 
 Model FLOPs per token = 6 x (weights used in matmuls, i.e. all but the input embedding table)
                         + 12 x layers x seq_len x hidden (attention scores and weighted sum, forward + backward),
