@@ -354,12 +354,19 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
-class _NoProgress:
-    def update(self, n):
-        pass
+class _PlainProgress:
+    """Progress without a terminal (logs, CI, batch jobs): one line per logged step on process 0."""
 
-    def set_postfix(self, **kwargs):
-        pass
+    def __init__(self, primary: bool, start: int, total: int):
+        self.primary, self.step, self.total = primary, start, total
+
+    def update(self, n):
+        self.step += n
+
+    def set_postfix(self, **values):
+        if self.primary:
+            shown = " ".join(f"{k} {v}" for k, v in values.items())
+            print(f"jaxalign: step {self.step}/{self.total} {shown}", file=sys.stderr, flush=True)
 
     def close(self):
         pass
@@ -367,7 +374,7 @@ class _NoProgress:
 
 def _progress(primary: bool, start: int, total: int):
     if not (primary and sys.stderr.isatty()):
-        return _NoProgress()
+        return _PlainProgress(primary, start, total)
     from tqdm import tqdm
 
     return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
