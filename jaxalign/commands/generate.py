@@ -9,6 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
+from jaxalign.commands.jsonl import read_objects
 from jaxalign.errors import JaxalignError
 
 
@@ -42,18 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_prompts(path: Path) -> list[tuple[int, dict]]:
     """(line number, JSON object) for each line of a prompts file; each needs a `prompt` string or `messages` list."""
-    if not path.is_file():
-        raise JaxalignError(f"prompts file {path} does not exist")
     records = []
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise JaxalignError(f"{path}:{line_number}: not valid JSON: {err}") from None
-        if not isinstance(record, dict):
-            raise JaxalignError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+    for line_number, record in read_objects(path, "prompts file"):
         if isinstance(record.get("messages"), list):
             for message in record["messages"]:
                 if not (isinstance(message, dict) and isinstance(message.get("role"), str)

@@ -1,9 +1,9 @@
 """`jaxalign plot OUTPUT_DIR`: PNG curves of a run's metrics.jsonl (training and eval loss, learning rate)."""
 
 import argparse
-import json
 from pathlib import Path
 
+from jaxalign.commands.jsonl import read_objects
 from jaxalign.errors import JaxalignError
 
 PANELS = {
@@ -19,17 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_metrics(path: Path) -> dict[str, tuple[list[int], list[float]]]:
     """Per metric name, the steps and values found in a metrics.jsonl file (lines without `step` are errors)."""
-    if not path.is_file():
-        raise JaxalignError(f"{path} does not exist; expected the metrics.jsonl that a training run writes")
     series: dict[str, tuple[list[int], list[float]]] = {}
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise JaxalignError(f"{path}:{line_number}: not a JSON object: {err}") from None
-        if not isinstance(record, dict) or "step" not in record:
+    for line_number, record in read_objects(path, "metrics file (written by a training run)"):
+        if "step" not in record:
             raise JaxalignError(f"{path}:{line_number}: expected a JSON object with a 'step' key")
         for name, value in record.items():
             if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):

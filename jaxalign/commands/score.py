@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+from jaxalign.commands.jsonl import read_objects
 from jaxalign.errors import JaxalignError
 
 
@@ -21,17 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_texts(path: Path) -> list[str]:
-    if not path.is_file():
-        raise JaxalignError(f"{path}: no such file")
     texts = []
-    for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise JaxalignError(f"{path}:{line_number}: not valid JSON: {err}") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+    for line_number, record in read_objects(path, "data file"):
+        if not isinstance(record.get("text"), str):
             raise JaxalignError(f"{path}:{line_number}: expected an object with a string 'text'")
         texts.append(record["text"])
     if not texts:

@@ -3,12 +3,11 @@
 import json
 import shutil
 
-import jax
 import pytest
 
 from jaxalign.cli import main
 from jaxalign.hf import load_tokenizer
-from jaxalign.sampling import SamplingParams, generate
+from jaxalign.sampling import generate
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
