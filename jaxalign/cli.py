@@ -5,6 +5,7 @@ Command modules import JAX and other heavy libraries inside `run`, so `jaxalign 
 
 import argparse
 import importlib
+import os
 import sys
 
 from jaxalign.errors import JaxalignError
@@ -34,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # transformers is used for tokenizers and configs here; its notice that PyTorch is absent is not for our users.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     try:
         return importlib.import_module(args._module).run(args) or 0
