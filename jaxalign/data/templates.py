@@ -263,30 +263,22 @@ def _lima(system, dialogue, tokens):
     return b.segments
 
 
-def _gpt4all(system, dialogue, tokens):
-    b = _Builder(tokens)
-    b.bos()
-    for i, (user, answer) in enumerate(_pairs(dialogue)):
-        lead = f"{system}\n" if i == 0 and system else ""
-        b.prompt(f"{lead}{user.text()}\n")
-        if answer is not None:
-            b.response(answer.content)
-            b.special(tokens.eos, True)
-            b.end_turn()
-    return b.segments
+def _separated(separator: str):
+    """Templates that only join the (system +) prompt and the response with `separator`: gpt4all, plain."""
 
+    def build(system, dialogue, tokens):
+        b = _Builder(tokens)
+        b.bos()
+        for i, (user, answer) in enumerate(_pairs(dialogue)):
+            lead = f"{system}{separator}" if i == 0 and system else ""
+            b.prompt(f"{lead}{user.text()}{separator}")
+            if answer is not None:
+                b.response(answer.content)
+                b.special(tokens.eos, True)
+                b.end_turn()
+        return b.segments
 
-def _plain(system, dialogue, tokens):
-    b = _Builder(tokens)
-    b.bos()
-    for i, (user, answer) in enumerate(_pairs(dialogue)):
-        lead = f"{system}\n\n" if i == 0 and system else ""
-        b.prompt(f"{lead}{user.text()}\n\n")
-        if answer is not None:
-            b.response(answer.content)
-            b.special(tokens.eos, True)
-            b.end_turn()
-    return b.segments
+    return build
 
 
 _BUILTINS = {
@@ -298,8 +290,8 @@ _BUILTINS = {
     "chatml": _chatml,
     "orca": _orca,
     "lima": _lima,
-    "gpt4all": _gpt4all,
-    "plain": _plain,
+    "gpt4all": _separated("\n"),
+    "plain": _separated("\n\n"),
 }
 
 
