@@ -6,7 +6,6 @@ a command's config are ignored, so the same YAML file works for every training c
 """
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 from jaxalign.errors import JaxalignError
@@ -22,31 +21,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def model_config(section):
-    """`LlamaConfig` of `model.path` (HF folder or jaxalign model checkpoint) or of `model.config`."""
+    """`LlamaConfig` of `model.path` (HF folder or jaxalign model checkpoint, no weights read) or of `model.config`."""
+    from jaxalign.commands.sft import pretrained_model_config, split_preset
     from jaxalign.config import from_dict
     from jaxalign.models.llama import LlamaConfig
 
-    numerics = {"dtype": section.dtype, "param_dtype": section.param_dtype}
     if section.path is not None:
-        from jaxalign.hf import config_from_hf, read_hf_config
-        from jaxalign.models.checkpoint import is_model_checkpoint, read_model_config
-
-        path = Path(section.path)
-        if (path / "config.json").is_file():
-            config = config_from_hf(read_hf_config(path), where=str(path / "config.json"))
-        elif is_model_checkpoint(path):
-            config = read_model_config(path)
-        else:
-            raise JaxalignError(f"config key 'model.path': {path} is neither a Hugging Face folder nor a jaxalign "
-                                "model checkpoint")
-        return dataclasses.replace(config, **numerics)
-    values = dict(section.config)
-    preset = values.pop("preset", None)
-    if preset not in (None, "tiny"):
-        raise JaxalignError(f"config key 'model.config.preset': expected 'tiny' or no preset, got {preset!r}")
-    base = dataclasses.asdict(LlamaConfig.tiny()) if preset == "tiny" else {}
-    base.pop("head_dim", None)
-    return from_dict(LlamaConfig, {**base, **values, **numerics}, prefix="model.config")
+        return pretrained_model_config(section)[0]
+    defaults, values = split_preset(section)
+    numerics = {"dtype": section.dtype, "param_dtype": section.param_dtype}
+    return from_dict(LlamaConfig, {**defaults, **values, **numerics}, prefix="model.config")
 
 
 def run(args: argparse.Namespace) -> int:

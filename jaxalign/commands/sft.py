@@ -35,10 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config overrides, values parsed as YAML (e.g. train.steps=100 optimizer.lr=1e-5)")
 
 
-def scratch_model_config(section, tokenizer):
-    """`LlamaConfig` for random initialisation from `model.config` (`preset: tiny` starts from `LlamaConfig.tiny`);
-    the vocabulary size and bos / eos / pad ids default to the tokenizer's."""
-    from jaxalign.config import from_dict
+def split_preset(section) -> tuple[dict, dict]:
+    """(defaults of `model.config.preset`, the other `model.config` values); `preset: tiny` is `LlamaConfig.tiny`,
+    whose head_dim is left to derive from the final sizes."""
     from jaxalign.models.llama import LlamaConfig
 
     values = dict(section.config)
@@ -47,6 +46,16 @@ def scratch_model_config(section, tokenizer):
         raise JaxalignError(f"config key 'model.config.preset': expected 'tiny' or no preset, got {preset!r}")
     defaults = dataclasses.asdict(LlamaConfig.tiny()) if preset == "tiny" else {}
     defaults.pop("head_dim", None)
+    return defaults, values
+
+
+def scratch_model_config(section, tokenizer):
+    """`LlamaConfig` for random initialisation from `model.config` (`preset: tiny` starts from `LlamaConfig.tiny`);
+    the vocabulary size and bos / eos / pad ids default to the tokenizer's."""
+    from jaxalign.config import from_dict
+    from jaxalign.models.llama import LlamaConfig
+
+    defaults, values = split_preset(section)
     defaults.update(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
