@@ -51,14 +51,14 @@ def load_model(path: Path, dtype: str | None):
 def sequence_logprob_fn(model):
     """Jitted `(params, ids [B, L], segment_ids [B, L]) -> [B]` sum of log p(token t | tokens < t) for t >= 1."""
     import jax
-    import jax.numpy as jnp
+
+    from jaxalign.objectives.logprobs import sequence_log_probs, token_log_probs
 
     @jax.jit
     def sequence_logprobs(params, ids, segment_ids):
         logits = model.apply({"params": params}, ids, segment_ids=segment_ids)
-        logprobs = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        picked = jnp.take_along_axis(logprobs, ids[:, 1:, None], axis=-1)[..., 0]
-        return jnp.sum(jnp.where(segment_ids[:, 1:] != 0, picked, 0.0), axis=1)
+        total, _ = sequence_log_probs(token_log_probs(logits[:, :-1], ids[:, 1:]), segment_ids[:, 1:])
+        return total
 
     return sequence_logprobs
 

@@ -14,14 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.errors import JaxalignError
-
-
-def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """log p(targets[b, t]) for logits `[B, L, V]`, in float32, by a gather rather than a one-hot over the vocab."""
-    logits = logits.astype(jnp.float32)
-    log_normaliser = jax.nn.logsumexp(logits, axis=-1)
-    target_logits = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return target_logits - log_normaliser
+from jaxalign.objectives.logprobs import token_log_probs
 
 
 def make_loss_fn(model) -> Callable:

@@ -68,7 +68,7 @@ def tiny_model():
 def _token_nll(model, params, batch):
     import jax
 
-    from jaxalign.objectives.sft import token_log_probs
+    from jaxalign.objectives.logprobs import token_log_probs
 
     @jax.jit
     def nll(params, batch):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxalign.errors import JaxalignError
-from jaxalign.objectives.sft import make_loss_fn, perplexity, resize_embeddings, token_log_probs
+from jaxalign.objectives.sft import make_loss_fn, perplexity, resize_embeddings
 
 
 class TableModel:
@@ -26,21 +26,6 @@ def lm_batch(rng, batch=3, length=7, vocab=11):
         "segment_ids": np.ones((batch, length), np.int32),
         "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
     }
-
-
-def test_token_log_probs_match_log_softmax():
-    logits = jax.random.normal(jax.random.key(0), (2, 5, 13)) * 4
-    targets = jax.random.randint(jax.random.key(1), (2, 5), 0, 13)
-    expected = jnp.sum(jax.nn.log_softmax(logits) * jax.nn.one_hot(targets, 13), axis=-1)
-    np.testing.assert_allclose(token_log_probs(logits, targets), expected, rtol=1e-6, atol=1e-6)
-
-
-def test_token_log_probs_stable_for_huge_bf16_logits():
-    logits = jnp.array([[[16384.0, 0.0, -16384.0]]], jnp.bfloat16)
-    log_probs = token_log_probs(logits, jnp.array([[0]]))
-    assert log_probs.dtype == jnp.float32
-    assert float(log_probs[0, 0]) == pytest.approx(0.0, abs=1e-6)
-    assert float(token_log_probs(logits, jnp.array([[1]]))[0, 0]) == pytest.approx(-16384.0, rel=1e-6)
 
 
 def test_loss_sums_only_trained_tokens():
