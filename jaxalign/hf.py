@@ -397,18 +397,27 @@ def load_pretrained(
     folder = Path(path)
     config = config_from_hf(read_hf_config(folder), where=str(folder / "config.json"), dtype=dtype)
     config = dataclasses.replace(config, scan_layers=scan_layers)
-    reader = _TensorReader(folder, allow_pickle)
+    return LlamaForCausalLM(config), read_params(folder, config, shardings, allow_pickle)
+
+
+def read_params(
+    path: str | Path, config: LlamaConfig, shardings: Any = None, allow_pickle: bool = False, lm_head: bool = True
+) -> dict:
+    """The params of a `LlamaForCausalLM(config)` (`config` as `config_from_hf` reads it from the folder, in
+    `config.param_dtype`) from the weights of Hugging Face folder `path`, each tensor placed onto its sharding in
+    `shardings` as it is read. `lm_head=False` leaves the LM head out, unread: `{"model": trunk}`, for a model that
+    puts another head on the trunk."""
+    reader = _TensorReader(Path(path), allow_pickle)
     try:
-        params = _read_params(config, reader, shardings)
+        return _read_params(config, reader, shardings, lm_head)
     finally:
         reader.close()
-    return LlamaForCausalLM(config), params
 
 
-def _read_params(config: LlamaConfig, reader: _TensorReader, shardings: Any) -> dict:
-    specs = param_specs(config)
+def _read_params(config: LlamaConfig, reader: _TensorReader, shardings: Any, lm_head: bool) -> dict:
+    specs = [spec for spec in param_specs(config) if lm_head or spec.path[0] != "lm_head"]
     expected = {spec.hf_name.format(i=i) for spec in specs for i in range(config.num_layers if spec.per_layer else 1)}
-    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    ignorable = {"lm_head.weight"} if config.tie_word_embeddings or not lm_head else set()
     unknown = sorted(
         n for n in reader.files if n not in expected and n not in ignorable and not n.endswith(_IGNORED_TENSOR_SUFFIXES)
     )

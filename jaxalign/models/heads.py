@@ -4,7 +4,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxalign.models.llama import LlamaConfig, LlamaModel
+from jaxalign.errors import JaxalignError
+from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+# What sits on the trunk: next-token logits (`LlamaForCausalLM`) or one scalar per token (`LlamaForScore`).
+HEADS = ("causal_lm", "score")
 
 
 class LlamaForScore(nn.Module):
@@ -38,6 +42,25 @@ class ScoreHead(nn.Module):
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ()), (), cfg.params_dtype)
         scores = jnp.einsum("ble,e->bl", hidden, kernel.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
         return nn.with_logical_constraint(scores + bias.astype(jnp.float32), ("batch", "length"))
+
+
+def model_for_head(config: LlamaConfig, head: str) -> nn.Module:
+    """`LlamaForCausalLM(config)` for head "causal_lm", `LlamaForScore(config)` for "score"."""
+    if head not in HEADS:
+        raise JaxalignError(f"head {head!r}: expected one of {', '.join(HEADS)}")
+    return LlamaForCausalLM(config) if head == "causal_lm" else LlamaForScore(config)
+
+
+def init_score_head(config: LlamaConfig, rng: jax.Array, shardings=None) -> dict:
+    """Fresh `score` params (`kernel [embed]`, `bias []`, `config.param_dtype`) created directly on `shardings`
+    (a `{"kernel", "bias"}` pytree of shardings; default: the first local device)."""
+
+    def init(rng):
+        with nn.logical_axis_rules(()):
+            hidden = jnp.zeros((1, 1, config.hidden_size), config.compute_dtype)
+            return nn.meta.unbox(ScoreHead(config).init(rng, hidden)["params"])
+
+    return jax.jit(init, out_shardings=shardings)(rng)
 
 
 def score_params_from_causal_lm(lm_params: dict, score_params: dict) -> dict:

@@ -42,3 +42,15 @@ def test_bad_checkpoint_folders_are_reported(tmp_path):
     (tmp_path / CONFIG_FILE).write_text(json.dumps({"format": "jaxalign-model", "config": {"hidden_size": "big"}}))
     with pytest.raises(JaxalignError, match="hidden_size"):
         load_model_checkpoint(tmp_path)
+
+
+def test_the_recorded_head_must_match_the_params(tmp_path):
+    config = LlamaConfig.tiny()
+    params = nn.meta.unbox(LlamaForCausalLM(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    with pytest.raises(JaxalignError, match="head 'score': the params lack a 'score' head"):
+        save_model_checkpoint(tmp_path / "rm", config, params, head="score")
+    save_model_checkpoint(tmp_path / "lm", config, params)
+    meta = json.loads((tmp_path / "lm" / CONFIG_FILE).read_text())
+    (tmp_path / "lm" / CONFIG_FILE).write_text(json.dumps({**meta, "head": "value"}))
+    with pytest.raises(JaxalignError, match="'head' should be one of causal_lm, score, got 'value'"):
+        load_model_checkpoint(tmp_path / "lm")
