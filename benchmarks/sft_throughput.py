@@ -119,8 +119,8 @@ def jaxalign_steps(setup: Setup, batches: list[dict], breakdown: dict | None = N
     from jaxalign import sharding as shd
     from jaxalign.config import RunConfig, from_dict
     from jaxalign.objectives.sft import make_loss_fn
-    from jaxalign.train import state as st
-    from jaxalign.train.loop import model_init_fn, plan
+    from jaxalign.train.algorithm import Trainable
+    from jaxalign.train.loop import fresh_state, plan
     from jaxalign.train.step import train_step
 
     config = from_dict(RunConfig, {
@@ -131,24 +131,25 @@ def jaxalign_steps(setup: Setup, batches: list[dict], breakdown: dict | None = N
     })
     model = jaxalign_model(setup)
     loss_fn = make_loss_fn(model)
-    layout = plan(config, model)
+    trainables = {"model": Trainable(model, config.optimizer)}
+    layout = plan(config, trainables)
     with jax.set_mesh(layout.mesh), nn.logical_axis_rules(layout.rules):
-        state = st.init_state(model_init_fn(model), layout.tx, config.seed, layout.shardings)
+        state = fresh_state(layout, trainables, config.seed)
         device_batches = [shd.global_batch(b, layout.mesh, layout.rules) for b in batches]
         batch_shardings = jax.tree.map(lambda x: x.sharding, device_batches[0])
         batch_spec = shd.spec_for(("batch",), layout.rules)
         step = jax.jit(
-            lambda s, b: train_step(s, b, loss_fn=loss_fn, tx=layout.tx, schedule=layout.schedule, grad_accum=1,
-                                    batch_spec=batch_spec),
+            lambda s, b: train_step(s, {}, b, loss=lambda p, f, b, r: loss_fn(p["model"], b, r), txs=layout.txs,
+                                    schedules=layout.schedules, grad_accum=1, batch_spec=batch_spec),
             in_shardings=(layout.shardings, batch_shardings), donate_argnums=0,
         )
         for index in itertools.count():
             start = time.perf_counter()
             state, metrics = step(state, device_batches[index % len(device_batches)])
-            loss = float(metrics["loss"])
+            loss = metrics["loss"].value()
             elapsed = time.perf_counter() - start
             if index == 0 and breakdown is not None:
-                breakdown.update(step_breakdown(setup, loss_fn, state, device_batches[0], layout.tx))
+                breakdown.update(step_breakdown(setup, loss_fn, state, device_batches[0], layout.txs["model"]))
             yield elapsed, loss
 
 
@@ -169,9 +170,9 @@ def step_breakdown(setup: Setup, loss_fn, state, batch: dict, tx) -> dict:
     import jax
     import jax.numpy as jnp
 
-    params = state.params
-    forward = jax.jit(lambda p, b: loss_fn(p, b, None)[0])
-    grads_fn = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None)[0]))
+    params = state.params["model"]
+    forward = jax.jit(lambda p, b: loss_fn(p, b, None)[0].total)
+    grads_fn = jax.jit(jax.grad(lambda p, b: loss_fn(p, b, None)[0].total))
     grads = grads_fn(params, batch)
     update = jax.jit(lambda g, o, p: tx.update(g, o, p))
     heads, head_dim = setup.num_heads, setup.hidden_size // setup.num_heads
@@ -189,7 +190,7 @@ def step_breakdown(setup: Setup, loss_fn, state, batch: dict, tx) -> dict:
     return {
         "forward": round(_best_time(forward, params, batch), 4),
         "forward_backward": round(_best_time(grads_fn, params, batch), 4),
-        "optimizer_update": round(_best_time(update, grads, state.opt_state, params), 4),
+        "optimizer_update": round(_best_time(update, grads, state.opt_state["model"], params), 4),
         "attention_core_fwd_bwd_all_layers": round(setup.num_layers * _best_time(attention, q, q, q), 4),
     }
 

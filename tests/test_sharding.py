@@ -11,6 +11,7 @@ from jaxalign import sharding as shd
 from jaxalign.config import MeshConfig, RunConfig, TrainConfig
 from jaxalign.errors import JaxalignError
 from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM
+from jaxalign.train.algorithm import Trainable
 from jaxalign.train.loop import memory_report, plan
 
 
@@ -49,7 +50,7 @@ def test_rules_override_defaults():
 def test_tensor_size_not_dividing_heads_is_an_error_naming_mesh_tensor():
     config = RunConfig(mesh=MeshConfig(data=1, fsdp=1, tensor=8), train=TrainConfig(batch_size=8))
     with pytest.raises(JaxalignError, match=r"axis 2 \(kv_heads\) has size 2, which mesh.tensor=8 does not divide"):
-        plan(config, LlamaForCausalLM(LlamaConfig.tiny()))
+        plan(config, {"model": Trainable(LlamaForCausalLM(LlamaConfig.tiny()), config.optimizer)})
 
 
 def test_batch_that_does_not_split_over_batch_shards_names_the_key():
@@ -57,7 +58,7 @@ def test_batch_that_does_not_split_over_batch_shards_names_the_key():
     with pytest.raises(JaxalignError, match=r"'train.batch_size': 16 rows / train.grad_accum=4 = 4 rows per "
                                             r"micro-batch, not a multiple of the 8 batch shards \(mesh.data=2 x "
                                             r"mesh.fsdp=4\)"):
-        plan(config, LlamaForCausalLM(LlamaConfig.tiny()))
+        plan(config, {"model": Trainable(LlamaForCausalLM(LlamaConfig.tiny()), config.optimizer)})
 
 
 def test_global_batch_from_process_local_rows():
@@ -74,7 +75,7 @@ def test_memory_report_plans_a_mesh_larger_than_this_machine():
     config = RunConfig(mesh=MeshConfig(data=1, fsdp=-1, tensor=1), train=TrainConfig(batch_size=256))
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
                                          num_heads=32, num_kv_heads=32))
-    report = memory_report(config, model, device_count=256)
+    report = memory_report(config, {"model": Trainable(model, config.optimizer)}, device_count=256)
     n_params = 6_738_415_616
     assert "fsdp=256" in report and f"parameters: {n_params:,}" in report
     per_device = 3 * 4 * n_params / 256 / 2**20

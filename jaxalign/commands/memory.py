@@ -20,28 +20,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of devices to plan for (default: the devices this machine has)")
 
 
-def model_config(section):
-    """`LlamaConfig` of `model.path` (HF folder or jaxalign model checkpoint, no weights read) or of `model.config`."""
-    from jaxalign.commands.sft import pretrained_model_config, split_preset
-    from jaxalign.config import from_dict
-    from jaxalign.models.llama import LlamaConfig
-
-    if section.path is not None:
-        return pretrained_model_config(section)[0]
-    defaults, values = split_preset(section)
-    numerics = {"dtype": section.dtype, "param_dtype": section.param_dtype}
-    return from_dict(LlamaConfig, {**defaults, **values, **numerics}, prefix="model.config")
-
-
 def run(args: argparse.Namespace) -> int:
     from jaxalign.config import RunConfig, apply_overrides, from_dict, load_yaml
-    from jaxalign.models.llama import LlamaForCausalLM
+    from jaxalign.models.loading import model_source
+    from jaxalign.train.algorithm import Trainable
     from jaxalign.train.loop import memory_report
 
     if args.devices is not None and args.devices < 1:
         raise JaxalignError(f"--devices: expected a positive number, got {args.devices}")
     data = apply_overrides(load_yaml(args.config), args.overrides)
     config = from_dict(RunConfig, {k: v for k, v in data.items() if k in USED_SECTIONS}, where=f"{args.config}: ")
-    model = LlamaForCausalLM(model_config(config.model))
-    print(memory_report(config, model, device_count=args.devices))
+    model = model_source(config.model).module()
+    print(memory_report(config, {"model": Trainable(model, config.optimizer)}, device_count=args.devices))
     return 0

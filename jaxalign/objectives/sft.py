@@ -1,9 +1,9 @@
 """Supervised fine-tuning: next-token cross-entropy on the trained tokens of an LM batch.
 
-`make_loss_fn(model)` gives the pure `loss_fn(params, batch, rng) -> (loss_sum, aux)` of the training contract:
-`loss_sum` is the summed negative log-likelihood of the trained tokens and `aux["weight"]` their count, so the loop's
-division by the weight of the whole global batch yields the mean over trained tokens, independent of how the batch is
-split over devices or accumulation steps.
+`make_loss_fn(model)` gives the pure `loss_fn(params, batch, rng) -> (objective, metrics)`: the objective is a
+`Mean` of the summed negative log-likelihood of the trained tokens over their count, so the loop's division by the
+count of the whole global batch yields the mean over trained tokens, independent of how the batch is split over
+devices or accumulation steps. `make_algorithm` wraps it as the loop's `Algorithm`.
 """
 
 import dataclasses
@@ -15,14 +15,16 @@ import jax.numpy as jnp
 
 from jaxalign.errors import JaxalignError
 from jaxalign.objectives.logprobs import token_log_probs
+from jaxalign.train.algorithm import Algorithm, DataSource, Mean, Trainable
 
 
 def make_loss_fn(model) -> Callable:
     """The SFT loss of `model` (a `LlamaForCausalLM`).
 
     With an `rng` the forward pass runs in training mode (dropout, e.g. LIMA's residual dropout, draws from it);
-    with `rng=None` it is deterministic, as evaluation needs. aux holds sums: `weight` (trained tokens) and
-    `correct` (trained tokens whose target is the arg-max prediction).
+    with `rng=None` it is deterministic, as evaluation needs. Returns `(objective, metrics)`: the objective is the
+    summed negative log-likelihood over the trained tokens with their count, and `metrics["correct"]` the share of
+    trained tokens whose target is the arg-max prediction (next-token accuracy), both `Mean`s.
     """
 
     def loss_fn(params, batch: Mapping[str, jax.Array], rng: jax.Array | None):
@@ -39,9 +41,24 @@ def make_loss_fn(model) -> Callable:
         targets = batch["targets"]
         loss_sum = -jnp.sum(token_log_probs(logits, targets) * mask)
         correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * mask)
-        return loss_sum, {"weight": jnp.sum(mask), "correct": correct}
+        weight = jnp.sum(mask)
+        return Mean(loss_sum, weight), {"correct": Mean(correct, weight)}
 
     return loss_fn
+
+
+def make_algorithm(model, optimizer, train_data, *, init=None, eval_data=None) -> Algorithm:
+    """SFT as the loop runs it: one trainable `model` (a `LlamaForCausalLM`) with `optimizer` (an
+    `OptimizerConfig`), starting from `init(shardings) -> params` (default: random), trained on `train_data` (an
+    iterable of LM batches with `state_dict()` / `load_state_dict()`); `eval_data()` gives fresh eval batches."""
+    loss_fn = make_loss_fn(model)
+    return Algorithm(
+        trainables={"model": Trainable(model, optimizer, init)},
+        loss=lambda params, frozen, batch, rng: loss_fn(params["model"], batch, rng),
+        source=DataSource(train_data),
+        eval_batches=eval_data,
+        eval_derived=perplexity if eval_data is not None else None,
+    )
 
 
 def perplexity(eval_line: dict) -> dict[str, float]:

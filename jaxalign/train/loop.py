@@ -1,29 +1,20 @@
 """The one training loop every algorithm uses.
 
-    state = train(config, model, loss_fn, train_data, init_params=None, eval_data=None, eval_fn=None)
+    state = train(config, algorithm)
 
-- `config`: a `RunConfig` (or subclass): output_dir, seed, train.*, optimizer.*, checkpoint.*, mesh.*.
-- `model`: the flax module; `model.init(rng, int32[1, 1])` gives its parameter shapes and logical axis names.
-- `loss_fn(params, batch, rng) -> (loss_sum, aux)`: pure; `aux["weight"]` is the denominator (e.g. trained tokens),
-  other aux entries are sums. Logged values are sums over the global batch (all devices, all `train.grad_accum`
-  micro-batches) divided by the total weight.
-- `train_data`: iterable of process-local batches (dicts of numpy arrays, leading dim `train.batch_size /
-  process_count`) with `state_dict()` / `load_state_dict(state)`; the position is saved with every checkpoint.
-- `init_params(shardings) -> params` (optional): starting weights placed on the given NamedSharding pytree (e.g.
-  `lambda sh: load_pretrained(path, shardings=sh)[1]`); default: `model.init` run directly on the shardings.
-  Not called when a checkpoint is resumed.
-- `eval_data() -> iterable of local batches` (optional, fresh each time) and `eval_fn(params, batch, rng)` (same
-  contract as `loss_fn`, default `loss_fn`; called with `rng=None`, i.e. deterministic): every `train.eval_every`
-  steps, at most `train.eval_batches` batches (0 = all).
-- `eval_derived(line) -> dict` (optional): metrics computed from a finished eval line and added to it (SFT derives
-  `eval_perplexity` from `eval_loss`, a quantity that is not a ratio of sums).
+- `config`: a `RunConfig` (or a command's config built on it): output_dir, seed, train.*, optimizer.*,
+  checkpoint.*, mesh.*.
+- `algorithm`: a `jaxalign.train.algorithm.Algorithm`: trainable parameter trees with their optimisers, frozen
+  models, a batch source, a pure loss and an evaluation; its module docstring is the contract.
 
 Writes OUTPUT_DIR/metrics.jsonl (one JSON object per line with `step`; training lines every `train.log_every` steps
-with `loss`, `grad_norm` and the aux means averaged over the steps since the previous line, `lr` and `tokens_per_s`;
-eval lines `eval_loss`, `eval_<aux>`) and OUTPUT_DIR/tensorboard. Checkpoints go
-to OUTPUT_DIR/checkpoints every `checkpoint.every` steps and at the end; rerunning the same command resumes from the
-latest complete one. SIGTERM / Ctrl-C finish the current step, save, and return normally; a NaN or inf loss or
-gradient norm raises `JaxalignError` naming the step before anything from that step is saved.
+with every metric pooled over the steps since the previous line by its own count (`loss`, the loss's metrics,
+`grad_norm`, host metrics of the batch source), `lr` of the last step, and `tokens_per_s`, the real (non-padding)
+tokens of the global batches per second of wall time; eval lines `eval_<metric>`) and OUTPUT_DIR/tensorboard.
+Checkpoints go to OUTPUT_DIR/checkpoints every `checkpoint.every` steps (or at the next step where the batch source
+can checkpoint) and at the end; rerunning the same command resumes from the latest complete one with identical
+metrics. SIGTERM / Ctrl-C finish the current step, save if the batch source is at a consistent point, and return;
+a NaN or inf loss or gradient norm raises `JaxalignError` naming the step before anything from that step is saved.
 
 With several processes every process calls `train` with its own share of the data; OUTPUT_DIR must be a folder
 all hosts share (NFS, gcsfuse), since each host writes its own shards of a checkpoint there.
@@ -36,8 +27,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -51,21 +43,24 @@ from jaxalign import sharding as shd
 from jaxalign.config import RunConfig
 from jaxalign.errors import JaxalignError
 from jaxalign.train import state as st
+from jaxalign.train.algorithm import Algorithm, Frozen, Mean, StepContext, Trainable, add_means
 from jaxalign.train.checkpoint import Checkpointer
 from jaxalign.train.optim import make_optimizer, make_schedule
-from jaxalign.train.step import LossFn, eval_sums, train_step
+from jaxalign.train.step import eval_sums, train_step
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Everything about where the state lives: mesh, rules, optimiser and the state's shardings and shapes."""
+    """Everything about where the state lives: mesh, rules, each trainable's optimiser and schedule, the state's
+    shardings and shapes, and the shardings of the frozen models' params."""
 
     mesh: Mesh
     rules: tuple
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
+    txs: dict[str, optax.GradientTransformation]
+    schedules: dict[str, optax.Schedule]
     shardings: st.TrainState
     abstract: st.TrainState
+    frozen_shardings: dict[str, Any]
 
 
 def model_init_fn(model) -> Callable[[jax.Array], Any]:
@@ -73,34 +68,56 @@ def model_init_fn(model) -> Callable[[jax.Array], Any]:
     return lambda rng: model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
 
 
-def plan(config: RunConfig, model, devices=None) -> Layout:
-    """Builds the mesh and the state's shardings from config, without allocating anything."""
-    return _layout(config, model, shd.make_mesh(config.mesh, devices))
+def plan(config: RunConfig, trainables: Mapping[str, Trainable], frozen: Mapping[str, Frozen] | None = None,
+         devices=None) -> Layout:
+    """Builds the mesh and the shardings of the state and the frozen models from config, allocating nothing."""
+    return _layout(config, trainables, frozen or {}, shd.make_mesh(config.mesh, devices))
 
 
-def memory_report(config: RunConfig, model, device_count: int | None = None) -> str:
+def memory_report(config: RunConfig, trainables: Mapping[str, Trainable], device_count: int | None = None) -> str:
     """Predicted per-device bytes of params + optimiser state for `config.mesh` over `device_count` devices
     (default: the devices present). Nothing is allocated, so any device count can be planned from one CPU:
 
-        print(memory_report(config, LlamaForCausalLM(LlamaConfig(...)), device_count=256))
+        print(memory_report(config, {"model": Trainable(LlamaForCausalLM(cfg), config.optimizer)}, 256))
     """
     shape = shd.mesh_shape(config.mesh, jax.device_count() if device_count is None else device_count)
     mesh = jax.sharding.AbstractMesh(shape, shd.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    layout = _layout(config, model, mesh)
+    layout = _layout(config, trainables, {}, mesh)
     sizes = ", ".join(f"{k}={v}" for k, v in zip(shd.MESH_AXES, shape))
     return f"mesh {sizes} ({int(np.prod(shape))} devices)\n" + st.memory_report(layout.abstract, layout.shardings)
 
 
-def _layout(config: RunConfig, model, mesh) -> Layout:
+def _layout(config: RunConfig, trainables: Mapping[str, Trainable], frozen: Mapping[str, Frozen], mesh) -> Layout:
     rules = shd.logical_rules(config.mesh)
     _check_batch_fits(config, mesh, rules)
-    tx = make_optimizer(config.optimizer, config.train.steps)
-    schedule = make_schedule(config.optimizer, config.train.steps)
+    txs = {name: make_optimizer(t.optimizer, config.train.steps) for name, t in trainables.items()}
+    schedules = {name: make_schedule(t.optimizer, config.train.steps) for name, t in trainables.items()}
+    params_shardings, abstract_params = {}, {}
+    for name, trainable in trainables.items():
+        params_shardings[name], abstract_params[name] = _model_layout(trainable.model, mesh, rules)
+    frozen_shardings = {name: _model_layout(f.model, mesh, rules)[0] for name, f in frozen.items()}
+    shardings = st.state_shardings(abstract_params, params_shardings, txs, mesh)
+    return Layout(mesh, rules, txs, schedules, shardings, st.abstract_state(abstract_params, txs, shardings),
+                  frozen_shardings)
+
+
+def fresh_state(layout: Layout, trainables: Mapping[str, Trainable], seed: int) -> st.TrainState:
+    """Step 0: each trainable's `init(shardings)` (or random weights from `seed`) and a new optimiser state, all
+    created on the layout's shardings. Call under `jax.set_mesh(layout.mesh)` and the layout's logical rules."""
+    keys, state_rng = st.param_rngs(seed, trainables)
+    params = {}
+    for name, trainable in trainables.items():
+        shardings = layout.shardings.params[name]
+        if trainable.init is not None:
+            params[name] = trainable.init(shardings)
+        else:
+            params[name] = st.init_params(model_init_fn(trainable.model), keys[name], shardings)
+    return st.state_from_params(params, layout.txs, state_rng, layout.shardings)
+
+
+def _model_layout(model, mesh, rules):
     boxed = jax.eval_shape(model_init_fn(model), jax.random.PRNGKey(0))
-    params_shardings = st.param_shardings(boxed, mesh, rules)
-    abstract_params = nn.meta.unbox(boxed)
-    shardings = st.state_shardings(abstract_params, params_shardings, tx, mesh)
-    return Layout(mesh, rules, tx, schedule, shardings, st.abstract_state(abstract_params, tx, shardings))
+    return st.param_shardings(boxed, mesh, rules), nn.meta.unbox(boxed)
 
 
 def _check_batch_fits(config: RunConfig, mesh, rules) -> None:
@@ -122,131 +139,166 @@ def _check_batch_fits(config: RunConfig, mesh, rules) -> None:
         )
 
 
-def train(config: RunConfig, model, loss_fn: LossFn, train_data, *,
-          init_params: Callable[[Any], Any] | None = None,
-          eval_data: Callable[[], Iterable[dict]] | None = None,
-          eval_fn: LossFn | None = None,
-          eval_derived: Callable[[dict], dict] | None = None) -> st.TrainState:
+def train(config: RunConfig, algorithm: Algorithm) -> st.TrainState:
     """Trains until `config.train.steps` (or a stop signal) and returns the final state; see the module docstring."""
-    layout = plan(config, model)
+    layout = plan(config, algorithm.trainables, algorithm.frozen)
     out = Path(config.output_dir)
-    primary = jax.process_index() == 0
-    if primary:
+    if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(out / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
     with jax.set_mesh(layout.mesh), nn.logical_axis_rules(layout.rules):
         try:
-            return _run(config, layout, model, loss_fn, train_data, init_params, eval_data, eval_fn or loss_fn,
-                        eval_derived, checkpointer, out, primary)
+            return _Run(config, layout, algorithm, checkpointer, out).run()
         finally:
             checkpointer.close()
 
 
-def _run(config, layout: Layout, model, loss_fn, train_data, init_params, eval_data, eval_fn, eval_derived,
-         checkpointer, out: Path, primary: bool) -> st.TrainState:
-    restored = checkpointer.restore_latest(layout.abstract)
-    if restored is not None:
-        start, state, data_state = restored
-        train_data.load_state_dict(data_state)
-        _say(f"resumed from {checkpointer.directory / str(start)} at step {start}")
-    else:
-        start = 0
-        if init_params is not None:
-            state = st.state_from_params(init_params(layout.shardings.params), layout.tx, config.seed,
-                                         layout.shardings)
+class _Run:
+    def __init__(self, config: RunConfig, layout: Layout, algorithm: Algorithm, checkpointer: Checkpointer,
+                 out: Path):
+        self.config, self.layout, self.algorithm = config, layout, algorithm
+        self.checkpointer, self.out = checkpointer, out
+        self.source = algorithm.source
+        self.frozen = {name: f.load(layout.frozen_shardings[name]) for name, f in algorithm.frozen.items()}
+        self.step_fn = None
+
+    def context(self, step: int, state) -> StepContext:
+        return StepContext(step, state, self.frozen, self.layout.mesh, self.layout.rules)
+
+    def initial_state(self) -> tuple[int, st.TrainState]:
+        layout = self.layout
+        restored = self.checkpointer.restore_latest(layout.abstract)
+        if restored is not None:
+            start, state, data_state = restored
+            self.source.load_state_dict(data_state)
+            _say(f"resumed from {self.checkpointer.directory / str(start)} at step {start}")
+            return start, state
+        return 0, fresh_state(layout, self.algorithm.trainables, self.config.seed)
+
+    def run(self) -> st.TrainState:
+        config, checkpointer = self.config, self.checkpointer
+        start, state = self.initial_state()
+        logger = _MetricsLogger(self.out, start, jax.process_index() == 0)
+        stop = _StopRequest()
+        total = config.train.steps
+        last_saved = start
+        checkpoint_pending = False
+        try:
+            progress = _progress(jax.process_index() == 0, start, total)
+            step = start
+            window = _Window(time.perf_counter())
+            while step < total:
+                try:
+                    batch, host_metrics = self.source.next_batch(self.context(step, state))
+                except StopIteration:
+                    raise JaxalignError(
+                        f"the training data ran out after step {step} of train.steps={total}") from None
+                batch = self.global_batch(batch)
+                if self.step_fn is None:
+                    self.step_fn = self.compile_step(batch)
+                state, metrics, real_tokens = self.step_fn(state, self.frozen, batch)
+                step += 1
+                window.add(step, metrics, host_metrics, real_tokens)
+                progress.update(1)
+                due = bool(config.checkpoint.every) and step % config.checkpoint.every == 0
+                checkpoint_pending = checkpoint_pending or due
+                stopping = stop.requested()
+                if step % config.train.log_every == 0 or step == total or stopping:
+                    window.check_finite()  # waits for the window's steps, so the clock includes their device time
+                    line = window.line(time.perf_counter())
+                    logger.write(line)
+                    progress.set_postfix(loss=f"{line['loss']:.4f}")
+                    window = _Window(time.perf_counter())
+                elif checkpoint_pending:
+                    window.check_finite()
+                if config.train.eval_every and step % config.train.eval_every == 0:
+                    eval_line = self.evaluate(state, step)
+                    if eval_line is not None:
+                        logger.write(eval_line)
+                consistent = self.source.can_checkpoint()
+                if (checkpoint_pending or stopping) and consistent or step == total:
+                    checkpointer.save(step, state, self.source.state_dict())
+                    last_saved, checkpoint_pending = step, False
+                if stopping:
+                    checkpointer.wait()
+                    if last_saved == step:
+                        where = f"checkpoint saved in {checkpointer.directory / str(step)}"
+                    else:
+                        where = (f"not at a point the run can be saved; the last checkpoint is step {last_saved}"
+                                 if last_saved else "no checkpoint was saved yet")
+                    _say(f"stopped by {stop.signal_name} after step {step}; {where}; run the same command again "
+                         "to resume")
+                    break
+            progress.close()
+            if last_saved != step and self.source.can_checkpoint():
+                checkpointer.save(step, state, self.source.state_dict())
+            return state
+        finally:
+            stop.restore()
+            logger.close()
+
+    def global_batch(self, batch: dict) -> dict:
+        """Process-local numpy rows become global arrays on the mesh; arrays already global pass through."""
+        local = {k: v for k, v in batch.items() if not isinstance(v, jax.Array)}
+        if not local:
+            return batch
+        return {**batch, **shd.global_batch(local, self.layout.mesh, self.layout.rules)}
+
+    def compile_step(self, batch: dict):
+        layout = self.layout
+        batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
+        replicated = NamedSharding(layout.mesh, PartitionSpec())
+        batch_spec = shd.spec_for(("batch",), layout.rules)
+
+        def step(state, frozen, batch):
+            state, metrics = train_step(state, frozen, batch, loss=self.algorithm.loss, txs=layout.txs,
+                                        schedules=layout.schedules, grad_accum=self.config.train.grad_accum,
+                                        batch_spec=batch_spec)
+            return state, metrics, real_token_count(batch)
+
+        return jax.jit(step, in_shardings=(layout.shardings, layout.frozen_shardings, batch_shardings),
+                       out_shardings=(layout.shardings, replicated, replicated), donate_argnums=0)
+
+    def evaluate(self, state, step: int) -> dict | None:
+        algorithm = self.algorithm
+        if algorithm.evaluate is not None:
+            values = algorithm.evaluate(self.context(step, state))
+            line = {"step": step, **{f"eval_{k}": float(v) for k, v in values.items()}}
+        elif algorithm.eval_batches is not None:
+            line = self.eval_loss_line(state, step)
         else:
-            state = st.init_state(model_init_fn(model), layout.tx, config.seed, layout.shardings)
-    logger = _MetricsLogger(out, start, primary)
-    stop = _StopRequest()
-    total = config.train.steps
-    step_fn = None
-    last_saved = start
-    try:
-        batches = iter(train_data)
-        progress = _progress(primary, start, total)
-        step = start
-        window = _Window(time.perf_counter())
-        while step < total:
-            try:
-                local = next(batches)
-            except StopIteration:
-                raise JaxalignError(f"the training data ran out after step {step} of train.steps={total}") from None
-            batch = shd.global_batch(local, layout.mesh, layout.rules)
-            if step_fn is None:
-                step_fn = _compile_step(config, layout, loss_fn, batch)
-            state, metrics = step_fn(state, batch)
-            step += 1
-            window.add(step, metrics, _token_count(batch))
-            progress.update(1)
-            checkpoint_due = config.checkpoint.every and step % config.checkpoint.every == 0
-            stopping = stop.requested()
-            if step % config.train.log_every == 0 or step == total or stopping:
-                window.check_finite()  # waits for the window's steps, so the clock below includes their device time
-                line = window.line(time.perf_counter())
-                logger.write(line)
-                progress.set_postfix(loss=f"{line['loss']:.4f}")
-                window = _Window(time.perf_counter())
-            elif checkpoint_due:
-                window.check_finite()
-            if config.train.eval_every and eval_data is not None and step % config.train.eval_every == 0:
-                eval_line = _evaluate(config, layout, eval_fn, state, eval_data, step)
-                logger.write({**eval_line, **eval_derived(eval_line)} if eval_derived else eval_line)
-            if checkpoint_due or step == total or stopping:
-                checkpointer.save(step, state, train_data.state_dict())
-                last_saved = step
-            if stopping:
-                checkpointer.wait()
-                _say(f"stopped by {stop.signal_name} after step {step}; checkpoint saved in "
-                     f"{checkpointer.directory / str(step)}; run the same command again to resume")
+            return None
+        return {**line, **algorithm.eval_derived(line)} if algorithm.eval_derived else line
+
+    def eval_loss_line(self, state, step: int) -> dict:
+        layout = self.layout
+        loss = self.algorithm.eval_loss or self.algorithm.loss
+        replicated = NamedSharding(layout.mesh, PartitionSpec())
+        compiled = None
+        totals = None
+        for index, batch in enumerate(self.algorithm.eval_batches()):
+            if self.config.train.eval_batches and index >= self.config.train.eval_batches:
                 break
-        progress.close()
-        if last_saved != step:
-            checkpointer.save(step, state, train_data.state_dict())
-        return state
-    finally:
-        stop.restore()
-        logger.close()
+            batch = self.global_batch(batch)
+            if compiled is None:
+                compiled = jax.jit(lambda p, f, b: eval_sums(loss, p, f, b),
+                                   in_shardings=(layout.shardings.params, layout.frozen_shardings,
+                                                 jax.tree.map(lambda x: x.sharding, batch)),
+                                   out_shardings=replicated)
+            sums = compiled(state.params, self.frozen, batch)
+            totals = sums if totals is None else add_means(totals, sums)
+        if totals is None:
+            raise JaxalignError("the evaluation data yielded no batches")
+        return {"step": step, **{f"eval_{k}": m.value() for k, m in jax.device_get(totals).items()}}
 
 
-def _compile_step(config: RunConfig, layout: Layout, loss_fn, batch: dict):
-    batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
-    replicated = NamedSharding(layout.mesh, PartitionSpec())
-    batch_spec = shd.spec_for(("batch",), layout.rules)
-
-    def step(state, batch):
-        return train_step(state, batch, loss_fn=loss_fn, tx=layout.tx, schedule=layout.schedule,
-                          grad_accum=config.train.grad_accum, batch_spec=batch_spec)
-
-    return jax.jit(step, in_shardings=(layout.shardings, batch_shardings),
-                   out_shardings=(layout.shardings, replicated), donate_argnums=0)
-
-
-def _evaluate(config: RunConfig, layout: Layout, eval_fn, state, eval_data, step: int) -> dict:
-    replicated = NamedSharding(layout.mesh, PartitionSpec())
-    compiled = None
-    totals = None
-    for index, local in enumerate(eval_data()):
-        if config.train.eval_batches and index >= config.train.eval_batches:
-            break
-        batch = shd.global_batch(local, layout.mesh, layout.rules)
-        if compiled is None:
-            compiled = jax.jit(lambda p, b: eval_sums(eval_fn, p, b, None),
-                               in_shardings=(layout.shardings.params, jax.tree.map(lambda x: x.sharding, batch)),
-                               out_shardings=replicated)
-        sums = compiled(state.params, batch)
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    if totals is None:
-        raise JaxalignError("the evaluation data yielded no batches")
-    totals = jax.device_get(totals)
-    weight = max(float(totals.pop("weight")), 1.0)
-    return {"step": step, **{f"eval_{k}": float(v) / weight for k, v in totals.items()}}
-
-
-def _token_count(batch: dict) -> int:
-    ids = batch.get("input_ids")
-    if ids is None:
-        ids = next(iter(batch.values()))
-    return int(np.prod(ids.shape))
+def real_token_count(batch: dict) -> jax.Array:
+    """Non-padding tokens of a batch: `segment_ids != 0` when the batch has segment ids (padding is segment 0),
+    otherwise every position of the first array's `[batch, length]`."""
+    if "segment_ids" in batch:
+        return jnp.sum(batch["segment_ids"] != 0, dtype=jnp.int32)
+    first = jax.tree.leaves(batch)[0]
+    return jnp.asarray(math.prod(first.shape[:2]), jnp.int32)
 
 
 class _Window:
@@ -256,38 +308,43 @@ class _Window:
     def __init__(self, started: float):
         self.started = started
         self.steps: list[int] = []
-        self.pending: list[dict] = []
+        self.pending: list[tuple[dict, Any]] = []
         self.fetched: list[dict] = []
+        self.host: dict[str, Mean] = {}
         self.tokens = 0
 
-    def add(self, step: int, metrics: dict, tokens: int) -> None:
+    def add(self, step: int, metrics: dict, host_metrics: dict, real_tokens) -> None:
         self.steps.append(step)
-        self.pending.append(metrics)
-        self.tokens += tokens
+        self.pending.append((metrics, real_tokens))
+        host = {k: v if isinstance(v, Mean) else Mean(float(v), 1.0) for k, v in host_metrics.items()}
+        self.host = add_means(self.host, host)
 
     def check_finite(self) -> None:
         """Raises naming the first step whose loss or gradient norm is NaN or inf."""
         values = jax.device_get(self.pending)
         first = len(self.fetched)
-        self.fetched.extend(values)
         self.pending = []
-        for step, metrics in zip(self.steps[first:], values):
+        for step, (metrics, real_tokens) in zip(self.steps[first:], values):
+            self.fetched.append(metrics)
+            self.tokens += int(real_tokens)
             for key in ("loss", "grad_norm"):
-                if not math.isfinite(float(metrics[key])):
+                value = metrics[key].value()
+                if not math.isfinite(value):
                     raise JaxalignError(
-                        f"step {step}: {key} is {float(metrics[key])}; stopping without saving this state (the last "
-                        f"good checkpoint is kept). Lower optimizer.lr, check the data, or enable optimizer.clip"
+                        f"step {step}: {key} is {value}; stopping without saving this state (the last good "
+                        f"checkpoint is kept). Lower optimizer.lr, check the data, or enable optimizer.clip"
                     )
 
     def line(self, now: float) -> dict:
-        """The log line: means over the window (`lr` of the last step) and the token throughput."""
+        """The log line: each metric pooled over the window by its own count, `lr` of the last step, and the
+        real-token throughput."""
         self.check_finite()
         line = {"step": self.steps[-1]}
-        for key in self.fetched[-1]:
-            if key == "lr":
-                line[key] = float(self.fetched[-1][key])
-            else:
-                line[key] = float(np.mean([float(m[key]) for m in self.fetched]))
+        pooled: dict[str, Mean] = {}
+        for metrics in self.fetched:
+            pooled = add_means(pooled, metrics)
+        for key, mean in {**pooled, **self.host}.items():
+            line[key] = float(self.fetched[-1][key].value()) if key.split("/")[0] == "lr" else mean.value()
         line["tokens_per_s"] = self.tokens / max(now - self.started, 1e-9)
         return line
 

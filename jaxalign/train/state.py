@@ -15,7 +15,8 @@ from jaxalign import sharding as shd
 
 @flax.struct.dataclass
 class TrainState:
-    """`rng` is a raw uint32 key; the step's randomness is `fold_in(rng, step)`, so resuming needs nothing else."""
+    """`params` and `opt_state` map each trainable's name to its tree; `rng` is a raw uint32 key and the step's
+    randomness is `fold_in(rng, step)`, so resuming needs nothing else."""
 
     step: jax.Array
     params: Any
@@ -53,51 +54,59 @@ def opt_state_shardings(abstract_opt_state, abstract_params, params_shardings, m
     return jax.tree_util.tree_map_with_path(choose, abstract_opt_state)
 
 
-def state_shardings(abstract_params, params_shardings, tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+def state_shardings(abstract_params: dict, params_shardings: dict, txs: dict, mesh: Mesh) -> TrainState:
+    """Shardings of the whole state; `abstract_params`, `params_shardings` and `txs` are keyed by trainable name."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    return TrainState(
-        step=replicated,
-        params=params_shardings,
-        opt_state=opt_state_shardings(abstract_opt, abstract_params, params_shardings, mesh),
-        rng=replicated,
-    )
+    opt_state = {
+        name: opt_state_shardings(jax.eval_shape(tx.init, abstract_params[name]), abstract_params[name],
+                                  params_shardings[name], mesh)
+        for name, tx in txs.items()
+    }
+    return TrainState(step=replicated, params=params_shardings, opt_state=opt_state, rng=replicated)
 
 
-def abstract_state(abstract_params, tx: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+def abstract_state(abstract_params: dict, txs: dict, shardings: TrainState) -> TrainState:
     """ShapeDtypeStructs with shardings for the whole state (the restore target for checkpoints)."""
     shapes = TrainState(
         step=jax.ShapeDtypeStruct((), jnp.int32),
         params=abstract_params,
-        opt_state=jax.eval_shape(tx.init, abstract_params),
+        opt_state={name: jax.eval_shape(tx.init, abstract_params[name]) for name, tx in txs.items()},
         rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
     )
     return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def init_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation, seed: int,
-               shardings: TrainState) -> TrainState:
-    """Random parameters and optimiser state created directly on their shardings (never whole on one device)."""
+def init_params(init_fn: Callable[[jax.Array], Any], rng: jax.Array, shardings) -> Any:
+    """Random parameters from `init_fn(rng) -> boxed params`, created directly on their shardings (never whole on
+    one device)."""
 
     def init(rng):
-        params_rng, state_rng = jax.random.split(rng)
         # Without rules: out_shardings place the result, and flax's DenseGeneral reshapes boxed kernels during init,
         # which breaks logical constraints on multi-dimensional features.
         with nn.logical_axis_rules(()):
-            params = nn.meta.unbox(init_params(params_rng))
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), state_rng)
+            return nn.meta.unbox(init_fn(rng))
 
-    return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(seed))
+    return jax.jit(init, out_shardings=shardings)(rng)
 
 
-def state_from_params(params, tx: optax.GradientTransformation, seed: int, shardings: TrainState) -> TrainState:
-    """A fresh state around parameters already placed on `shardings.params` (e.g. loaded from a HF folder)."""
+def param_rngs(seed: int, names) -> tuple[dict, jax.Array]:
+    """(a parameter-initialisation key per trainable name, the state's rng) from the run's seed. With one trainable
+    its key is the first half of `split(PRNGKey(seed))`; with several, that key split once more per name."""
+    params_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
+    names = list(names)
+    keys = [params_rng] if len(names) == 1 else list(jax.random.split(params_rng, len(names)))
+    return dict(zip(names, keys)), state_rng
+
+
+def state_from_params(params: dict, txs: dict, state_rng: jax.Array, shardings: TrainState) -> TrainState:
+    """A fresh state (step 0, new optimiser state) around parameters already placed on `shardings.params`."""
 
     def build(params, rng):
-        return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.split(rng)[1])
+        opt_state = {name: tx.init(params[name]) for name, tx in txs.items()}
+        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, rng)
 
     return jax.jit(build, in_shardings=(shardings.params, shardings.rng), out_shardings=shardings,
-                   donate_argnums=0)(params, jax.random.PRNGKey(seed))
+                   donate_argnums=0)(params, state_rng)
 
 
 def predicted_bytes_per_device(abstract_tree, shardings) -> int:

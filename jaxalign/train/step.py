@@ -1,33 +1,39 @@
-"""The pure train step: gradient accumulation over micro-batches, normalisation by the global weight, update.
+"""The pure train step: gradient accumulation over micro-batches, normalisation by the global count, one update per
+trainable parameter tree.
 
-`loss_fn(params, batch, rng) -> (loss_sum, aux)` returns sums; `aux["weight"]` is the denominator (e.g. trained
-tokens). Sums over every micro-batch and device are divided once by the total weight, so the result does not depend
-on how the global batch is split.
+`loss(params, frozen, batch, rng) -> (objective, metrics)` returns `Mean`s (sums and counts). Sums over every
+micro-batch and device are divided once by the total count, so the result does not depend on how the global batch
+is split.
 """
 
-from typing import Callable
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec
 
+from jaxalign.train.algorithm import LossFn, Mean
 from jaxalign.train.state import TrainState
 
-LossFn = Callable[[object, dict, jax.Array], tuple[jax.Array, dict]]
 
-
-def accumulate_gradients(loss_fn: LossFn, params, batch: dict, rng: jax.Array, grad_accum: int,
+def accumulate_gradients(loss: LossFn, params: dict, frozen: dict, batch: dict, rng: jax.Array, grad_accum: int,
                          batch_spec: PartitionSpec | None = None):
-    """Summed loss, summed aux and summed gradients over `grad_accum` micro-batches of `batch`.
+    """`(objective, metrics, grads)` summed over `grad_accum` micro-batches of `batch`; `grads` is the gradient of
+    the summed `objective.total` (not yet divided by its count).
 
     Micro-batch i takes rows i, i + A, i + 2A... so that every micro-batch stays spread over all devices that hold
     the batch (a local transpose, no communication).
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def objective_total(params, batch, rng):
+        objective, metrics = loss(params, frozen, batch, rng)
+        return objective.total, (objective, metrics)
+
+    grad_fn = jax.grad(objective_total, has_aux=True)
     if grad_accum == 1:
-        (loss_sum, aux), grads = grad_fn(params, batch, rng)
-        return loss_sum, aux, grads
+        grads, (objective, metrics) = grad_fn(params, batch, rng)
+        return objective, metrics, grads
 
     def split(x):
         x = x.reshape((x.shape[0] // grad_accum, grad_accum) + x.shape[1:]).swapaxes(0, 1)
@@ -39,40 +45,43 @@ def accumulate_gradients(loss_fn: LossFn, params, batch: dict, rng: jax.Array, g
 
     def body(carry, inputs):
         index, micro = inputs
-        (loss_sum, aux), grads = grad_fn(params, micro, jax.random.fold_in(rng, index))
-        return jax.tree.map(jnp.add, carry, (loss_sum, aux, grads)), None
+        grads, (objective, metrics) = grad_fn(params, micro, jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, carry, (objective, metrics, grads)), None
 
-    zero_out = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches), rng)
-    (loss_shape, aux_shape), grad_shape = zero_out
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_shape, aux_shape, grad_shape))
-    (loss_sum, aux, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro_batches))
-    return loss_sum, aux, grads
-
-
-def normalized_metrics(loss_sum, aux: dict) -> tuple[jax.Array, dict]:
-    """Divides sums by the total weight: `loss` and every aux entry except `weight` become means."""
-    weight = jnp.maximum(jnp.asarray(aux["weight"], jnp.float32), 1.0)
-    metrics = {k: jnp.asarray(v, jnp.float32) / weight for k, v in aux.items() if k != "weight"}
-    metrics["weight"] = jnp.asarray(aux["weight"], jnp.float32)
-    metrics["loss"] = jnp.asarray(loss_sum, jnp.float32) / weight
-    return weight, metrics
+    shapes = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro_batches), rng)
+    grad_shape, (objective_shape, metrics_shape) = shapes
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (objective_shape, metrics_shape, grad_shape))
+    (objective, metrics, grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro_batches))
+    return objective, metrics, grads
 
 
-def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, grad_accum: int = 1, batch_spec: PartitionSpec | None = None):
-    """One optimiser update on the global batch; returns the new state and the step's metrics."""
+def train_step(state: TrainState, frozen: dict, batch: dict, *, loss: LossFn,
+               txs: Mapping[str, optax.GradientTransformation], schedules: Mapping[str, optax.Schedule],
+               grad_accum: int = 1, batch_spec: PartitionSpec | None = None):
+    """One optimiser update of every trainable on the global batch; returns the new state and the step's metrics
+    (`Mean`s): `loss`, the loss's own metrics, `grad_norm` (over all trainables, after normalisation, before
+    clipping) and `lr`; with several trainables also `grad_norm/<name>` and `lr/<name>` instead of `lr`."""
     rng = jax.random.fold_in(state.rng, state.step)
-    loss_sum, aux, grads = accumulate_gradients(loss_fn, state.params, batch, rng, grad_accum, batch_spec)
-    weight, metrics = normalized_metrics(loss_sum, aux)
-    grads = jax.tree.map(lambda g: g / weight.astype(g.dtype), grads)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    objective, metrics, grads = accumulate_gradients(loss, state.params, frozen, batch, rng, grad_accum, batch_spec)
+    count = jnp.maximum(jnp.asarray(objective.count, jnp.float32), 1.0)
+    grads = jax.tree.map(lambda g: g / count.astype(g.dtype), grads)
+    metrics = {"loss": Mean(jnp.asarray(objective.total, jnp.float32), jnp.asarray(objective.count, jnp.float32)),
+               **metrics, "grad_norm": Mean.scalar(optax.tree.norm(grads))}
+    params, opt_state = {}, {}
+    for name, tx in txs.items():
+        updates, opt_state[name] = tx.update(grads[name], state.opt_state[name], state.params[name])
+        params[name] = optax.apply_updates(state.params[name], updates)
+        lr = Mean.scalar(schedules[name](state.step))
+        if len(txs) == 1:
+            metrics["lr"] = lr
+        else:
+            metrics[f"lr/{name}"] = lr
+            metrics[f"grad_norm/{name}"] = Mean.scalar(optax.tree.norm(grads[name]))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_sums(eval_fn: LossFn, params, batch: dict, rng: jax.Array | None):
-    """Loss and aux sums of one eval batch (normalised by the loop after summing over all eval batches)."""
-    loss_sum, aux = eval_fn(params, batch, rng)
-    return {"loss": jnp.asarray(loss_sum, jnp.float32), **{k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}}
+def eval_sums(loss: LossFn, params: dict, frozen: dict, batch: dict) -> dict[str, Mean]:
+    """The deterministic loss and metrics of one eval batch as `Mean`s (pooled by the loop over all eval batches)."""
+    objective, metrics = loss(params, frozen, batch, None)
+    return {"loss": Mean(jnp.asarray(objective.total, jnp.float32), jnp.asarray(objective.count, jnp.float32)),
+            **metrics}

@@ -33,13 +33,14 @@ def test_loss_sums_only_trained_tokens():
     batch = lm_batch(rng)
     table = jnp.asarray(rng.normal(size=(11, 11)), jnp.float32)
     model = TableModel()
-    loss_sum, aux = make_loss_fn(model)({"table": table}, batch, None)
+    objective, metrics = make_loss_fn(model)({"table": table}, batch, None)
     log_probs = np.asarray(jax.nn.log_softmax(table[batch["input_ids"]]))
     picked = np.take_along_axis(log_probs, batch["targets"][..., None], axis=-1)[..., 0]
-    assert float(loss_sum) == pytest.approx(-(picked * batch["loss_mask"]).sum(), rel=1e-5)
-    assert float(aux["weight"]) == batch["loss_mask"].sum()
+    assert float(objective.total) == pytest.approx(-(picked * batch["loss_mask"]).sum(), rel=1e-5)
+    assert float(objective.count) == batch["loss_mask"].sum()
     predicted = np.argmax(log_probs, axis=-1)
-    assert float(aux["correct"]) == ((predicted == batch["targets"]) * batch["loss_mask"]).sum()
+    assert float(metrics["correct"].total) == ((predicted == batch["targets"]) * batch["loss_mask"]).sum()
+    assert float(metrics["correct"].count) == batch["loss_mask"].sum()
     assert model.last_call == {"deterministic": True, "rngs": None}
 
 
@@ -48,10 +49,11 @@ def test_loss_sums_add_over_batch_splits():
     batch = lm_batch(rng, batch=4)
     params = {"table": jnp.asarray(rng.normal(size=(11, 11)), jnp.float32)}
     loss_fn = make_loss_fn(TableModel())
-    whole, whole_aux = loss_fn(params, batch, None)
-    halves = [loss_fn(params, {k: v[i : i + 2] for k, v in batch.items()}, None) for i in (0, 2)]
-    assert float(halves[0][0] + halves[1][0]) == pytest.approx(float(whole), rel=1e-6)
-    assert float(halves[0][1]["weight"] + halves[1][1]["weight"]) == float(whole_aux["weight"])
+    whole, _ = loss_fn(params, batch, None)
+    halves = [loss_fn(params, {k: v[i : i + 2] for k, v in batch.items()}, None)[0] for i in (0, 2)]
+    pooled = halves[0] + halves[1]
+    assert float(pooled.total) == pytest.approx(float(whole.total), rel=1e-6)
+    assert float(pooled.count) == float(whole.count)
 
 
 def test_rng_switches_to_training_mode():
@@ -112,8 +114,8 @@ def test_residual_dropout_is_active_only_with_an_rng():
     params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
     batch = lm_batch(np.random.default_rng(4))
     loss_fn = jax.jit(make_loss_fn(model))
-    deterministic = float(loss_fn(params, batch, None)[0])
-    first = float(loss_fn(params, batch, jax.random.key(1))[0])
+    deterministic = float(loss_fn(params, batch, None)[0].total)
+    first = float(loss_fn(params, batch, jax.random.key(1))[0].total)
     assert first != deterministic
-    assert float(loss_fn(params, batch, jax.random.key(1))[0]) == first
-    assert float(loss_fn(params, batch, jax.random.key(2))[0]) != first
+    assert float(loss_fn(params, batch, jax.random.key(1))[0].total) == first
+    assert float(loss_fn(params, batch, jax.random.key(2))[0].total) != first

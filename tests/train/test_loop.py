@@ -168,27 +168,28 @@ def test_eval_every_logs_eval_loss_of_the_current_params(tmp_path):
     import jax
 
     from jaxalign.config import RunConfig, apply_overrides, from_dict
-    from jaxalign.objectives.sft import make_loss_fn
+    from jaxalign.objectives.sft import make_algorithm, make_loss_fn
     from jaxalign.train.loop import train
     from tests.train.tiny_run import TINY_OVERRIDES, SyntheticTokens, tiny_model
 
     overrides = TINY_OVERRIDES + ["train.steps=4", "train.eval_every=2", "train.eval_batches=2", "checkpoint.every=0"]
     config = from_dict(RunConfig, apply_overrides({"output_dir": str(tmp_path)}, overrides))
     model = tiny_model()
-    loss_fn = make_loss_fn(model)
 
     def eval_data():
         return itertools.islice(SyntheticTokens(8, 16, model.config.vocab_size, seed=99), 5)
 
-    state = train(config, model, loss_fn, SyntheticTokens(8, 16, model.config.vocab_size), eval_data=eval_data)
+    algorithm = make_algorithm(model, config.optimizer, SyntheticTokens(8, 16, model.config.vocab_size),
+                               eval_data=eval_data)
+    state = train(config, algorithm)
     assert int(state.step) == 4
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [line for line in lines if "eval_loss" in line]
     assert [line["step"] for line in evals] == [2, 4]
-    assert set(evals[0]) == {"step", "eval_loss", "eval_correct"}
-    eval_loss = jax.jit(lambda params, batch: loss_fn(params, batch, None))
-    sums = [eval_loss(state.params, batch) for batch in itertools.islice(eval_data(), 2)]
-    expected = sum(float(s) for s, _ in sums) / sum(float(aux["weight"]) for _, aux in sums)
+    assert set(evals[0]) == {"step", "eval_loss", "eval_correct", "eval_perplexity"}
+    loss_fn = jax.jit(lambda params, batch: make_loss_fn(model)(params, batch, None))
+    sums = [loss_fn(state.params["model"], batch) for batch in itertools.islice(eval_data(), 2)]
+    expected = sum(float(objective.total) for objective, _ in sums) / sum(float(objective.count) for objective, _ in sums)
     assert evals[-1]["eval_loss"] == pytest.approx(expected, rel=1e-5)
     assert checkpoint_steps(tmp_path) == [4]
     assert jax.tree.leaves(state.params)[0].sharding.mesh.shape["fsdp"] == 8

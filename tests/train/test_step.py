@@ -10,8 +10,9 @@ from jaxalign import sharding as shd
 from jaxalign.config import MeshConfig, RunConfig, TrainConfig
 from jaxalign.objectives.sft import make_loss_fn
 from jaxalign.train import state as st
-from jaxalign.train.loop import model_init_fn, plan
-from jaxalign.train.step import accumulate_gradients, normalized_metrics
+from jaxalign.train.algorithm import Trainable
+from jaxalign.train.loop import fresh_state, plan
+from jaxalign.train.step import accumulate_gradients, train_step
 
 from tests.train.tiny_run import SyntheticTokens, tiny_model
 
@@ -33,20 +34,27 @@ def run_config(data=1, fsdp=1, tensor=1, grad_accum=1) -> RunConfig:
                      mesh=MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
 
 
+def trainables(model, config: RunConfig) -> dict:
+    return {"model": Trainable(model, config.optimizer)}
+
+
+def sft_loss(model):
+    loss_fn = make_loss_fn(model)
+    return lambda params, frozen, batch, rng: loss_fn(params["model"], batch, rng)
+
+
 def loss_and_grads(model, batch, config: RunConfig, devices=None):
     """(loss, grads, initial params) of one step on the config's mesh, fetched to the host."""
-    layout = plan(config, model, devices)
-    loss_fn = make_loss_fn(model)
+    layout = plan(config, trainables(model, config), devices=devices)
     batch_spec = shd.spec_for(("batch",), layout.rules)
     with jax.set_mesh(layout.mesh), nn.logical_axis_rules(layout.rules):
-        state = st.init_state(model_init_fn(model), layout.tx, 0, layout.shardings)
+        state = fresh_state(layout, trainables(model, config), 0)
         global_batch = shd.global_batch(batch, layout.mesh, layout.rules)
 
         def grads_fn(params, batch):
-            loss_sum, aux, grads = accumulate_gradients(loss_fn, params, batch, jax.random.PRNGKey(1),
-                                                        config.train.grad_accum, batch_spec)
-            weight, metrics = normalized_metrics(loss_sum, aux)
-            return metrics["loss"], jax.tree.map(lambda g: g / weight, grads)
+            objective, _, grads = accumulate_gradients(sft_loss(model), params, {}, batch, jax.random.PRNGKey(1),
+                                                       config.train.grad_accum, batch_spec)
+            return objective.total / objective.count, jax.tree.map(lambda g: g / objective.count, grads)
 
         loss, grads = jax.jit(grads_fn, out_shardings=(None, layout.shardings.params))(state.params, global_batch)
         return jax.device_get((loss, grads, state.params))
@@ -80,9 +88,10 @@ def test_sharded_gradients_equal_single_device(model, batch, single_device, mesh
 
 
 def test_fsdp_splits_params_and_optimizer_state(model):
-    layout = plan(run_config(fsdp=8), model)
+    config = run_config(fsdp=8)
+    layout = plan(config, trainables(model, config))
     with jax.set_mesh(layout.mesh), nn.logical_axis_rules(layout.rules):
-        state = st.init_state(model_init_fn(model), layout.tx, 0, layout.shardings)
+        state = fresh_state(layout, trainables(model, config), 0)
     held = (state.params, state.opt_state)
     total = sum(x.nbytes for x in jax.tree.leaves(held))
     per_device = st.measured_bytes_per_device(held)
@@ -91,7 +100,7 @@ def test_fsdp_splits_params_and_optimizer_state(model):
     predicted = (st.predicted_bytes_per_device(layout.abstract.params, layout.shardings.params)
                  + st.predicted_bytes_per_device(layout.abstract.opt_state, layout.shardings.opt_state))
     assert predicted == per_device
-    tensor = plan(run_config(fsdp=4, tensor=2), model)
+    tensor = plan(run_config(fsdp=4, tensor=2), trainables(model, config))
     for path, sharding in jax.tree_util.tree_flatten_with_path(tensor.shardings.opt_state)[0]:
         if "mu" in jax.tree_util.keystr(path) and "q_proj" in jax.tree_util.keystr(path):
             assert "tensor" in str(sharding.spec) and "fsdp" in str(sharding.spec)
@@ -99,17 +108,17 @@ def test_fsdp_splits_params_and_optimizer_state(model):
 
 def test_bfloat16_compute_keeps_float32_master_weights(batch):
     from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM
-    from jaxalign.train.step import train_step
 
     model = LlamaForCausalLM(LlamaConfig.tiny(dtype="bfloat16", param_dtype="float32"))
-    layout = plan(run_config(fsdp=8), model)
-    loss_fn = make_loss_fn(model)
+    config = run_config(fsdp=8)
+    layout = plan(config, trainables(model, config))
     with jax.set_mesh(layout.mesh), nn.logical_axis_rules(layout.rules):
-        state = st.init_state(model_init_fn(model), layout.tx, 0, layout.shardings)
-        step = jax.jit(lambda s, b: train_step(s, b, loss_fn=loss_fn, tx=layout.tx, schedule=layout.schedule),
+        state = fresh_state(layout, trainables(model, config), 0)
+        step = jax.jit(lambda s, b: train_step(s, {}, b, loss=sft_loss(model), txs=layout.txs,
+                                               schedules=layout.schedules),
                        in_shardings=(layout.shardings, None), out_shardings=(layout.shardings, None),
                        donate_argnums=0)
         new_state, metrics = step(state, shd.global_batch(batch, layout.mesh, layout.rules))
     assert {x.dtype for x in jax.tree.leaves(new_state.params)} == {np.dtype("float32")}
     assert {x.dtype for x in jax.tree.leaves(new_state.opt_state) if x.ndim} == {np.dtype("float32")}
-    assert np.isfinite(float(metrics["loss"])) and int(new_state.step) == 1
+    assert np.isfinite(metrics["loss"].value()) and int(new_state.step) == 1

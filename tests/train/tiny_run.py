@@ -7,6 +7,7 @@ Exits 0 after training or after a SIGTERM-triggered save, 2 on a JaxalignError (
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -69,11 +70,11 @@ def poisonable(loss_fn):
     """`loss_fn` whose loss turns NaN on a batch that carries a non-zero `poison` entry."""
     import jax.numpy as jnp
 
-    def wrapped(params, batch, rng):
-        loss_sum, aux = loss_fn(params, batch, rng)
+    def wrapped(params, frozen, batch, rng):
+        objective, metrics = loss_fn(params, frozen, batch, rng)
         if "poison" in batch:
-            loss_sum = jnp.where(jnp.any(batch["poison"] > 0), jnp.nan, loss_sum)
-        return loss_sum, aux
+            objective = objective.replace(total=jnp.where(jnp.any(batch["poison"] > 0), jnp.nan, objective.total))
+        return objective, metrics
 
     return wrapped
 
@@ -97,7 +98,7 @@ def main(argv=None) -> int:
         sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         import jax
 
-        from jaxalign.objectives.sft import make_loss_fn
+        from jaxalign.objectives.sft import make_algorithm
         from jaxalign.train.loop import train
 
         data = apply_overrides({"output_dir": args.output_dir}, TINY_OVERRIDES + args.overrides)
@@ -106,7 +107,8 @@ def main(argv=None) -> int:
         tokens = SyntheticTokens(config.train.batch_size, config.train.seq_len, model.config.vocab_size,
                                  seed=config.seed, step_delay=args.step_delay, nan_at=args.nan_at,
                                  process_index=jax.process_index(), process_count=jax.process_count())
-        state = train(config, model, poisonable(make_loss_fn(model)), tokens)
+        algorithm = make_algorithm(model, config.optimizer, tokens)
+        state = train(config, dataclasses.replace(algorithm, loss=poisonable(algorithm.loss)))
         print(f"finished at step {int(state.step)}", flush=True)
     except JaxalignError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)

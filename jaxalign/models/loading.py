@@ -1,0 +1,260 @@
+"""Where a model comes from: a Hugging Face folder, a jaxalign model checkpoint, or a config for random weights;
+with a causal-LM head ("causal_lm", `LlamaForCausalLM`) or a scalar head ("score", `LlamaForScore`).
+
+Training commands describe the model by the run config's `model` section and get its config and a loader that
+places the weights straight onto the shardings the training loop chooses:
+
+    source = model_source(config.model, tokenizer, head="score", mesh=config.mesh, seed=config.seed)
+    model = source.module()                   # LlamaForScore(source.config)
+    params = source.load(shardings)           # source.load is None for random weights
+
+Other commands load a whole model onto one device:
+
+    model, params = load_model(path, dtype="bfloat16")
+
+A causal LM loaded with head "score" keeps its trunk's weights (the LM head is never read) under a freshly
+initialised score head; a score model has no LM head, so loading it as "causal_lm" is an error.
+"""
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxalign.config import MeshConfig, ModelSection, from_dict
+from jaxalign.errors import JaxalignError
+from jaxalign.models.checkpoint import (
+    CONFIG_FILE,
+    abstract_params,
+    is_model_checkpoint,
+    read_model_config,
+    read_model_head,
+    restore_params,
+)
+from jaxalign.models.heads import HEADS, init_score_head, model_for_head
+from jaxalign.models.llama import DTYPES, LlamaConfig
+
+# LlamaConfig fields that `model.config` may change on top of a pretrained model: numerics and regularisation, not
+# the shapes of the weights.
+PRETRAINED_OVERRIDES = ("remat", "residual_dropout", "rope_scaling", "max_position_embeddings", "sliding_window")
+
+ParamsLoader = Callable[[Any], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """A model's config and head, and `load(shardings) -> params` placing the weights onto `shardings` (a pytree of
+    `jax.sharding.Sharding` matching the params of `module()`), or `load=None` for random initialisation."""
+
+    config: LlamaConfig
+    head: str = "causal_lm"
+    load: ParamsLoader | None = None
+
+    def module(self):
+        """`LlamaForCausalLM(config)` or `LlamaForScore(config)`, as `head` says."""
+        return model_for_head(self.config, self.head)
+
+
+def model_source(section: ModelSection, tokenizer=None, head: str = "causal_lm", mesh: MeshConfig | None = None,
+                 seed: int = 0) -> ModelSource:
+    """The model that run-config section `model` describes: `model.path` (Hugging Face folder or jaxalign model
+    checkpoint; `model.config` may only change `PRETRAINED_OVERRIDES`) or, without a path, random weights from
+    `model.config` (`preset: tiny` starts from `LlamaConfig.tiny`). No weights are read until `load` is called.
+
+    With a `tokenizer`, a scratch config takes its vocabulary size and bos / eos / pad ids, and a pretrained model
+    grows its vocabulary to the tokenizer's with mean-initialised rows and takes its pad id. `mesh` gives the
+    logical-axis rules that place the weights before the vocabulary grows; `seed` initialises a score head put on a
+    causal LM. Raises `JaxalignError` naming the config key that is wrong.
+    """
+    if head not in HEADS:
+        raise JaxalignError(f"head {head!r}: expected one of {', '.join(HEADS)}")
+    if section.path is None:
+        return ModelSource(scratch_model_config(section, tokenizer), head)
+    base = pretrained_source(section, head, seed)
+    if tokenizer is None:
+        return base
+    vocab_size = max(base.config.vocab_size, len(tokenizer))
+    config = dataclasses.replace(base.config, vocab_size=vocab_size)
+    if tokenizer.pad_token_id is not None:
+        config = dataclasses.replace(config, pad_token_id=tokenizer.pad_token_id)
+    return ModelSource(config, head, params_initializer(base, vocab_size, mesh or MeshConfig()))
+
+
+def split_preset(section: ModelSection) -> tuple[dict, dict]:
+    """(defaults of `model.config.preset`, the other `model.config` values); `preset: tiny` is `LlamaConfig.tiny`,
+    whose head_dim is left to derive from the final sizes."""
+    values = dict(section.config)
+    preset = values.pop("preset", None)
+    if preset not in (None, "tiny"):
+        raise JaxalignError(f"config key 'model.config.preset': expected 'tiny' or no preset, got {preset!r}")
+    defaults = dataclasses.asdict(LlamaConfig.tiny()) if preset == "tiny" else {}
+    defaults.pop("head_dim", None)
+    return defaults, values
+
+
+def scratch_model_config(section: ModelSection, tokenizer=None) -> LlamaConfig:
+    """`LlamaConfig` for random initialisation from `model.config` (`preset: tiny` starts from `LlamaConfig.tiny`);
+    the vocabulary size and bos / eos / pad ids default to the tokenizer's when one is given."""
+    defaults, values = split_preset(section)
+    defaults.update(dtype=section.dtype, param_dtype=section.param_dtype)
+    if tokenizer is not None:
+        defaults.update(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    config = from_dict(LlamaConfig, {**defaults, **values}, prefix="model.config")
+    if tokenizer is not None and config.vocab_size < len(tokenizer):
+        raise JaxalignError(
+            f"config key 'model.config.vocab_size': {config.vocab_size} is smaller than the tokenizer's "
+            f"{len(tokenizer)} tokens"
+        )
+    return config
+
+
+def pretrained_source(section: ModelSection, head: str = "causal_lm", seed: int = 0) -> ModelSource:
+    """The model in `model.path` as stored (config, vocabulary), in `model.param_dtype`, computing in `model.dtype`,
+    with `model.config`'s overrides; no weights are read."""
+    path = Path(section.path)
+    where = "config key 'model.path': "
+    if not is_pretrained(path):
+        raise JaxalignError(
+            f"{where}{path} is neither a Hugging Face folder (config.json) nor a jaxalign model checkpoint "
+            f"({CONFIG_FILE}); to train from random weights set model.path=null and model.config"
+        )
+    stored, stored_head = read_stored_model(path)
+    changed = sorted(set(section.config) - set(PRETRAINED_OVERRIDES))
+    if changed:
+        raise JaxalignError(
+            f"config key 'model.config.{changed[0]}': cannot change a pretrained model's architecture; with "
+            f"model.path set, model.config may only set {', '.join(PRETRAINED_OVERRIDES)}"
+        )
+    values = {**dataclasses.asdict(stored), **section.config, "dtype": section.dtype,
+              "param_dtype": section.param_dtype}
+    config = from_dict(LlamaConfig, values, prefix="model.config")
+    return ModelSource(config, head, params_loader(path, config, stored_head, head, seed, where))
+
+
+def is_pretrained(path: Path) -> bool:
+    """Whether `path` is a Hugging Face model folder (config.json) or a jaxalign model checkpoint."""
+    return (path / "config.json").is_file() or is_model_checkpoint(path)
+
+
+def read_stored_model(path: Path) -> tuple[LlamaConfig, str]:
+    """(config, head) of the model stored in `path` (Hugging Face folders hold causal LMs), reading no weights;
+    the config's dtype is the stored parameter dtype (Hugging Face folders compute in float32)."""
+    from jaxalign.hf import config_from_hf, read_hf_config
+
+    if (path / "config.json").is_file():
+        return config_from_hf(read_hf_config(path), where=str(path / "config.json")), "causal_lm"
+    return read_model_config(path), read_model_head(path)
+
+
+def params_loader(path: Path, config: LlamaConfig, stored_head: str, head: str, seed: int, where: str = "",
+                  allow_pickle: bool = False) -> ParamsLoader:
+    """`load(shardings) -> params` of `model_for_head(config, head)` from the weights in `path` (stored with
+    `stored_head`), each placed onto its sharding as it is read. A causal LM asked for as "score" keeps its trunk
+    (the LM head is not read) and gets a score head initialised from `seed`; a score model asked for as "causal_lm"
+    raises `JaxalignError` (its message starts with `where`). `allow_pickle`: see `jaxalign.hf.read_params`."""
+    from jaxalign.hf import read_params
+
+    if stored_head == "score" and head == "causal_lm":
+        raise JaxalignError(
+            f"{where}{path} holds a score model ({CONFIG_FILE} 'head': 'score', a reward or value model), which "
+            "has no language-model head; load it with head 'score'"
+        )
+    from_hf = (path / "config.json").is_file()
+
+    def load(shardings):
+        if head == stored_head:
+            if from_hf:
+                return read_params(path, config, shardings, allow_pickle)
+            return restore_params(path, abstract_params(model_for_head(config, head), shardings))
+        trunk_shardings = {"model": shardings["model"]}
+        if from_hf:
+            trunk = read_params(path, config, trunk_shardings, allow_pickle, lm_head=False)
+        else:
+            trunk = restore_params(path, {"model": abstract_params(model_for_head(config, head), shardings)["model"]})
+        score = init_score_head(config, jax.random.PRNGKey(seed), shardings["score"])
+        return {"model": trunk["model"], "score": score}
+
+    return load
+
+
+def params_initializer(base: ModelSource, vocab_size: int, mesh: MeshConfig) -> ParamsLoader:
+    """`init_params(shardings)` for the training loop: `base.load` on the shardings `mesh`'s rules give the stored
+    vocabulary, then the embeddings grow to `vocab_size` rows (mean-initialised, see `resize_embeddings`)."""
+    if vocab_size == base.config.vocab_size:
+        return base.load
+
+    def init_params(shardings):
+        import warnings
+
+        from jaxalign import sharding as shd
+        from jaxalign.objectives.sft import resize_embeddings
+        from jaxalign.train.state import param_shardings
+
+        mesh_axes = jax.tree.leaves(shardings)[0].mesh
+        module = base.module()
+        boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
+        params = base.load(param_shardings(boxed, mesh_axes, shd.logical_rules(mesh)))
+        # Donation lets every unchanged weight keep its buffer; only the grown embedding tables are new.
+        grow = jax.jit(lambda p: resize_embeddings(p, base.config, vocab_size)[0], out_shardings=shardings,
+                       donate_argnums=0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            return grow(params)
+
+    return init_params
+
+
+def with_stop_token(config: LlamaConfig, token_id: int) -> LlamaConfig:
+    """`config` whose eos ids also include `token_id`, so generation stops at LIMA's end-of-turn token."""
+    eos = config.eos_token_id
+    eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+    if token_id in eos:
+        return config
+    return dataclasses.replace(config, eos_token_id=(*eos, token_id))
+
+
+def load_model(path: str | Path, dtype: str | None = None, head: str | None = None, seed: int = 0,
+               allow_pickle: bool = False) -> tuple[Any, Any]:
+    """`(model, params)` on the first local device from a Hugging Face folder (config.json) or a jaxalign model
+    checkpoint (`jaxalign_model.json`).
+
+    `dtype` ("float32" | "bfloat16") sets parameter and compute dtype; None keeps the stored parameter dtype.
+    `head` ("causal_lm" | "score"; None: as stored) picks `LlamaForCausalLM` or `LlamaForScore`; a causal LM loaded
+    as "score" gets a score head initialised from `seed`. `allow_pickle` reads .bin weights of a Hugging Face folder
+    that has no safetensors (trusted files only). Raises `JaxalignError` for a path that holds neither, and for a
+    score model asked for as "causal_lm".
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise JaxalignError(f"model folder {path} does not exist")
+    if not is_pretrained(path):
+        raise JaxalignError(
+            f"{path} is neither a Hugging Face model folder (config.json) nor a jaxalign model checkpoint "
+            f"({CONFIG_FILE})"
+        )
+    if dtype is not None and dtype not in DTYPES:
+        raise JaxalignError(f"dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    if head is not None and head not in HEADS:
+        raise JaxalignError(f"head {head!r}: expected one of {', '.join(HEADS)}")
+    config, stored_head = read_stored_model(path)
+    if dtype is not None:
+        config = dataclasses.replace(config, dtype=dtype, param_dtype=dtype)
+    head = head or stored_head
+    load = params_loader(path, config, stored_head, head, seed, allow_pickle=allow_pickle)
+    model = model_for_head(config, head)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return model, load(jax.tree.map(lambda _: device, abstract_params(model)))
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model`, `--tokenizer` and `--dtype`, for commands that load a model with `load_model`."""
+    parser.add_argument("--model", type=Path, required=True,
+                        help="a Hugging Face model folder or a jaxalign model checkpoint folder")
+    parser.add_argument("--tokenizer", type=Path, default=None,
+                        help="folder with the tokenizer (default: the model folder)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                        help="compute dtype (default: the model's)")
