@@ -1,7 +1,10 @@
-"""Sampling from LLaMA-family models: samplers on logits, and jitted prefill + decode with a KV cache.
+"""Sampling from LLaMA-family models: samplers on logits, and prefill + decode with a KV cache.
 
 Samplers are pure functions of (rng, logits) and a frozen `SamplingParams`; the order of logits processing is the
 one transformers uses: temperature, then top-k, then top-p (nucleus). `temperature == 0` means greedy.
+
+`decode` is the device-level loop on a left-padded prompt batch, a pure function to call inside any `jax.jit` (RL
+rollouts call it inside their step, under the training mesh); `generate` wraps it for lists of token ids on the host.
 """
 
 import contextlib
@@ -16,8 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxalign.data.packing import prompt_batch
 from jaxalign.errors import JaxalignError
 from jaxalign.models.llama import init_cache
+from jaxalign.objectives.logprobs import token_log_probs
 from jaxalign.sharding import DEFAULT_RULES, batch_sharding
 
 
@@ -45,6 +50,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature of the log-probs `decode` reports: the sampling temperature, or 1 when greedy."""
+        return 1.0 if self.greedy else self.temperature
 
 
 def _sorted_candidates(logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
@@ -94,23 +104,15 @@ def sample_logits(rng: jax.Array, logits: jax.Array, params: SamplingParams) -> 
     return jnp.take_along_axis(token_ids, choice[..., None], axis=-1)[..., 0].astype(jnp.int32)
 
 
-def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-    """log p(token) under the model's raw distribution (temperature 1, no top-k / top-p).
-
-    logits `[..., V]`, tokens `[...]` -> `[...]`.
-    """
-    logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jnp.take_along_axis(logprobs, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
-
-
 @dataclasses.dataclass(frozen=True)
 class Generation:
     """What `generate` returns, one row per prompt.
 
     tokens: `[B, max_new_tokens]` int32; row i holds `lengths[i]` generated tokens (the stop token included when the
       row stopped on one), then `pad_id`.
-    logprobs: `[B, max_new_tokens]` float32, log p(token) under the model's raw distribution (temperature 1, before
-      top-k / top-p and before the `min_new_tokens` mask), so they equal a full forward pass over prompt +
+    logprobs: `[B, max_new_tokens]` float32, log p(token) under `softmax(logits / T)` with T the sampling
+      temperature (1 when greedy), before top-k / top-p and before the `min_new_tokens` mask: what
+      `jaxalign.objectives.logprobs.token_log_probs(logits, token, T)` gives on a full forward pass over prompt +
       completion; 0 after the end of a row.
     lengths: `[B]` int32.
     """
@@ -131,6 +133,127 @@ def bucket_size(n: int, minimum: int = 1) -> int:
     return 1 << (max(n, minimum) - 1).bit_length()
 
 
+def decode(
+    model,
+    params,
+    input_ids: jax.Array,
+    segment_ids: jax.Array,
+    positions: jax.Array,
+    rng: jax.Array,
+    *,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    stop_token_ids: jax.Array,
+    pad_id: int | jax.Array,
+    min_new_tokens: int | jax.Array = 0,
+    active: jax.Array | None = None,
+    on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Completes a left-padded prompt batch with up to `max_new_tokens` tokens per row, entirely on device.
+
+    A pure function of its arrays, to be traced inside any `jax.jit`: also inside a train step under
+    `jax.set_mesh(mesh)` and `flax.linen.logical_axis_rules(rules)` with params sharded by the training layout, where
+    the KV cache is sharded by the same rules. Prefill is one model call, then a `lax.while_loop` samples until every
+    row is done, on a cache of `P + max_new_tokens` slots. Nothing goes to the host unless `on_tokens` is given.
+
+    input_ids, segment_ids, positions: `[B, P]` int32, left-padded as `jaxalign.data.packing.prompt_batch` builds
+      them (segment 1 on prompt tokens, 0 on padding; positions 0, 1, ... from each prompt's first token). The
+      caller keeps each prompt's length + `max_new_tokens` within the model's context.
+    rng: a PRNG key, split once per step; unused when greedy.
+    max_new_tokens, sampling: static (a new value compiles a new program).
+    stop_token_ids: int `[S]`, possibly empty; a row ends with the first one it emits (which counts in its length).
+    pad_id: fills `tokens` after the end of a row.
+    min_new_tokens: stop tokens are masked out of the first `min_new_tokens` steps.
+    active: bool `[B]`, the rows to complete (default: rows with a prompt token); other rows get length 0.
+    on_tokens: streaming, `on_tokens(tokens [B], active [B])` after each step, through an ordered host callback
+      (one device only).
+
+    Returns `(tokens, logprobs, lengths)`:
+      tokens `[B, max_new_tokens]` int32: row b holds `lengths[b]` sampled tokens, then `pad_id`;
+      logprobs `[B, max_new_tokens]` float32: `token_log_probs(logits, token, sampling.logprob_temperature)`, i.e.
+        log p(token) under the full distribution `softmax(logits / T)` (T = the sampling temperature, 1 when greedy)
+        before top-k / top-p truncation and the `min_new_tokens` mask, as a forward pass over prompt + completion
+        gives it; 0 after the end of a row;
+      lengths `[B]` int32.
+    Raises JaxalignError (while tracing) when the prompt arrays are not all `[B, P]` or a static setting is out of
+    range.
+    """
+    batch, length = _checked_prompt_arrays(input_ids, segment_ids, positions, active)
+    if max_new_tokens < 1:
+        raise JaxalignError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(min_new_tokens, int) and not 0 <= min_new_tokens <= max_new_tokens:
+        raise JaxalignError(f"min_new_tokens must be in 0..max_new_tokens={max_new_tokens}, got {min_new_tokens}")
+    if active is None:
+        active = jnp.any(segment_ids != 0, axis=1)
+    stop_token_ids = jnp.asarray(stop_token_ids, jnp.int32).reshape(-1)
+    variables = {"params": params}
+
+    cache = _constrain_cache(init_cache(model.config, batch, length + max_new_tokens))
+    hidden, cache = model.apply(variables, input_ids, positions, segment_ids, cache, method=_trunk)
+    logits = model.apply(variables, hidden[:, -1], method="logits")
+
+    def pick(step, logits, rng, done, tokens, logprobs, lengths):
+        rng, key = jax.random.split(rng)
+        is_stop = _is_in(jnp.arange(logits.shape[-1]), stop_token_ids)
+        allowed = jnp.where(is_stop[None, :] & (step < min_new_tokens), -jnp.inf, logits)
+        token = jnp.where(done, pad_id, sample_logits(key, allowed, sampling))
+        logprob = jnp.where(done, 0.0, token_log_probs(logits, token, sampling.logprob_temperature))
+        tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
+        logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, logprob[:, None], step, axis=1)
+        lengths = lengths + (~done).astype(jnp.int32)
+        if on_tokens is not None:
+            jax.debug.callback(on_tokens, token, ~done, ordered=True)
+        done = done | _is_in(token, stop_token_ids)
+        return token, rng, done, tokens, logprobs, lengths
+
+    tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
+    logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32)
+    lengths = jnp.zeros((batch,), jnp.int32)
+    first = pick(0, logits, rng, ~active, tokens, logprobs, lengths)
+
+    def cond(state):
+        step, _, _, (_, _, done, *_) = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, cache, positions, (token, rng, done, tokens, logprobs, lengths) = state
+        logits, cache = model.apply(variables, token[:, None], positions[:, None], jnp.ones_like(token)[:, None], cache)
+        picked = pick(step, logits[:, 0], rng, done, tokens, logprobs, lengths)
+        return step + 1, _constrain_cache(cache), positions + 1, picked
+
+    state = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, positions[:, -1] + 1, first))
+    _, _, _, (_, _, _, tokens, logprobs, lengths) = state
+    return tokens, logprobs, lengths
+
+
+def _checked_prompt_arrays(input_ids, segment_ids, positions, active) -> tuple[int, int]:
+    shapes = {"input_ids": input_ids.shape, "segment_ids": segment_ids.shape, "positions": positions.shape}
+    if len(input_ids.shape) != 2 or len(set(shapes.values())) != 1:
+        described = ", ".join(f"{name} {tuple(shape)}" for name, shape in shapes.items())
+        raise JaxalignError(f"decode needs input_ids, segment_ids and positions of one shape [B, P]; got {described}")
+    batch, length = input_ids.shape
+    if active is not None and tuple(active.shape) != (batch,):
+        raise JaxalignError(f"decode: active must have shape [B] = ({batch},), got {tuple(active.shape)}")
+    return batch, length
+
+
+_KV_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+
+
+def _constrain_cache(cache: dict) -> dict:
+    """Shards the KV cache by the logical rules in context (a no-op without a mesh)."""
+    return {**cache, **{name: nn.with_logical_constraint(cache[name], _KV_AXES) for name in ("k", "v")}}
+
+
+def _trunk(module, input_ids, positions, segment_ids, cache):
+    return module.model(input_ids, positions, segment_ids, cache)
+
+
+def _is_in(values: jax.Array, ids: jax.Array) -> jax.Array:
+    """Elementwise: is the value one of `ids` (which may be empty)."""
+    return jnp.any(values[..., None] == ids, axis=-1)
+
+
 def generate(
     model,
     params,
@@ -148,15 +271,15 @@ def generate(
     rules=None,
     on_tokens: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> Generation:
-    """Completes each prompt (a list of token ids) with up to `max_new_tokens` tokens.
+    """Completes each prompt (a list of token ids) with up to `max_new_tokens` tokens: `decode` on the host's lists.
 
-    Prompts are left-padded to a power-of-two length bucket and the batch to a power-of-two size, so calls with
-    similar shapes reuse one compiled program: prefill in one model call, then the whole decode loop runs inside jit
-    (`lax.while_loop`, stopping as soon as every row is done) on a cache of `prompt_bucket + max_new_tokens` slots.
-    A row stops after a token in `stop_token_ids` (default: the model's EOS ids); stop tokens are masked until
-    `min_new_tokens` tokens exist. Sharded params are used where they are (no copies): pass the `mesh` and logical
-    `rules` (default: `jaxalign.sharding.DEFAULT_RULES`) they were sharded with; the batch and KV cache are then
-    sharded by the same rules and the (small) outputs come back replicated on every process.
+    Prompts are left-padded (`jaxalign.data.packing.prompt_batch`) to a power-of-two length bucket and the batch to a
+    power-of-two size, so calls with similar shapes reuse one compiled `decode`; stop tokens, pad id and
+    `min_new_tokens` are runtime inputs, so changing them does not recompile. A row stops after a token in
+    `stop_token_ids` (default: the model's EOS ids); stop tokens are masked until `min_new_tokens` tokens exist.
+    Sharded params are used where they are (no copies): pass the `mesh` and logical `rules` (default:
+    `jaxalign.sharding.DEFAULT_RULES`) they were sharded with; the batch and KV cache are then sharded by the same
+    rules and the (small) outputs come back replicated on every process.
 
     `on_tokens(tokens [B], active [B])` is called from the device loop after each step (for streaming, single device
     only: JAX orders host callbacks on one device); rows beyond `len(prompts)` are batch padding.
@@ -187,11 +310,10 @@ def generate(
     batch_multiple = 1 if mesh is None else _batch_shards(mesh, rules)
     batch = -(-bucket_size(len(prompts)) // batch_multiple) * batch_multiple
     length = bucket_size(max(len(p) for p in prompts), min_prompt_bucket)
-    input_ids, segment_ids, positions = _left_pad(prompts, batch, length, pad_id)
-    active = np.arange(batch) < len(prompts)
+    padded = prompt_batch(prompts + [None] * (batch - len(prompts)), length, pad_id)
+    inputs = tuple(padded[key] for key in ("input_ids", "segment_ids", "positions"))
 
-    program = _generate_program(model, max_new_tokens, sampling, mesh, rules, on_tokens)
-    inputs = (input_ids, segment_ids, positions, active)
+    program = _decode_program(model, max_new_tokens, sampling, mesh, rules, on_tokens)
     settings = (np.asarray(stop_token_ids, np.int32).reshape(-1), np.int32(pad_id), np.int32(min_new_tokens))
     with _sharding_context(mesh, rules):
         if mesh is not None:
@@ -230,23 +352,6 @@ def _checked_prompts(prompts, config, max_new_tokens: int, truncate: bool) -> li
     return checked
 
 
-def _left_pad(prompts, batch: int, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`[batch, length]` token ids, segment ids (1 = prompt, 0 = padding) and positions (0 at each prompt's start).
-
-    Rows past the prompts hold one pad token so that they stay well-defined; the decode loop marks them done.
-    """
-    input_ids = np.full((batch, length), pad_id, np.int32)
-    segment_ids = np.zeros((batch, length), np.int32)
-    positions = np.zeros((batch, length), np.int32)
-    for row in range(batch):
-        prompt = prompts[row] if row < len(prompts) else [pad_id]
-        n = len(prompt)
-        input_ids[row, length - n :] = prompt
-        segment_ids[row, length - n :] = 1
-        positions[row, length - n :] = np.arange(n)
-    return input_ids, segment_ids, positions
-
-
 def _batch_shards(mesh: Mesh, rules) -> int:
     spec = batch_sharding(mesh, rules, 1).spec[0]
     if spec is None:
@@ -264,72 +369,19 @@ def _sharding_context(mesh: Mesh | None, rules):
         yield
 
 
-def _trunk(module, input_ids, positions, segment_ids, cache):
-    return module.model(input_ids, positions, segment_ids, cache)
-
-
-def _is_in(values: jax.Array, ids: jax.Array) -> jax.Array:
-    """Elementwise: is the value one of `ids` (which may be empty)."""
-    return jnp.any(values[..., None] == ids, axis=-1)
-
-
 @functools.lru_cache(maxsize=32)
-def _generate_program(model, max_new_tokens, sampling, mesh, rules, on_tokens):
-    """The jitted prefill + decode loop for one model and set of static settings; jit caches per input shape.
+def _decode_program(model, max_new_tokens, sampling, mesh, rules, on_tokens):
+    """`decode` jitted for one model and set of static settings; jit caches per input shape.
 
-    Stop tokens, pad id and `min_new_tokens` are runtime inputs, so changing them does not recompile.
+    The mesh and rules are part of the cache key because tracing reads them from the context `generate` sets.
     """
-    kv_axes = ("layers", "batch", "length", "kv_heads", "head_dim")
 
-    def constrain_cache(cache):
-        if mesh is None:
-            return cache
-        kv = {name: nn.with_logical_constraint(cache[name], kv_axes) for name in ("k", "v")}
-        return {**cache, **kv}
-
-    def run(params, input_ids, segment_ids, positions, active, rng, stop_ids, pad_id, min_new_tokens):
-        batch, length = input_ids.shape
-        cache = constrain_cache(init_cache(model.config, batch, length + max_new_tokens))
-        hidden, cache = model.apply({"params": params}, input_ids, positions, segment_ids, cache, method=_trunk)
-        logits = model.apply({"params": params}, hidden[:, -1], method="logits")
-        next_positions = positions[:, -1] + 1
-
-        def pick(step, logits, rng, done, tokens, logprobs, lengths):
-            rng, key = jax.random.split(rng)
-            is_stop = _is_in(jnp.arange(logits.shape[-1]), stop_ids)
-            allowed = jnp.where(is_stop[None, :] & (step < min_new_tokens), -jnp.inf, logits)
-            token = sample_logits(key, allowed, sampling)
-            token = jnp.where(done, pad_id, token)
-            logprob = jnp.where(done, 0.0, token_logprobs(logits, token))
-            tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step, axis=1)
-            logprobs = jax.lax.dynamic_update_slice_in_dim(logprobs, logprob[:, None], step, axis=1)
-            lengths = lengths + (~done).astype(jnp.int32)
-            if on_tokens is not None:
-                jax.debug.callback(on_tokens, token, ~done, ordered=True)
-            done = done | _is_in(token, stop_ids)
-            return token, rng, done, tokens, logprobs, lengths
-
-        tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-        logprobs = jnp.zeros((batch, max_new_tokens), jnp.float32)
-        lengths = jnp.zeros((batch,), jnp.int32)
-        first = pick(0, logits, rng, ~active, tokens, logprobs, lengths)
-
-        def cond(state):
-            step, _, _, (_, _, done, *_) = state
-            return (step < max_new_tokens) & ~jnp.all(done)
-
-        def body(state):
-            step, cache, positions, (token, rng, done, tokens, logprobs, lengths) = state
-            logits, cache = model.apply(
-                {"params": params}, token[:, None], positions[:, None], jnp.ones_like(token)[:, None], cache
-            )
-            picked = pick(step, logits[:, 0], rng, done, tokens, logprobs, lengths)
-            return step + 1, constrain_cache(cache), positions + 1, picked
-
-        state = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, next_positions, first))
-        _, _, _, (_, _, _, tokens, logprobs, lengths) = state
-        return tokens, logprobs, lengths
+    def program(params, input_ids, segment_ids, positions, rng, stop_token_ids, pad_id, min_new_tokens):
+        return decode(
+            model, params, input_ids, segment_ids, positions, rng, max_new_tokens=max_new_tokens, sampling=sampling,
+            stop_token_ids=stop_token_ids, pad_id=pad_id, min_new_tokens=min_new_tokens, on_tokens=on_tokens,
+        )
 
     if mesh is None:
-        return jax.jit(run)
-    return jax.jit(run, out_shardings=NamedSharding(mesh, PartitionSpec()))
+        return jax.jit(program)
+    return jax.jit(program, out_shardings=NamedSharding(mesh, PartitionSpec()))

@@ -6,9 +6,13 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from jaxalign.config import MeshConfig
+from jaxalign.data.packing import prompt_batch
 from jaxalign.errors import JaxalignError
-from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM
-from jaxalign.sampling import SamplingParams, generate, process_logits, sample_logits, token_logprobs
+from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM, logical_axes
+from jaxalign.objectives.logprobs import token_log_probs
+from jaxalign.sampling import SamplingParams, decode, generate, process_logits, sample_logits
+from jaxalign.sharding import global_batch, logical_rules, logical_shardings, make_mesh
 
 DRAWS = 20000
 
@@ -102,11 +106,9 @@ def test_process_logits_greedy_keeps_only_argmax():
     assert np.argmax(processed) == np.argmax(np.asarray(logits))
 
 
-def test_token_logprobs_are_raw_log_softmax():
-    logits = jnp.stack([_logits(seed=s) for s in range(3)])
-    tokens = jnp.array([1, 7, 30])
-    expected = np.asarray(jax.nn.log_softmax(logits))[np.arange(3), np.asarray(tokens)]
-    np.testing.assert_allclose(token_logprobs(logits, tokens), expected, rtol=1e-6)
+def test_logprobs_are_reported_at_the_sampling_temperature_or_1_when_greedy():
+    assert SamplingParams(temperature=0.7, top_k=5).logprob_temperature == 0.7
+    assert SamplingParams(temperature=0.0).logprob_temperature == 1.0
 
 
 @pytest.mark.parametrize(
@@ -121,6 +123,7 @@ def test_bad_sampling_params_name_the_setting(kwargs, key):
 
 PROMPTS = [[1, 5, 9, 33], [1, 7], [1, 100, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
 NEW = 8
+SAMPLED = SamplingParams(temperature=0.7, top_k=20)
 
 
 @pytest.fixture(scope="module")
@@ -133,29 +136,30 @@ def tiny():
     return model, params
 
 
-def _full_forward(model, params, prompts, completions):
-    """Per row: raw logprobs of the completion tokens and argmax tokens, from one forward pass over prompt + completion
-    (right-padded to one length, which causal attention ignores)."""
+def _full_forward(model, params, prompts, completions, temperature=1.0):
+    """Per row: log-probs at `temperature` of the completion tokens and argmax tokens, from one forward pass over
+    prompt + completion (right-padded to one length, which causal attention ignores) through the log-prob helper."""
     sequences = [p + c for p, c in zip(prompts, completions)]
     width = max(len(seq) for seq in sequences)
-    ids = np.zeros((len(sequences), width), np.int32)
+    ids = np.zeros((len(sequences), width + 1), np.int32)
     for row, seq in enumerate(sequences):
         ids[row, : len(seq)] = seq
-    logits = np.asarray(jax.jit(model.apply)({"params": params}, ids))
-    logprobs = np.asarray(jax.nn.log_softmax(logits))
+    logits = jax.jit(model.apply)({"params": params}, ids[:, :-1])
+    logprobs = np.asarray(token_log_probs(logits, ids[:, 1:], temperature))
+    logits = np.asarray(logits)
     results = []
     for row, (prompt, completion) in enumerate(zip(prompts, completions)):
         steps = len(prompt) - 1 + np.arange(len(completion))
-        results.append((logprobs[row, steps, completion], np.argmax(logits[row, steps], axis=-1)))
+        results.append((logprobs[row, steps], np.argmax(logits[row, steps], axis=-1)))
     return results
 
 
-@pytest.mark.parametrize("sampling", [SamplingParams(temperature=0.0), SamplingParams(temperature=1.0, top_k=20)])
+@pytest.mark.parametrize("sampling", [SamplingParams(temperature=0.0), SAMPLED])
 def test_logprobs_equal_a_full_forward_over_the_generated_sequence(tiny, sampling):
     model, params = tiny
     out = generate(model, params, PROMPTS, NEW, rng=jax.random.key(3), sampling=sampling)
     assert out.tokens.shape == (3, NEW) and out.logprobs.shape == (3, NEW)
-    reference = _full_forward(model, params, PROMPTS, out.completions())
+    reference = _full_forward(model, params, PROMPTS, out.completions(), sampling.logprob_temperature)
     for completion, logprobs, (expected, argmax) in zip(out.completions(), out.completion_logprobs(), reference):
         assert len(completion) > 0
         np.testing.assert_allclose(logprobs, expected, atol=1e-5, rtol=0)
@@ -172,10 +176,9 @@ def test_each_row_completes_as_if_alone(tiny):
 
 def test_fixed_rng_reproduces_generation(tiny):
     model, params = tiny
-    sampling = SamplingParams(temperature=1.0, top_k=20)
-    first = generate(model, params, PROMPTS, NEW, rng=jax.random.key(7), sampling=sampling)
-    again = generate(model, params, PROMPTS, NEW, rng=jax.random.key(7), sampling=sampling)
-    other = generate(model, params, PROMPTS, NEW, rng=jax.random.key(8), sampling=sampling)
+    first = generate(model, params, PROMPTS, NEW, rng=jax.random.key(7), sampling=SAMPLED)
+    again = generate(model, params, PROMPTS, NEW, rng=jax.random.key(7), sampling=SAMPLED)
+    other = generate(model, params, PROMPTS, NEW, rng=jax.random.key(8), sampling=SAMPLED)
     np.testing.assert_array_equal(first.tokens, again.tokens)
     np.testing.assert_array_equal(first.logprobs, again.logprobs)
     assert not np.array_equal(first.tokens, other.tokens)
@@ -201,7 +204,7 @@ class CompileCounter:
 
 def test_calls_in_the_same_bucket_do_not_recompile(tiny):
     model, params = tiny
-    sampling = SamplingParams(temperature=1.0, top_k=20)
+    sampling = SAMPLED
     generate(model, params, PROMPTS, NEW, rng=jax.random.key(0), sampling=sampling)
     other_prompts = [[1, 2, 3], [4] * 16, [9, 8], [7, 7, 7, 7, 7]]
     with CompileCounter() as later:
@@ -253,6 +256,62 @@ def test_sharded_params_on_a_mesh_give_the_same_completions(tiny):
     np.testing.assert_allclose(out.logprobs, expected.logprobs, atol=1e-5)
     with pytest.raises(JaxalignError, match="on_tokens runs on a single device"):
         generate(model, sharded, PROMPTS, NEW, mesh=mesh, rules=rules, on_tokens=print)
+
+
+def test_decode_inside_a_jitted_step_on_a_mesh_matches_single_device_generate(tiny):
+    """A rollout as an RL step runs it: decode traced in the user's jit under the training mesh and rules, params
+    fsdp- and tensor-sharded, the batch sharded over data x fsdp; stop ids and active rows are runtime inputs."""
+    model, params = tiny
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    rules = logical_rules(MeshConfig())
+    sharded = jax.device_put(params, logical_shardings(logical_axes(model), mesh, rules))
+    host_batch = prompt_batch(PROMPTS + [None], 16, pad_id=0)
+    rng = jax.random.key(11)
+
+    @jax.jit
+    def rollout(params, batch, stop_token_ids, rng):
+        return decode(
+            model, params, batch["input_ids"], batch["segment_ids"], batch["positions"], rng, max_new_tokens=NEW,
+            sampling=SAMPLED, stop_token_ids=stop_token_ids, pad_id=0, active=batch["prompt_mask"] > 0,
+        )
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        batch = global_batch(host_batch, mesh, rules)
+        assert not batch["input_ids"].sharding.is_fully_replicated
+        tokens, logprobs, lengths = rollout(sharded, batch, jnp.array([-1]), rng)
+    expected = generate(model, params, PROMPTS, NEW, rng=rng, sampling=SAMPLED, stop_token_ids=(-1,), pad_id=0)
+    np.testing.assert_array_equal(tokens[:3], expected.tokens)
+    np.testing.assert_allclose(logprobs[:3], expected.logprobs, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(lengths, [NEW, NEW, NEW, 0])
+
+    stop = int(tokens[0, 2])
+    first_stop = list(np.asarray(tokens[0])).index(stop)
+    host_batch["prompt_mask"][2] = 0
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        stopped = rollout(sharded, global_batch(host_batch, mesh, rules), jnp.array([stop]), rng)
+    tokens, logprobs, lengths = (np.asarray(x) for x in stopped)
+    assert lengths[0] == first_stop + 1 and lengths[2] == 0
+    np.testing.assert_array_equal(tokens[0, : first_stop + 1], expected.tokens[0, : first_stop + 1])
+    assert np.all(tokens[0, first_stop + 1 :] == 0) and np.all(logprobs[0, first_stop + 1 :] == 0)
+    assert np.all(tokens[2] == 0) and np.all(logprobs[2] == 0)
+
+
+@pytest.mark.parametrize(
+    "shapes,kwargs,message",
+    [
+        (((2, 4), (2, 4), (2, 5)), {}, r"one shape \[B, P\].*positions \(2, 5\)"),
+        (((4,), (4,), (4,)), {}, r"one shape \[B, P\]"),
+        (((2, 4),) * 3, {"active": jnp.ones((3,), bool)}, r"active must have shape \[B\] = \(2,\)"),
+        (((2, 4),) * 3, {"max_new_tokens": 0}, "max_new_tokens must be >= 1"),
+        (((2, 4),) * 3, {"min_new_tokens": NEW + 1}, "min_new_tokens"),
+    ],
+)
+def test_decode_rejects_bad_prompt_arrays_and_settings(tiny, shapes, kwargs, message):
+    model, params = tiny
+    arrays = [jnp.ones(shape, jnp.int32) for shape in shapes]
+    settings = {"max_new_tokens": NEW, "sampling": SAMPLED, "stop_token_ids": jnp.array([2]), "pad_id": 0, **kwargs}
+    with pytest.raises(JaxalignError, match=message):
+        decode(model, params, *arrays, jax.random.key(0), **settings)
 
 
 def test_too_long_prompts_fail_clearly_or_are_truncated(tiny):

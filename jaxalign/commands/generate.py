@@ -1,8 +1,9 @@
 """`jaxalign generate`: complete every prompt of a JSONL file with a model and write the completions as JSONL.
 
 Input lines are `{"prompt": "..."}` or `{"messages": [{"role": ..., "content": ...}, ...]}` (other fields are kept);
-each output line repeats the input fields and adds `completion` (text), `tokens` and `logprobs` (raw model
-log-probabilities of the completion tokens), plus `sample` (0..K-1) when `--num-samples K` is above 1.
+each output line repeats the input fields and adds `completion` (text), `tokens` and `logprobs` (log-probabilities
+of the completion tokens under the model's distribution at `--temperature`, before top-k / top-p; at temperature 1
+when greedy), plus `sample` (0..K-1) when `--num-samples K` is above 1.
 """
 
 import argparse

@@ -69,13 +69,14 @@ def preference_batch(pairs: list, seq_len: int, pad_id: int, margin: str = "none
 
 
 def prompt_batch(prompts: list, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
-    """`prompts[b]`: int32 ids (at most `seq_len`) or None for a padding row; left-padded."""
+    """`prompts[b]`: token ids (an int array or list, at most `seq_len`) or None for a padding row; left-padded."""
     batch = {key: np.zeros((len(prompts), seq_len), np.int32) for key in ("input_ids", "segment_ids", "positions")}
     batch["input_ids"][:] = pad_id
     lengths = np.zeros(len(prompts), np.int32)
     for b, ids in enumerate(prompts):
         if ids is None:
             continue
+        ids = np.asarray(ids, np.int32)
         n = ids.size
         batch["input_ids"][b, seq_len - n :] = ids
         batch["segment_ids"][b, seq_len - n :] = 1
