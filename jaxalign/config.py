@@ -9,7 +9,7 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
@@ -74,6 +74,10 @@ def from_dict(cls: type, data: Any, where: str = "", prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    renamed = getattr(cls, "RENAMED_KEYS", {})
+    for name in unknown:
+        if name in renamed:
+            raise JaxalignError(f"{where}config key '{_join(prefix, name)}' was replaced: {renamed[name]}")
     if unknown:
         key = _join(prefix, unknown[0])
         raise JaxalignError(f"{where}unknown config key '{key}'; known keys here: {', '.join(sorted(fields))}")
@@ -200,10 +204,6 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
-# Run configuration shared by every training command. Commands with extra keys subclass RunConfig (all fields
-# have defaults, so a subclass can add its own section fields).
-
-
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     """Where the weights come from: `path` (a Hugging Face folder or a jaxalign model checkpoint) or, without a
@@ -240,15 +240,17 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-    """`warmup` counts steps when >= 1 and is a fraction of `train.steps` when < 1; `min_lr_ratio` is the floor of
-    the linear / cosine decay as a fraction of `lr`. `clip` is the global gradient-norm limit (0 = off).
+    """The warmup is `warmup_steps` optimiser steps or `warmup_ratio` of `train.steps` (set at most one); a warmup
+    longer than the run is cut to the run with a warning. `min_lr_ratio` is the floor of the linear / cosine decay as
+    a fraction of `lr`. `clip` is the global gradient-norm limit (0 = off).
     Adafactor: `b1` is its momentum (null = none), `decay` its fixed second-moment decay, `factored: false` with
     `parameter_scale: true` is the "AdamW with updates scaled by parameter magnitude" recipe."""
 
     name: Literal["adamw", "adafactor", "sgd"] = "adamw"
     lr: float = 1e-5
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup: float = 0.0
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
     min_lr_ratio: float = 0.0
     b1: float | None = 0.9
     b2: float = 0.95
@@ -261,11 +263,20 @@ class OptimizerConfig:
     parameter_scale: bool = True
     update_clip: float | None = 1.0
 
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {
+        "warmup": "use optimizer.warmup_steps (a number of steps) or optimizer.warmup_ratio (a fraction of train.steps)",
+    }
+
     def __post_init__(self):
         if self.lr <= 0:
             raise JaxalignError(f"config key 'optimizer.lr': expected a positive learning rate, got {self.lr}")
-        if self.warmup < 0:
-            raise JaxalignError(f"config key 'optimizer.warmup': expected steps >= 1 or a ratio in [0, 1), got {self.warmup}")
+        if self.warmup_steps < 0:
+            raise JaxalignError(f"config key 'optimizer.warmup_steps': expected >= 0, got {self.warmup_steps}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise JaxalignError(f"config key 'optimizer.warmup_ratio': expected a fraction in [0, 1], got "
+                                f"{self.warmup_ratio}")
+        if self.warmup_steps and self.warmup_ratio:
+            raise JaxalignError("config keys 'optimizer.warmup_steps' and 'optimizer.warmup_ratio': set one of them")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise JaxalignError(f"config key 'optimizer.min_lr_ratio': expected a value in [0, 1], got {self.min_lr_ratio}")
         if self.clip < 0:
@@ -317,15 +328,13 @@ class MeshConfig:
                     )
 
 
-from jaxalign.data.config import DataConfig  # noqa: E402 - after the generic functions the data config may use
-
-
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
+    """The training loop's settings, the section type every training command's config builds on (a command's config
+    subclasses it and adds its own sections, e.g. `model` and `data`)."""
+
     output_dir: str = "runs/default"
     seed: int = 0
-    model: ModelSection = dataclasses.field(default_factory=ModelSection)
-    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)

@@ -1,10 +1,21 @@
 """Run config: YAML + `key.sub=value` overrides into validated frozen sections; errors name the key."""
 
+import dataclasses
+
 import pytest
 
-from jaxalign.config import (CheckpointConfig, MeshConfig, OptimizerConfig, RunConfig, TrainConfig, apply_overrides,
-                             load_config, to_dict)
+from jaxalign.config import (CheckpointConfig, MeshConfig, ModelSection, OptimizerConfig, RunConfig, TrainConfig,
+                             apply_overrides, load_config, to_dict)
+from jaxalign.data.config import DataConfig
 from jaxalign.errors import JaxalignError
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandConfig(RunConfig):
+    """A command's config: the loop's sections plus its own."""
+
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
 
 
 def test_yaml_plus_overrides(tmp_path):
@@ -14,19 +25,20 @@ def test_yaml_plus_overrides(tmp_path):
         "seed: 3\n"
         "model: {path: /models/llama, dtype: bfloat16}\n"
         "train: {steps: 100, batch_size: 32, seq_len: 2048}\n"
-        "optimizer: {name: adafactor, lr: 2e-3, warmup: 1000, factored: false}\n"
+        "optimizer: {name: adafactor, lr: 2e-3, warmup_steps: 1000, factored: false}\n"
         "mesh: {data: 1, fsdp: -1, tensor: 1, rules: {embed: [fsdp, tensor]}}\n"
         "data: {train: demo:instructions}\n"
     )
-    config = load_config(RunConfig, path, ["train.steps=5", "checkpoint.every=2", "mesh.tensor=2", "optimizer.lr=1e-4"])
+    config = load_config(CommandConfig, path, ["train.steps=5", "checkpoint.every=2", "mesh.tensor=2",
+                                               "optimizer.lr=1e-4"])
     assert config.output_dir == "runs/x" and config.seed == 3
     assert config.model.path == "/models/llama" and config.model.dtype == "bfloat16"
     assert config.train == TrainConfig(steps=5, batch_size=32, seq_len=2048)
-    assert config.optimizer.name == "adafactor" and config.optimizer.lr == 1e-4 and config.optimizer.warmup == 1000.0
+    assert config.optimizer.name == "adafactor" and config.optimizer.lr == 1e-4 and config.optimizer.warmup_steps == 1000
     assert config.checkpoint == CheckpointConfig(every=2)
     assert config.mesh == MeshConfig(data=1, fsdp=-1, tensor=2, rules={"embed": ["fsdp", "tensor"]})
     assert config.data.train == "demo:instructions"
-    assert load_config(RunConfig, None, []) == RunConfig()
+    assert load_config(CommandConfig, None, []) == CommandConfig()
     assert to_dict(config)["train"]["steps"] == 5
 
 
@@ -47,15 +59,17 @@ def test_override_values_parse_as_yaml_and_empty_is_empty_string():
     (["mesh.fsdp=0"], "'mesh.fsdp'"),
     (["train.stepz=3"], "unknown config key 'train.stepz'"),
     (["model.dtype=float64"], "'model.dtype'"),
+    (["optimizer.warmup=0.03"], "'optimizer.warmup' was replaced: use optimizer.warmup_steps .* or "
+                                "optimizer.warmup_ratio"),
+    (["optimizer.warmup_steps=10", "optimizer.warmup_ratio=0.1"], "set one of them"),
+    (["optimizer.warmup_ratio=3"], "'optimizer.warmup_ratio': expected a fraction in \\[0, 1\\]"),
 ])
 def test_bad_values_name_the_key(tmp_path, overrides, message):
     with pytest.raises(JaxalignError, match=message):
-        load_config(RunConfig, None, overrides)
+        load_config(CommandConfig, None, overrides)
 
 
 def test_sections_are_frozen_and_subclassable():
-    import dataclasses
-
     with pytest.raises(dataclasses.FrozenInstanceError):
         RunConfig().seed = 1
 

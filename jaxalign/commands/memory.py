@@ -6,8 +6,10 @@ a command's config are ignored, so the same YAML file works for every training c
 """
 
 import argparse
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from jaxalign.config import ModelSection, RunConfig
 from jaxalign.errors import JaxalignError
 
 USED_SECTIONS = ("model", "train", "optimizer", "mesh")
@@ -20,8 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of devices to plan for (default: the devices this machine has)")
 
 
+@dataclass(frozen=True)
+class MemoryConfig(RunConfig):
+    """The sections the prediction reads: the loop's and `model`."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+
+
 def run(args: argparse.Namespace) -> int:
-    from jaxalign.config import RunConfig, apply_overrides, from_dict, load_yaml
+    from jaxalign.config import apply_overrides, from_dict, load_yaml
     from jaxalign.models.loading import model_source
     from jaxalign.train.algorithm import Trainable
     from jaxalign.train.loop import memory_report
@@ -29,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     if args.devices is not None and args.devices < 1:
         raise JaxalignError(f"--devices: expected a positive number, got {args.devices}")
     data = apply_overrides(load_yaml(args.config), args.overrides)
-    config = from_dict(RunConfig, {k: v for k, v in data.items() if k in USED_SECTIONS}, where=f"{args.config}: ")
+    config = from_dict(MemoryConfig, {k: v for k, v in data.items() if k in USED_SECTIONS}, where=f"{args.config}: ")
     model = model_source(config.model).module()
     print(memory_report(config, {"model": Trainable(model, config.optimizer)}, device_count=args.devices))
     return 0

@@ -12,15 +12,17 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jaxalign.config import RunConfig, load_config
+from jaxalign.config import ModelSection, RunConfig, load_config
 from jaxalign.data.config import DataConfig
 from jaxalign.errors import JaxalignError
 
 
 @dataclass(frozen=True)
 class SFTConfig(RunConfig):
-    """A run config whose `data` section is the data pipeline's `DataConfig`."""
+    """The loop's sections plus `model` (where the weights come from) and `data` (the data pipeline's
+    `DataConfig`)."""
 
+    model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
 
 

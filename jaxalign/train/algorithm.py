@@ -90,11 +90,12 @@ LossFn = Callable[[dict, dict, dict, jax.Array | None], tuple[Mean, dict[str, Me
 class Trainable:
     """A trained parameter tree: `model.init(rng, int32[1, 1])` gives its shapes and logical axes; `init(shardings)`
     returns starting weights placed on those shardings (default: `model.init` directly on them); `optimizer` its
-    own optimiser and schedule."""
+    own optimiser and schedule, read from the config section `optimizer_key` (named in messages)."""
 
     model: nn.Module
     optimizer: OptimizerConfig
     init: Callable[[Any], Any] | None = None
+    optimizer_key: str = "optimizer"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -142,6 +142,11 @@ def _check_batch_fits(config: RunConfig, mesh, rules) -> None:
 def train(config: RunConfig, algorithm: Algorithm) -> st.TrainState:
     """Trains until `config.train.steps` (or a stop signal) and returns the final state; see the module docstring."""
     layout = plan(config, algorithm.trainables, algorithm.frozen)
+    for trainable in algorithm.trainables.values():
+        if trainable.optimizer.warmup_steps > config.train.steps:
+            _say(f"warning: config key '{trainable.optimizer_key}.warmup_steps': {trainable.optimizer.warmup_steps} "
+                 f"warmup steps exceed train.steps={config.train.steps}; the learning rate warms up over the whole "
+                 "run and never reaches its peak")
     out = Path(config.output_dir)
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)

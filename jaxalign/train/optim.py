@@ -4,23 +4,20 @@ import jax
 import optax
 
 from jaxalign.config import OptimizerConfig
-from jaxalign.errors import JaxalignError
 
 NO_DECAY_NAMES = ("norm", "bias")
 EMBEDDING_NAMES = ("embed",)
 
 
 def warmup_steps(config: OptimizerConfig, total_steps: int) -> int:
-    if config.warmup >= 1:
-        return int(config.warmup)
-    return int(round(config.warmup * total_steps))
+    """`optimizer.warmup_steps`, or `optimizer.warmup_ratio` of `total_steps` rounded; never more than the run."""
+    steps = config.warmup_steps or int(round(config.warmup_ratio * total_steps))
+    return min(steps, total_steps)
 
 
 def make_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `lr`, then constant, linear or cosine decay down to `lr * min_lr_ratio`."""
     warmup = warmup_steps(config, total_steps)
-    if warmup > total_steps:
-        raise JaxalignError(f"config key 'optimizer.warmup': {warmup} warmup steps exceed train.steps={total_steps}")
     floor = config.lr * config.min_lr_ratio
     decay_steps = max(total_steps - warmup, 1)
     if config.schedule == "constant":

@@ -36,7 +36,7 @@ def memorised_run(tmp_path_factory):
     config = tiny_config(out, "data.train=[{path: 'demo:instructions', limit: 16}]", "data.shuffle=false",
                          "data.eval=[{path: 'demo:instructions', limit: 16}]", "train.steps=120",
                          "train.eval_every=120", "optimizer.lr=1e-2", "optimizer.schedule=cosine",
-                         "optimizer.warmup=10", "mesh.fsdp=8")
+                         "optimizer.warmup_steps=10", "mesh.fsdp=8")
     assert train_sft(config) == 0
     return out
 
