@@ -6,7 +6,7 @@ Type a message and press Enter; `/reset` starts a new conversation, `/exit` (or 
 import argparse
 import sys
 
-from jaxalign.commands.generate import add_model_arguments
+from jaxalign.arguments import add_model_arguments, add_sampling_arguments
 from jaxalign.errors import JaxalignError
 
 HELP = "commands: /reset starts a new conversation, /exit quits"
@@ -14,6 +14,7 @@ HELP = "commands: /reset starts a new conversation, /exit quits"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_sampling_arguments(parser)
     parser.add_argument("--system", default=None, help="system message that opens every conversation")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0 = greedy)")
     parser.set_defaults(max_new_tokens=512)
@@ -54,15 +55,22 @@ class TextStream:
 def run(args: argparse.Namespace) -> int:
     import jax
 
-    from jaxalign.commands.generate import encode_chat, load_model, load_tokenizer, stop_token_ids
+    from jaxalign.data.tokenizer import encode_chat, has_chat_template, stop_token_ids
+    from jaxalign.hf import load_tokenizer
+    from jaxalign.models.loading import load_model
     from jaxalign.sampling import SamplingParams, generate
 
     if args.max_new_tokens < 1:
         raise JaxalignError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    model, params = load_model(args.model, args.dtype)
-    tokenizer = load_tokenizer(args.model, args.tokenizer)
-    stops = stop_token_ids(model, tokenizer)
+    model, params = load_model(args.model, args.dtype, head="causal_lm")
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    if not has_chat_template(tokenizer):
+        raise JaxalignError(
+            f"{args.tokenizer or args.model}: the tokenizer has no chat template; give a tokenizer folder that has "
+            "one with --tokenizer"
+        )
+    stops = stop_token_ids(model.config, tokenizer)
     stream = TextStream(tokenizer, stops)
     opening = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(opening)

@@ -39,26 +39,27 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from jaxalign.hf import load_pretrained, save_pretrained
-    from jaxalign.models.checkpoint import is_model_checkpoint, load_model_checkpoint, save_model_checkpoint
+    from jaxalign.hf import save_pretrained
+    from jaxalign.models.checkpoint import is_model_checkpoint, read_model_head, save_model_checkpoint
+    from jaxalign.models.loading import load_model
 
     src, dst = args.src, args.dst
     if not src.is_dir():
         raise JaxalignError(f"{src}: no such folder")
     if dst.exists() and any(dst.iterdir()):
         raise JaxalignError(f"{dst}: exists and is not empty; choose a new output folder")
-    if (src / "config.json").is_file():
-        model, params = load_pretrained(src, dtype=args.dtype, allow_pickle=args.allow_pickle)
-        save_model_checkpoint(dst, model.config, params)
-        direction = "Hugging Face folder -> jaxalign checkpoint"
-    elif is_model_checkpoint(src):
-        model, params = load_model_checkpoint(src, dtype=args.dtype)
+    to_hf = not (src / "config.json").is_file() and is_model_checkpoint(src)
+    if to_hf and read_model_head(src) != "causal_lm":
+        raise JaxalignError(
+            f"{src}: holds a score model (a reward or value model); Hugging Face export writes causal LMs only"
+        )
+    model, params = load_model(src, dtype=args.dtype, allow_pickle=args.allow_pickle)
+    if to_hf:
         save_pretrained(model, params, dst)
         direction = "jaxalign checkpoint -> Hugging Face folder"
     else:
-        raise JaxalignError(
-            f"{src}: neither an HF folder (config.json) nor a jaxalign checkpoint (jaxalign_model.json)"
-        )
+        save_model_checkpoint(dst, model.config, params)
+        direction = "Hugging Face folder -> jaxalign checkpoint"
     copied = copy_tokenizer_files(src, dst)
     print(f"{direction}: wrote {dst} ({model.config.num_layers} layers, params {model.config.param_dtype}"
           f"{', tokenizer files copied' if copied else ''})", file=sys.stderr)

@@ -10,26 +10,15 @@ import argparse
 import json
 from pathlib import Path
 
+from jaxalign.arguments import add_model_arguments, add_sampling_arguments
 from jaxalign.commands.jsonl import read_objects
+from jaxalign.data.tokenizer import encode_chat, has_chat_template, stop_token_ids
 from jaxalign.errors import JaxalignError
-
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by `generate` and `chat`: which model and tokenizer, and how to sample."""
-    parser.add_argument("--model", type=Path, required=True,
-                        help="a Hugging Face model folder or a jaxalign model checkpoint folder")
-    parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="folder with the tokenizer (default: the model folder)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="compute dtype (default: the model's)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate per completion")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for sampling")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
+    add_sampling_arguments(parser)
     parser.add_argument("--prompts", type=Path, required=True, help="JSONL file of {prompt} or {messages} lines")
     parser.add_argument("--out", type=Path, required=True, help="JSONL file to write")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
@@ -61,50 +50,6 @@ def read_prompts(path: Path) -> list[tuple[int, dict]]:
     return records
 
 
-def load_model(path: Path, dtype: str | None):
-    """(model, params) from a Hugging Face folder (config.json) or a jaxalign model checkpoint (jaxalign_model.json)."""
-    from jaxalign.models.checkpoint import CONFIG_FILE, is_model_checkpoint, load_model_checkpoint
-
-    if not path.is_dir():
-        raise JaxalignError(f"model folder {path} does not exist")
-    if is_model_checkpoint(path):
-        return load_model_checkpoint(path, dtype=dtype)
-    if not (path / "config.json").is_file():
-        raise JaxalignError(
-            f"{path} is neither a Hugging Face model folder (config.json) nor a jaxalign model checkpoint "
-            f"({CONFIG_FILE})"
-        )
-    import jaxalign
-
-    return jaxalign.load_pretrained(path, dtype=dtype)
-
-
-def load_tokenizer(model_path: Path, tokenizer_path: Path | None):
-    from jaxalign.hf import load_tokenizer as load
-
-    return load(tokenizer_path or model_path)
-
-
-def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
-    """The model's EOS ids and the tokenizer's EOS (a chat model's end-of-turn token), without repeats."""
-    eos = model.config.eos_token_id
-    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return tuple(dict.fromkeys(int(i) for i in ids))
-
-
-def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
-    """Token ids of `messages` rendered by the tokenizer's chat template, ending with the assistant's turn opener."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise JaxalignError(
-            "the tokenizer has no chat template; give plain-text prompts with --no-chat-template "
-            "(or a tokenizer folder that has one with --tokenizer)"
-        )
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def encode_record(tokenizer, record: dict, chat_template: bool) -> list[int]:
     if "messages" in record and isinstance(record["messages"], list):
         return encode_chat(tokenizer, record["messages"])
@@ -117,6 +62,8 @@ def run(args: argparse.Namespace) -> int:
     import jax
     from tqdm import tqdm
 
+    from jaxalign.hf import load_tokenizer
+    from jaxalign.models.loading import load_model
     from jaxalign.sampling import SamplingParams, generate
 
     for name in ("max_new_tokens", "num_samples", "batch_size"):
@@ -125,9 +72,15 @@ def run(args: argparse.Namespace) -> int:
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     numbered = read_prompts(args.prompts)
     records = [record for _, record in numbered]
-    model, params = load_model(args.model, args.dtype)
-    tokenizer = load_tokenizer(args.model, args.tokenizer)
-    stops = stop_token_ids(model, tokenizer)
+    model, params = load_model(args.model, args.dtype, head="causal_lm")
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    stops = stop_token_ids(model.config, tokenizer)
+    uses_template = not args.no_chat_template or any(isinstance(r.get("messages"), list) for r in records)
+    if uses_template and not has_chat_template(tokenizer):
+        raise JaxalignError(
+            "the tokenizer has no chat template; give plain-text prompts with --no-chat-template "
+            "(or a tokenizer folder that has one with --tokenizer)"
+        )
     prompts = [encode_record(tokenizer, record, not args.no_chat_template) for record in records]
     room = model.config.max_position_embeddings - args.max_new_tokens
     for (line, _), prompt in zip(numbered, prompts):

@@ -37,17 +37,6 @@ def bucket_length(length: int, limit: int) -> int:
     return min(max(16, 1 << (max(length, 1) - 1).bit_length()), max(limit, length))
 
 
-def load_model(path: Path, dtype: str | None):
-    from jaxalign.hf import load_pretrained
-    from jaxalign.models.checkpoint import is_model_checkpoint, load_model_checkpoint
-
-    if (path / "config.json").is_file():
-        return load_pretrained(path, dtype=dtype)
-    if is_model_checkpoint(path):
-        return load_model_checkpoint(path, dtype=dtype)
-    raise JaxalignError(f"{path}: neither an HF model folder (config.json) nor a jaxalign model checkpoint")
-
-
 def sequence_logprob_fn(model):
     """Jitted `(params, ids [B, L], segment_ids [B, L]) -> [B]` sum of log p(token t | tokens < t) for t >= 1."""
     import jax
@@ -92,11 +81,12 @@ def score_texts(model, params, tokenizer, texts: list[str], batch_size: int, max
 
 def run(args: argparse.Namespace) -> int:
     from jaxalign.hf import load_tokenizer
+    from jaxalign.models.loading import load_model
 
     if args.batch_size < 1:
         raise JaxalignError(f"--batch-size {args.batch_size}: expected a positive number")
     texts = read_texts(args.data)
-    model, params = load_model(args.model, args.dtype)
+    model, params = load_model(args.model, args.dtype, head="causal_lm")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     max_length = args.max_length or model.config.max_position_embeddings
     results = score_texts(model, params, tokenizer, texts, args.batch_size, max_length, str(args.data))

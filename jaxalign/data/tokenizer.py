@@ -1,4 +1,5 @@
-"""Tokenizers for the data pipeline: the built-in byte tokenizer, loading by name, and segment-wise encoding.
+"""Tokenizers for the data pipeline: the built-in byte tokenizer, loading by name, chat prompts for generation,
+and segment-wise encoding.
 
 Segment-wise encoding: a rendered example is a list of segments (see `templates.py`); each text segment is
 tokenised on its own and the ids are concatenated, so every token belongs to exactly one segment and the loss
@@ -88,6 +89,28 @@ def load_tokenizer(spec: str):
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError, json.JSONDecodeError) as err:
         raise JaxalignError(f"tokenizer {spec}: could not load a tokenizer from this folder: {err}") from None
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of `messages` (`{"role", "content"}` dicts) rendered by the tokenizer's chat template, ending with
+    the assistant's turn opener. Raises `JaxalignError` when the tokenizer has no chat template."""
+    if not has_chat_template(tokenizer):
+        raise JaxalignError("the tokenizer has no chat template (tokenizer_config.json 'chat_template')")
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def stop_token_ids(config, tokenizer) -> tuple[int, ...]:
+    """The model config's EOS ids and the tokenizer's EOS (a chat model's end-of-turn token), without repeats."""
+    eos = config.eos_token_id
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(int(i) for i in ids))
 
 
 START = "start"

@@ -16,7 +16,6 @@ A causal LM loaded with head "score" keeps its trunk's weights (the LM head is n
 initialised score head; a score model has no LM head, so loading it as "causal_lm" is an error.
 """
 
-import argparse
 import dataclasses
 from pathlib import Path
 from typing import Any, Callable
@@ -249,12 +248,3 @@ def load_model(path: str | Path, dtype: str | None = None, head: str | None = No
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     return model, load(jax.tree.map(lambda _: device, abstract_params(model)))
 
-
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """`--model`, `--tokenizer` and `--dtype`, for commands that load a model with `load_model`."""
-    parser.add_argument("--model", type=Path, required=True,
-                        help="a Hugging Face model folder or a jaxalign model checkpoint folder")
-    parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="folder with the tokenizer (default: the model folder)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                        help="compute dtype (default: the model's)")

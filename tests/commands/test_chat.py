@@ -27,7 +27,7 @@ def chat(model_dir, monkeypatch, capsys, stdin_text, *extra):
 
 def test_multi_turn_chat_streams_replies_that_continue_the_conversation(model_dir, monkeypatch, capsys):
     import jaxalign
-    from jaxalign.commands.generate import encode_chat
+    from jaxalign.data.tokenizer import encode_chat
 
     code, out = chat(model_dir, monkeypatch, capsys, "Hi\n/help\nTell me more\n/reset\nHi\n/exit\nnever read\n",
                      "--system", "Be brief.")

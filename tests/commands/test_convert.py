@@ -55,4 +55,14 @@ def test_bad_paths_exit_2_with_a_message(hf_folder, tmp_path, capsys):
     assert main(["convert", str(hf_folder), str(tmp_path / "full")]) == 2
     assert "not empty" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "full"), str(tmp_path / "out")]) == 2
-    assert "neither an HF folder" in capsys.readouterr().err
+    assert "neither a Hugging Face model folder" in capsys.readouterr().err
+
+
+def test_a_score_model_is_not_exported_as_a_causal_lm(hf_folder, tmp_path, capsys):
+    from jaxalign.models.checkpoint import save_model_checkpoint
+    from jaxalign.models.loading import load_model
+
+    model, params = load_model(hf_folder, head="score")
+    save_model_checkpoint(tmp_path / "rm", model.config, params, head="score")
+    assert main(["convert", str(tmp_path / "rm"), str(tmp_path / "out")]) == 2
+    assert "holds a score model" in capsys.readouterr().err

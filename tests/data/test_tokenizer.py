@@ -1,7 +1,17 @@
 import pytest
 
-from jaxalign.data.tokenizer import BYTE_SPECIAL_TOKENS, CONTINUE, START, SegmentEncoder, byte_tokenizer, load_tokenizer
+from jaxalign.data.tokenizer import (
+    BYTE_SPECIAL_TOKENS,
+    CONTINUE,
+    START,
+    SegmentEncoder,
+    byte_tokenizer,
+    encode_chat,
+    load_tokenizer,
+    stop_token_ids,
+)
 from jaxalign.errors import JaxalignError
+from jaxalign.models.llama import LlamaConfig
 
 
 def test_byte_tokenizer_layout_and_round_trip():
@@ -65,3 +75,14 @@ def test_byte_level_add_prefix_space_is_off_for_continuations():
     start, cont = SegmentEncoder(tok).encode(["ab", "ab"], [START, CONTINUE])
     assert tok.convert_ids_to_tokens(start) == ["Ġ", "a", "b"]
     assert tok.convert_ids_to_tokens(cont) == ["a", "b"]
+
+
+def test_chat_prompts_end_with_the_assistant_opener_and_stop_at_either_eos():
+    tokenizer = byte_tokenizer()
+    ids = encode_chat(tokenizer, [{"role": "user", "content": "hi"}])
+    assert tokenizer.decode(ids) == "<s><|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert stop_token_ids(LlamaConfig(eos_token_id=(5, 2)), tokenizer) == (5, 2)
+    assert stop_token_ids(LlamaConfig(eos_token_id=None), tokenizer) == (2,)
+    tokenizer.chat_template = None
+    with pytest.raises(JaxalignError, match="no chat template"):
+        encode_chat(tokenizer, [{"role": "user", "content": "hi"}])
