@@ -1,7 +1,10 @@
 """Test driver: trains the tiny Llama on synthetic tokens with the one training loop.
 
-    python tests/train/tiny_run.py OUTPUT_DIR [key.sub=value ...] [--step-delay S] [--nan-at STEP]
-        [--coordinator HOST:PORT --num-processes N --process-id I]
+    python tests/train/tiny_run.py OUTPUT_DIR [key.sub=value ...] [--algorithm sft|toy] [--step-delay S]
+        [--nan-at STEP] [--coordinator HOST:PORT --num-processes N --process-id I]
+
+`sft` (default) trains on synthetic tokens; `toy` is `tests/train/toy_algorithm.py` (two trainables, a frozen
+reference, batches generated from the current policy).
 
 Exits 0 after training or after a SIGTERM-triggered save, 2 on a JaxalignError (like the CLI).
 """
@@ -79,16 +82,37 @@ def poisonable(loss_fn):
     return wrapped
 
 
+class Delayed:
+    """A batch source that waits `delay` seconds before each batch (so a test can signal a run mid-way)."""
+
+    def __init__(self, source, delay: float):
+        self.source, self.delay = source, delay
+
+    def next_batch(self, context):
+        time.sleep(self.delay)
+        return self.source.next_batch(context)
+
+    def can_checkpoint(self) -> bool:
+        return self.source.can_checkpoint()
+
+    def state_dict(self) -> dict:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("output_dir")
     parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--algorithm", choices=("sft", "toy"), default="sft")
     parser.add_argument("--step-delay", type=float, default=0.0)
     parser.add_argument("--nan-at", type=int, default=None)
     parser.add_argument("--coordinator")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
 
     from jaxalign import sharding
     from jaxalign.config import RunConfig, apply_overrides, from_dict
@@ -103,12 +127,20 @@ def main(argv=None) -> int:
 
         data = apply_overrides({"output_dir": args.output_dir}, TINY_OVERRIDES + args.overrides)
         config = from_dict(RunConfig, data)
-        model = tiny_model()
-        tokens = SyntheticTokens(config.train.batch_size, config.train.seq_len, model.config.vocab_size,
-                                 seed=config.seed, step_delay=args.step_delay, nan_at=args.nan_at,
-                                 process_index=jax.process_index(), process_count=jax.process_count())
-        algorithm = make_algorithm(model, config.optimizer, tokens)
-        state = train(config, dataclasses.replace(algorithm, loss=poisonable(algorithm.loss)))
+        if args.algorithm == "toy":
+            from tests.train.toy_algorithm import make_toy_algorithm
+
+            algorithm = make_toy_algorithm(config.optimizer, config.train.batch_size, jax.process_index(),
+                                           jax.process_count())
+            algorithm = dataclasses.replace(algorithm, source=Delayed(algorithm.source, args.step_delay))
+        else:
+            model = tiny_model()
+            tokens = SyntheticTokens(config.train.batch_size, config.train.seq_len, model.config.vocab_size,
+                                     seed=config.seed, step_delay=args.step_delay, nan_at=args.nan_at,
+                                     process_index=jax.process_index(), process_count=jax.process_count())
+            algorithm = make_algorithm(model, config.optimizer, tokens)
+            algorithm = dataclasses.replace(algorithm, loss=poisonable(algorithm.loss))
+        state = train(config, algorithm)
         print(f"finished at step {int(state.step)}", flush=True)
     except JaxalignError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
