@@ -1,0 +1,52 @@
+"""RL rewards: LLaMA-2's two-model combination and whitening against hand-computed values; Python reward functions."""
+
+import sys
+
+import numpy as np
+import pytest
+
+from jaxalign.errors import JaxalignError
+from jaxalign.rewards import combine_llama2, function_reward, llama2_final_reward, whiten
+
+HELPFUL = [2.0, 0.0, -1.0, 3.0]
+SAFETY = [1.0, -3.0, 0.5, 2.0]
+IS_SAFETY = [0, 0, 1, 0]
+
+
+def test_combine_llama2_picks_safety_for_safety_prompts_and_unsafe_answers():
+    # sigma(safety) = .7311, .0474 (< .15: unsafe), .6225 (safety prompt), .8808 -> safety for rows 1 and 2
+    combined = combine_llama2(HELPFUL, SAFETY, IS_SAFETY)
+    np.testing.assert_allclose(combined, [0.880797, 0.047426, 0.622459, 0.952574], atol=1e-6)
+
+
+def test_final_reward_whitens_the_logit_of_the_combination():
+    final = llama2_final_reward(HELPFUL, SAFETY, IS_SAFETY)
+    np.testing.assert_allclose(final, [0.604615, -1.593984, -0.054965, 1.044334], atol=1e-5)
+    combined = combine_llama2(HELPFUL, SAFETY, IS_SAFETY)
+    np.testing.assert_allclose(final, whiten(np.log(combined / (1 - combined))), atol=1e-4)
+
+
+def test_whiten_of_one_value_is_zero():
+    assert whiten([3.0]).tolist() == [0.0]
+
+
+def test_function_reward_from_module_path(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(
+        "def length(prompts, responses, metadata):\n    return [len(r) for r in responses]\n"
+        "def wrong(prompts, responses, metadata):\n    return [1.0]\n"
+        "def one_argument(responses):\n    return responses\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    reward = function_reward("my_rewards:length")
+    assert reward(["a", "b"], ["xy", "xyz"], [{}, {}]).tolist() == [2.0, 3.0]
+    with pytest.raises(JaxalignError, match="returned 1 scores for 2 responses"):
+        function_reward("my_rewards:wrong")(["a", "b"], ["x", "y"], [{}, {}])
+    with pytest.raises(JaxalignError, match="must take \\(prompts, responses, metadata\\)"):
+        function_reward("my_rewards:one_argument")
+    with pytest.raises(JaxalignError, match="has no function 'missing'"):
+        function_reward("my_rewards:missing")
+    with pytest.raises(JaxalignError, match="cannot import module 'no_such_module'"):
+        function_reward("no_such_module:f")
+    with pytest.raises(JaxalignError, match="expected 'module:function'"):
+        function_reward("my_rewards")
+    sys.modules.pop("my_rewards", None)
