@@ -151,7 +151,7 @@ def test_smollm2_fine_tune_lowers_eval_loss_and_exports(smollm2_dir, llamafactor
     loss_fn = jax.jit(make_loss_fn(type(model)(grown)))
     sums = [loss_fn(params, batch, None) for batch in
             build_loader(config.data, tokenizer, batch_size=8, seq_len=128, split="eval")]
-    before = sum(float(s) for s, _ in sums) / sum(float(aux["weight"]) for _, aux in sums)
+    before = sum(float(objective.total) for objective, _ in sums) / sum(float(objective.count) for objective, _ in sums)
 
     assert train_sft(config) == 0
     (after,) = [line["eval_loss"] for line in metrics(config.output_dir) if "eval_loss" in line]
