@@ -9,7 +9,7 @@
 
 Writes OUTPUT_DIR/metrics.jsonl (one JSON object per line with `step`; training lines every `train.log_every` steps
 with every metric pooled over the steps since the previous line by its own count (`loss`, the loss's metrics,
-`grad_norm`, host metrics of the batch source), `lr` of the last step, and `tokens_per_s`, the real (non-padding)
+`grad_norm`, host metrics of the batch source; a metric with a zero count in the window is left out), `lr` of the last step, and `tokens_per_s`, the real (non-padding)
 tokens of the global batches per second of wall time; eval lines `eval_<metric>`) and OUTPUT_DIR/tensorboard.
 Checkpoints go to OUTPUT_DIR/checkpoints every `checkpoint.every` steps (or at the next step where the batch source
 can checkpoint) and at the end; rerunning the same command resumes from the latest complete one with identical
@@ -294,7 +294,8 @@ class _Run:
             totals = sums if totals is None else add_means(totals, sums)
         if totals is None:
             raise JaxalignError("the evaluation data yielded no batches")
-        return {"step": step, **{f"eval_{k}": m.value() for k, m in jax.device_get(totals).items()}}
+        totals = jax.device_get(totals)
+        return {"step": step, **{f"eval_{k}": m.value() for k, m in totals.items() if k == "loss" or m.count}}
 
 
 def real_token_count(batch: dict) -> jax.Array:
@@ -349,6 +350,8 @@ class _Window:
         for metrics in self.fetched:
             pooled = add_means(pooled, metrics)
         for key, mean in {**pooled, **self.host}.items():
+            if not mean.count and key != "loss":
+                continue  # nothing to average in this window (e.g. no pair of some strength)
             line[key] = float(self.fetched[-1][key].value()) if key.split("/")[0] == "lr" else mean.value()
         line["tokens_per_s"] = self.tokens / max(now - self.started, 1e-9)
         return line
