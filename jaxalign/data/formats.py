@@ -11,18 +11,39 @@ Every record becomes one of:
 
 Formats: alpaca `{instruction, input?, output}`; dolly `{instruction, context?, response}`; sharegpt
 `{conversations: [{from, value}], system?}` (from: human/user, gpt/assistant/chatgpt/bing/bard, system); messages
-`{messages: [{role, content}], system?}`; preference `{prompt, chosen, rejected, strength?, safety?}` where each is
-a string or a message list, or LLaMA-Factory style `{conversations, chosen: {from, value}, rejected: {from,
-value}}`; hh `{chosen, rejected}` full Anthropic-HH texts ("\\n\\nHuman: ...\\n\\nAssistant: ..."); prompt
+`{messages: [{role, content}], system?}`; preference `{prompt, chosen, rejected, strength?, safety?}` where each of
+the first three is a string or a message list, or LLaMA-Factory style `{conversations, chosen: {from, value},
+rejected: {from, value}}` (strength and safety may also be text, as CSV cells are: "2", "true"; an empty string is
+"not given"); hh `{chosen, rejected}` full Anthropic-HH texts ("\\n\\nHuman: ...\\n\\nAssistant: ..."); prompt
 `{prompt}` or `{messages}` ending in a user turn; text `{text}`. Other fields are ignored.
 
-Errors name the record's origin (`file:line`) and the field.
+Errors name the record's origin (`file:line`) and the field. A blank response (empty or whitespace only) raises
+`BlankResponse` in every format: alpaca `output`, dolly `response`, every assistant turn of a sharegpt or messages
+conversation, chosen / rejected answers, the final answers of an hh pair, and `text`; the source reader skips such
+records or stops at them (`data.blank_responses`).
 """
 
 from dataclasses import dataclass
 from typing import Union
 
 from jaxalign.errors import JaxalignError
+
+class BlankResponse(JaxalignError):
+    """A record whose response, the text it trains on, is empty or whitespace only: it would train nothing but
+    the end-of-turn token."""
+
+    def __init__(self, origin: str, name: str):
+        self.origin = origin
+        self.field = name
+        super().__init__(
+            f"{origin}: field '{name}' is a blank response (empty or whitespace only); fix the record, or set "
+            "data.blank_responses=skip to skip such records"
+        )
+
+    def brief(self) -> str:
+        """The origin and field, without the advice (for the list of skipped records)."""
+        return f"{self.origin}: field '{self.field}' is a blank response"
+
 
 ROLE_ALIASES = {
     "system": "system",
@@ -146,17 +167,30 @@ def _nonempty(text: str, name: str, origin: str) -> str:
     return text
 
 
+def _answer(text: str, name: str, origin: str) -> str:
+    if not text.strip():
+        raise BlankResponse(origin, name)
+    return text
+
+
+def _check_answers(messages: list[Message], name: str, content_key: str, origin: str):
+    """Raises `BlankResponse` for the first blank assistant turn of `messages` (as read from field `name`)."""
+    for i, message in enumerate(messages):
+        if message.role == "assistant":
+            _answer(message.content, f"{name}[{i}].{content_key}", origin)
+
+
 def _alpaca(record: dict, origin: str) -> Conversation:
     instruction = _nonempty(_field(record, "instruction", origin), "instruction", origin)
     context = _field(record, "input", origin, required=False, default="")
-    output = _nonempty(_field(record, "output", origin), "output", origin)
+    output = _answer(_field(record, "output", origin), "output", origin)
     return Conversation((Message("user", instruction, context), Message("assistant", output)), origin)
 
 
 def _dolly(record: dict, origin: str) -> Conversation:
     instruction = _nonempty(_field(record, "instruction", origin), "instruction", origin)
     context = _field(record, "context", origin, required=False, default="")
-    response = _nonempty(_field(record, "response", origin), "response", origin)
+    response = _answer(_field(record, "response", origin), "response", origin)
     return Conversation((Message("user", instruction, context), Message("assistant", response)), origin)
 
 
@@ -217,22 +251,25 @@ def _check_dialogue(messages: list[Message], name: str, origin: str, final: str 
     return tuple(head + body)
 
 
+def _conversation(record: dict, name: str, role_key: str, content_key: str, origin: str) -> Conversation:
+    turns = _messages(_field(record, name, origin, kind=list), name, origin, role_key, content_key)
+    dialogue = _check_dialogue(_with_system(record, turns, origin), name, origin, "assistant")
+    _check_answers(turns, name, content_key, origin)
+    return Conversation(dialogue, origin)
+
+
 def _sharegpt(record: dict, origin: str) -> Conversation:
-    items = _field(record, "conversations", origin, kind=list)
-    messages = _with_system(record, _messages(items, "conversations", origin, "from", "value"), origin)
-    return Conversation(_check_dialogue(messages, "conversations", origin, "assistant"), origin)
+    return _conversation(record, "conversations", "from", "value", origin)
 
 
 def _openai_messages(record: dict, origin: str) -> Conversation:
-    items = _field(record, "messages", origin, kind=list)
-    messages = _with_system(record, _messages(items, "messages", origin, "role", "content"), origin)
-    return Conversation(_check_dialogue(messages, "messages", origin, "assistant"), origin)
+    return _conversation(record, "messages", "role", "content", origin)
 
 
 def _response(value, name: str, origin: str) -> tuple[Message, ...]:
     """A chosen / rejected value: a string, a {from, value} / {role, content} object, or a message list."""
     if isinstance(value, str):
-        return (Message("assistant", _nonempty(value, name, origin)),)
+        return (Message("assistant", _answer(value, name, origin)),)
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list):
@@ -244,13 +281,16 @@ def _response(value, name: str, origin: str) -> tuple[Message, ...]:
         raise JaxalignError(f"{origin}: field '{name}' is an empty list of messages")
     if messages[-1].role != "assistant":
         raise JaxalignError(f"{origin}: field '{name}' must end with an assistant message")
+    _check_answers(messages, name, content_key, origin)
     return tuple(messages)
 
 
 def _strength(record: dict, origin: str) -> int:
     value = record.get("strength")
-    if value is None:
+    if value is None or value == "":
         return -1
+    if isinstance(value, str) and value.strip() in ("0", "1", "2", "3"):
+        value = int(value)
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 3:
         return value
     if isinstance(value, str) and value.strip().lower() in STRENGTHS:
@@ -262,8 +302,10 @@ def _strength(record: dict, origin: str) -> int:
 
 def _safety(record: dict, origin: str) -> int:
     value = record.get("safety")
-    if value is None:
+    if value is None or value == "":
         return -1
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        value = value.strip().lower() == "true"
     if isinstance(value, bool):
         return int(value)
     raise JaxalignError(f"{origin}: field 'safety' must be true or false, got {value!r}")
@@ -324,6 +366,8 @@ def _hh(record: dict, origin: str) -> PreferencePair:
     if chosen[:-1] != rejected[:-1]:
         raise JaxalignError(f"{origin}: fields 'chosen' and 'rejected' must share the dialogue before the last answer")
     prompt = _check_dialogue(chosen[:-1], "chosen", origin, "user")
+    for name, messages in (("chosen", chosen), ("rejected", rejected)):
+        _answer(messages[-1].content, name, origin)
     return PreferencePair(
         prompt, (chosen[-1],), (rejected[-1],), _strength(record, origin), _safety(record, origin), origin
     )
@@ -337,7 +381,7 @@ def _prompt(record: dict, origin: str) -> Prompt:
 
 
 def _text(record: dict, origin: str) -> Text:
-    return Text(_nonempty(_field(record, "text", origin), "text", origin), origin)
+    return Text(_answer(_field(record, "text", origin), "text", origin), origin)
 
 
 _PARSERS = {

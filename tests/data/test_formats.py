@@ -2,7 +2,16 @@ import json
 
 import pytest
 
-from jaxalign.data.formats import Conversation, Message, PreferencePair, Prompt, Text, detect_format, parse_record
+from jaxalign.data.formats import (
+    BlankResponse,
+    Conversation,
+    Message,
+    PreferencePair,
+    Prompt,
+    Text,
+    detect_format,
+    parse_record,
+)
 from jaxalign.data.sources import load_source
 from jaxalign.data.config import SourceSpec
 from jaxalign.data.templates import SpecialTokens, render, render_pair, render_text
@@ -103,7 +112,6 @@ BAD = [
     ({"input": "x", "output": "y"}, "alpaca", "missing field 'instruction'"),
     ({"instruction": "x"}, "alpaca", "missing field 'output'"),
     ({"instruction": 3, "output": "y"}, "alpaca", "field 'instruction' must be a str, got int"),
-    ({"instruction": "x", "output": "  "}, "alpaca", "field 'output' is empty"),
     ({"instruction": "x", "input": ["a"], "output": "y"}, "alpaca", "field 'input' must be a str, got list"),
     ({"instruction": "x", "context": "c"}, "dolly", "missing field 'response'"),
     ({"conversations": "hello"}, "sharegpt", "field 'conversations' must be a list, got str"),
@@ -125,6 +133,7 @@ BAD = [
     ({"prompt": "q", "chosen": 1, "rejected": "b"}, "preference", "field 'chosen' must be a string or messages"),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "strength": "much better"}, "preference", "field 'strength'"),
     ({"prompt": "q", "chosen": "a", "rejected": "b", "safety": "yes"}, "preference", "field 'safety' must be true"),
+    ({"prompt": "q", "chosen": "a", "rejected": "b", "strength": "4"}, "preference", "field 'strength': expected 0-3"),
     ({"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}, "preference",
      "field 'chosen' must end with an assistant message"),
     ({"chosen": "Human: a Assistant: b", "rejected": "x"}, "hh", r"field 'chosen' must start with '\\n\\nHuman:'"),
@@ -143,6 +152,67 @@ def test_bad_records_name_origin_and_field(record, fmt, message):
     with pytest.raises(JaxalignError, match=message) as info:
         parse_record(record, fmt, ORIGIN)
     assert str(info.value).startswith(f"{ORIGIN}: ")
+
+
+# ---- blank responses: one rule for every format ----
+
+BLANK = [
+    ({"instruction": "x", "output": ""}, "alpaca", "output"),
+    ({"instruction": "x", "input": "y", "output": "  \n"}, "alpaca", "output"),
+    ({"instruction": "x", "response": "\t"}, "dolly", "response"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "   "}]}, "sharegpt",
+     "conversations[1].value"),
+    ({"system": "S", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": ""},
+                                       {"from": "human", "value": "b"}, {"from": "gpt", "value": "c"}]},
+     "sharegpt", "conversations[1].value"),
+    ({"messages": [{"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": ""}]},
+     "messages", "messages[1].content"),
+    ({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
+                   {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
+                   {"role": "assistant", "content": " "}]}, "messages", "messages[4].content"),
+    ({"prompt": "q", "chosen": "", "rejected": "b"}, "preference", "chosen"),
+    ({"prompt": "q", "chosen": "a", "rejected": "  "}, "preference", "rejected"),
+    ({"prompt": "q", "chosen": [{"role": "assistant", "content": "\n"}], "rejected": "b"}, "preference",
+     "chosen[0].content"),
+    ({"conversations": [{"from": "human", "value": "q"}], "chosen": {"from": "gpt", "value": "a"},
+      "rejected": {"from": "gpt", "value": ""}}, "preference", "rejected[0].value"),
+    ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant:  "}, "hh", "rejected"),
+    ({"text": " \n "}, "text", "text"),
+]
+
+
+@pytest.mark.parametrize("record, fmt, field", BLANK)
+def test_a_blank_response_is_the_same_error_in_every_format(record, fmt, field):
+    with pytest.raises(BlankResponse) as info:
+        parse_record(record, fmt, ORIGIN)
+    assert str(info.value) == (
+        f"{ORIGIN}: field '{field}' is a blank response (empty or whitespace only); fix the record, or set "
+        "data.blank_responses=skip to skip such records"
+    )
+    assert info.value.brief() == f"{ORIGIN}: field '{field}' is a blank response"
+    assert isinstance(info.value, JaxalignError)
+
+
+def test_a_malformed_conversation_is_reported_as_malformed_not_as_blank():
+    record = {"messages": [{"role": "assistant", "content": ""}, {"role": "user", "content": "a"}]}
+    with pytest.raises(JaxalignError, match="turn 1 is 'assistant', expected 'user'") as info:
+        parse_record(record, "messages", ORIGIN)
+    assert not isinstance(info.value, BlankResponse)
+
+
+def test_blank_user_turns_and_empty_optional_fields_are_not_blank_responses():
+    sharegpt = {"conversations": [{"from": "human", "value": ""}, {"from": "gpt", "value": "Hello."}]}
+    assert parse_record(sharegpt, "sharegpt", ORIGIN).messages[1].content == "Hello."
+    assert parse_record({"instruction": "x", "input": "", "output": "y"}, "alpaca", ORIGIN).messages[0].context == ""
+
+
+def test_strength_and_safety_written_as_text_as_csv_cells_are():
+    record = {"prompt": "q", "chosen": "a", "rejected": "b"}
+    pair = parse_record({**record, "strength": "2", "safety": "True"}, "preference", ORIGIN)
+    assert (pair.strength, pair.safety) == (2, 1)
+    pair = parse_record({**record, "strength": "", "safety": ""}, "preference", ORIGIN)
+    assert (pair.strength, pair.safety) == (-1, -1)
+    assert parse_record({**record, "safety": "false"}, "preference", ORIGIN).safety == 0
 
 
 def test_undetectable_format():
