@@ -92,6 +92,10 @@ class DataConfig:
     - `add_bos`: built-in templates start with the tokenizer's bos token (LLaMA-2-chat: every turn); the
       `tokenizer` template leaves bos to the chat template.
     - `shuffle`, `seed`: the per-epoch order; `on_error: skip` skips bad records and reports them (file:line).
+    - `blank_responses`: a record whose response (the text it trains on: alpaca `output`, an assistant turn, a
+      chosen / rejected answer, `text`) is empty or whitespace only would train only the end-of-turn token. `error`
+      makes it a bad record (an error naming file:line and the field, or skipped with `on_error: skip`); `skip`
+      skips it, and the loader reports how many it skipped.
     - `pad_token`, `eot_token`, `added_tokens`: tokens added to the tokenizer (see `tokens_to_add`); the SFT
       command resizes the embeddings for them. `pad_token` is needed when the tokenizer has none (Alpaca: `[PAD]`).
       `eot_token` is LIMA's end-of-turn token, used by the `lima` template.
@@ -110,6 +114,7 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     on_error: Literal["raise", "skip"] = "raise"
+    blank_responses: Literal["error", "skip"] = "error"
     truncation: TruncationConfig = field(default_factory=TruncationConfig)
     add_bos: bool = True
     pad_token: Optional[str] = None

@@ -12,6 +12,10 @@ not yet (wholly) in a returned batch and `part` its next block (`truncation.over
 a fresh loader continues with exactly the next batch. `stats` counts examples (blocks), tokens, trained tokens,
 truncated and dropped examples, rows and padding tokens of the batches returned so far.
 
+Records skipped while reading (`data.on_error: skip`, `data.blank_responses: skip`) are kept in `skipped` (one
+`origin: reason` each; `blank_skipped` counts the blank responses among them) and reported once, on process 0, as
+one line on stderr when the loader is built.
+
 ```python
 from jaxalign.data import DataConfig, build_loader, load_tokenizer
 from jaxalign.config import from_dict
@@ -22,6 +26,7 @@ batch = next(loader)          # dict of numpy int32 [8, 256]: input_ids, targets
 """
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,7 +140,8 @@ class Preprocessor:
 
 
 def split_eval(sources: list[SourceData], fraction: float, seed: int, split: str) -> list[SourceData]:
-    """Each source's examples for `split` when `eval_fraction` holds out a fixed random part of it."""
+    """Each source's examples for `split` when `eval_fraction` holds out a fixed random part of it; the records
+    skipped while reading the source are reported with the train split."""
     out = []
     for i, source in enumerate(sources):
         n = len(source.examples)
@@ -144,7 +150,11 @@ def split_eval(sources: list[SourceData], fraction: float, seed: int, split: str
         keep = np.sort(order[:n_eval] if split == "eval" else order[n_eval:])
         if keep.size == 0:
             raise JaxalignError(f"data source {source.spec.path}: eval_fraction {fraction} leaves no {split} examples")
-        out.append(SourceData(source.spec, source.format, [source.examples[j] for j in keep], source.skipped))
+        examples = [source.examples[j] for j in keep]
+        if split == "train":
+            out.append(SourceData(source.spec, source.format, examples, source.skipped, source.blank))
+        else:
+            out.append(SourceData(source.spec, source.format, examples))
     return out
 
 
@@ -179,11 +189,15 @@ class DataLoader:
         self.process_count = process_count
         self.preprocessor = Preprocessor(config, tokenizer, seq_len)
         if sources is None:
-            sources = [load_source(s, config.format, config.on_error) for s in config.sources(split)]
+            sources = [load_source(s, config.format, config.on_error, config.blank_responses)
+                       for s in config.sources(split)]
             if config.eval_fraction > 0:
                 sources = split_eval(sources, config.eval_fraction, config.seed, split)
         self.sources = sources
         self.skipped = [message for s in sources for message in s.skipped]
+        self.blank_skipped = sum(s.blank for s in sources)
+        if self.skipped and process_index == 0:
+            print(f"jaxalign: {skipped_summary(split, self.skipped, self.blank_skipped)}", file=sys.stderr, flush=True)
         self.examples = [e for s in sources for e in s.examples]
         kinds = {example_kind(e) for e in self.examples}
         if len(kinds) != 1:
@@ -368,6 +382,17 @@ class DataLoader:
             for example_items in self.preprocessor.process([self.examples[i] for i in shard[start : start + CHUNK]]):
                 items += example_items
         return _pass_stats(items, self)
+
+
+def skipped_summary(split: str, skipped: list[str], blank: int) -> str:
+    """One line: how many records of `split` were skipped, why, and the first of them."""
+    reasons = []
+    if blank:
+        reasons.append(f"{blank} with a blank response (data.blank_responses=skip)")
+    if len(skipped) > blank:
+        reasons.append(f"{len(skipped) - blank} bad (data.on_error=skip)")
+    records = "record" if len(skipped) == 1 else "records"
+    return f"data.{split}: skipped {len(skipped)} {records}: {', '.join(reasons)}; first: {skipped[0]}"
 
 
 def first_fit(used: list[int], n: int, seq_len: int, pack: bool) -> int | None:

@@ -1,35 +1,42 @@
 """Reading sources into normalised examples.
 
-Core: JSONL, JSON (a list of records), Parquet (pyarrow), globs and folders of those, and `demo:NAME` (the
-datasets bundled in `jaxalign/demo_data`). Extras, imported only when used: `hf:NAME` (Hugging Face `datasets`,
+Core: JSONL, JSON (a list of records), Parquet (pyarrow), CSV and TSV (a header row names the fields; every cell is
+a string, an empty cell an empty string), globs and folders of those, and `demo:NAME` (the datasets bundled in
+`jaxalign/demo_data`). Extras, imported only when used: `hf:NAME` (Hugging Face `datasets`,
 a hub name or a local folder / builder such as `json`) and `tfds:NAME` (tensorflow-datasets' `tfds.data_source`,
 random access over array_record files, no TensorFlow needed).
 
 Every record carries its origin (`file:line`, `file: record i`, `hf:name[split] row i`) for error messages. With
-`on_error='skip'` a bad record (malformed line, missing field, wrong type...) is skipped and reported instead.
+`on_error='skip'` a bad record (malformed line, missing field, wrong type...) is skipped and reported instead; with
+`blank_responses='skip'` a record whose response is blank (see `formats.BlankResponse`) is skipped and counted,
+while other bad records still follow `on_error`.
 """
 
+import csv
 import glob as globlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from jaxalign.data.config import SourceSpec
-from jaxalign.data.formats import Example, detect_format, parse_record
+from jaxalign.data.formats import BlankResponse, Example, detect_format, parse_record
 from jaxalign.errors import JaxalignError
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_data"
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".tsv")
+CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 
 
 @dataclass
 class SourceData:
-    """The examples of one source, its detected format, and the records skipped as `origin: reason`."""
+    """The examples of one source, its detected format, the records skipped as `origin: reason`, and how many of
+    those were skipped for a blank response."""
 
     spec: SourceSpec
     format: str
     examples: list[Example]
     skipped: list[str] = field(default_factory=list)
+    blank: int = 0
 
 
 def demo_path(name: str) -> Path:
@@ -50,16 +57,28 @@ def resolve_files(path: str) -> list[Path]:
         files = sorted(Path(p) for p in globlib.glob(path, recursive=True) if Path(p).is_file())
         if not files:
             raise JaxalignError(f"data source {path}: the glob matched no files")
+        for file in files:
+            _check_suffix(file)
         return files
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix in FILE_SUFFIXES and f.is_file())
+        files = sorted(f for f in p.rglob("*") if f.suffix.lower() in FILE_SUFFIXES and f.is_file())
         if not files:
             raise JaxalignError(f"data source {path}: the folder has no {', '.join(FILE_SUFFIXES)} files")
         return files
     if not p.is_file():
         raise JaxalignError(f"data source {path}: file does not exist")
+    _check_suffix(p)
     return [p]
+
+
+def _check_suffix(file: Path):
+    if file.suffix.lower() not in FILE_SUFFIXES:
+        kind = f"'{file.suffix}' files" if file.suffix else "files without an extension"
+        raise JaxalignError(
+            f"data source {file}: cannot read {kind}; supported: {', '.join(FILE_SUFFIXES)} files, or "
+            "demo:NAME, hf:NAME, tfds:NAME"
+        )
 
 
 def iter_records(spec: SourceSpec, skipped: list[str], on_error: str):
@@ -71,10 +90,13 @@ def iter_records(spec: SourceSpec, skipped: list[str], on_error: str):
         yield from _tfds_records(spec)
         return
     for path in resolve_files(spec.path):
-        if path.suffix == ".parquet":
+        suffix = path.suffix.lower()
+        if suffix == ".parquet":
             yield from _parquet_records(path)
-        elif path.suffix == ".json":
+        elif suffix == ".json":
             yield from _json_records(path)
+        elif suffix in CSV_DELIMITERS:
+            yield from _csv_records(path, CSV_DELIMITERS[suffix], skipped, on_error)
         else:
             yield from _jsonl_records(path, skipped, on_error)
 
@@ -105,6 +127,39 @@ def _json_records(path: Path):
         raise JaxalignError(f"{path}: a .json data file must hold a list of records, got {type(data).__name__}")
     for i, record in enumerate(data):
         yield record, f"{path}: record {i}"
+
+
+def _csv_records(path: Path, delimiter: str, skipped: list[str], on_error: str):
+    """Rows of a CSV / TSV file with a header row, as `{column: cell}` records of strings; a row's origin is the
+    line it starts on (quoted cells may span lines). A row with more or fewer cells than the header is a bad record."""
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise JaxalignError(f"{path}: empty file; expected a header row naming the fields")
+            duplicates = sorted({name for name in header if header.count(name) > 1})
+            if duplicates:
+                raise JaxalignError(f"{path}:1: the header names columns {duplicates} more than once")
+            start = reader.line_num + 1
+            for row in reader:
+                origin = f"{path}:{start}"
+                start = reader.line_num + 1
+                if not any(row):
+                    continue
+                if len(row) != len(header):
+                    message = (f"{origin}: expected {len(header)} cells ({', '.join(header)}), got {len(row)}; "
+                               "quote cells that hold the delimiter")
+                    if on_error == "raise":
+                        raise JaxalignError(message)
+                    skipped.append(message)
+                    continue
+                yield dict(zip(header, row)), origin
+        except csv.Error as err:
+            raise JaxalignError(f"{path}:{reader.line_num}: malformed CSV: {err}") from None
+        except UnicodeDecodeError as err:
+            raise JaxalignError(f"{path}: not UTF-8 text: {err}") from None
 
 
 def _parquet_records(path: Path):
@@ -168,16 +223,30 @@ def _decode_bytes(value):
     return value
 
 
-def load_source(spec: SourceSpec, default_format: str = "auto", on_error: str = "raise") -> SourceData:
-    """Reads and parses every record of one source (format auto-detected from its first readable record)."""
+def load_source(spec: SourceSpec, default_format: str = "auto", on_error: str = "raise",
+                blank_responses: str = "error") -> SourceData:
+    """Reads and parses every record of one source (format auto-detected from its first readable record).
+
+    `on_error` ("raise" | "skip"): what a bad record does; `blank_responses` ("error" | "skip"): whether a record
+    whose response is blank is a bad record or is skipped and counted in `SourceData.blank`.
+    """
     fmt = spec.format or default_format
     skipped: list[str] = []
     examples: list[Example] = []
+    blank = 0
     for record, origin in iter_records(spec, skipped, on_error):
         try:
             if fmt == "auto":
                 fmt = detect_format(record, origin)
             examples.append(parse_record(record, fmt, origin))
+        except BlankResponse as err:
+            if blank_responses == "skip":
+                skipped.append(err.brief())
+                blank += 1
+            elif on_error == "raise":
+                raise
+            else:
+                skipped.append(str(err))
         except JaxalignError as err:
             if on_error == "raise":
                 raise
@@ -187,4 +256,4 @@ def load_source(spec: SourceSpec, default_format: str = "auto", on_error: str = 
     if not examples:
         detail = f" ({len(skipped)} skipped, first: {skipped[0]})" if skipped else ""
         raise JaxalignError(f"data source {spec.path}: no usable records{detail}")
-    return SourceData(spec, fmt, examples, skipped)
+    return SourceData(spec, fmt, examples, skipped, blank)

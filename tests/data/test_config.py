@@ -1,7 +1,9 @@
+import json
+
 import pytest
 
 from jaxalign.config import apply_overrides, from_dict
-from jaxalign.data import DataConfig, SourceSpec, byte_tokenizer, prepare_tokenizer, tokens_to_add
+from jaxalign.data import DataConfig, DataLoader, SourceSpec, byte_tokenizer, prepare_tokenizer, tokens_to_add
 from jaxalign.errors import JaxalignError
 
 
@@ -44,6 +46,7 @@ def test_truncation_section():
         ({"truncation": {"max_prompt_fraction": 2.0}}, "'data.truncation.max_prompt_fraction'"),
         ({"train": {"path": "a", "weight": -1}}, "config key 'data.train'.*'weight': -1"),
         ({"train": {"weight": 1}}, "config key 'data.train'"),
+        ({"blank_responses": "drop"}, "config key 'data.blank_responses': expected one of 'error', 'skip'"),
     ],
 )
 def test_bad_config_values_name_the_key(data, message):
@@ -82,3 +85,29 @@ def test_source_spec_validation():
         SourceSpec(weight=1)
     with pytest.raises(JaxalignError, match="limit must be positive"):
         SourceSpec("a", limit=0)
+
+
+def test_blank_responses_error_by_default_or_skipped_and_reported_once(tmp_path, byte_tok, capsys):
+    joke = {"messages": [{"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": ""}]}
+    good = {"messages": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"}]}
+    blank_turn = {"conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "   "}]}
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (good, joke, good, good)))
+    hey = {"conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hey."}]}
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (blank_turn, hey, hey)))
+    train = [str(tmp_path / "m.jsonl"), str(tmp_path / "s.jsonl")]
+    with pytest.raises(JaxalignError, match=r"m.jsonl:2: field 'messages\[1\].content' is a blank response"):
+        DataLoader(from_dict(DataConfig, {"train": train, "template": "chatml"}), byte_tok, batch_size=2, seq_len=64)
+
+    config = from_dict(DataConfig, {"train": train, "template": "chatml", "blank_responses": "skip",
+                                    "eval_fraction": 0.25}, prefix="data")
+    capsys.readouterr()
+    loader = DataLoader(config, byte_tok, batch_size=2, seq_len=64)
+    eval_loader = DataLoader(config, byte_tok, batch_size=2, seq_len=64, split="eval")
+    assert len(loader.examples) + len(eval_loader.examples) == 5
+    assert (loader.blank_skipped, len(loader.skipped), eval_loader.skipped) == (2, 2, [])
+    assert capsys.readouterr().err == (
+        f"jaxalign: data.train: skipped 2 records: 2 with a blank response (data.blank_responses=skip); first: "
+        f"{tmp_path / 'm.jsonl'}:2: field 'messages[1].content' is a blank response\n"
+    )
+    batch = next(loader)
+    assert batch["loss_mask"].sum(axis=1).min() > 2

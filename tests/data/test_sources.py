@@ -71,6 +71,133 @@ def test_on_error_skip_counts_and_reports_lines(tmp_path):
     assert data.skipped[2].startswith(f"{path}:5: field 'instruction' must be a str")
 
 
+# ---- CSV and TSV ----
+
+ALPACA_CSV = (
+    "instruction,input,output\n"
+    "q0,,a0\n"
+    '"Add, then explain.","2, 3","5.\nBecause 2 + 3 = 5."\n'
+    "\n"
+    'What is 2+2?,,4\n'
+    '"Say ""hi"".",,"""hi"""\n'
+)
+ALPACA_TSV = (
+    "instruction\tinput\toutput\n"
+    "q0\t\ta0\n"
+    '"Add, then explain."\t2, 3\t"5.\nBecause 2 + 3 = 5."\n'
+    "\n"
+    "What is 2+2?\t\t4\n"
+    'Say "hi".\t\t"""hi"""\n'
+)
+ALPACA_ROWS = [("q0", "", "a0"), ("Add, then explain.", "2, 3", "5.\nBecause 2 + 3 = 5."), ("What is 2+2?", "", "4"),
+               ('Say "hi".', "", '"hi"')]
+
+
+@pytest.mark.parametrize("name, text", [("a.csv", ALPACA_CSV), ("a.tsv", ALPACA_TSV)])
+def test_csv_and_tsv_columns_are_fields_with_format_detection_and_line_origins(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    data = load_source(SourceSpec(str(path)))
+    assert data.format == "alpaca"
+    assert [(e.messages[0].content, e.messages[0].context, e.messages[1].content) for e in data.examples] == ALPACA_ROWS
+    assert [e.origin for e in data.examples] == [f"{path}:{line}" for line in (2, 3, 6, 7)]
+
+
+def test_csv_gives_the_same_examples_as_jsonl_and_reads_other_formats(tmp_path):
+    (tmp_path / "a.csv").write_text("\ufeffinstruction,output\n" + "".join(f"{r['instruction']},{r['output']}\n"
+                                                                          for r in RECORDS))
+    jsonl = _jsonl(tmp_path / "a.jsonl", [json.dumps(r) for r in RECORDS])
+    assert [e.messages for e in load_source(SourceSpec(str(tmp_path / "a.csv"))).examples] == [
+        e.messages for e in load_source(SourceSpec(str(jsonl))).examples
+    ]
+    (tmp_path / "p.csv").write_text("prompt,chosen,rejected,strength,safety\nq,good,bad,1,false\nq2,good,bad,,\n")
+    data = load_source(SourceSpec(str(tmp_path / "p.csv")))
+    assert data.format == "preference"
+    assert [(p.chosen[0].content, p.strength, p.safety) for p in data.examples] == [("good", 1, 0), ("good", -1, -1)]
+    (tmp_path / "d.tsv").write_text("instruction\tcontext\tresponse\tcategory\nq\tc\tr\topen_qa\n")
+    assert load_source(SourceSpec(str(tmp_path / "d.tsv"))).format == "dolly"
+
+
+def test_csv_rows_that_do_not_fit_the_header_name_file_and_line(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text('instruction,output\n"a\nb",c\nx,y,z\nq,r\n')
+    with pytest.raises(JaxalignError, match=rf"^{path}:4: expected 2 cells \(instruction, output\), got 3"):
+        load_source(SourceSpec(str(path)))
+    data = load_source(SourceSpec(str(path)), on_error="skip")
+    assert [e.origin for e in data.examples] == [f"{path}:2", f"{path}:5"] and len(data.skipped) == 1
+
+
+def test_csv_record_errors_name_file_line_and_field(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("instruction,output\nq,a\nq2,\n")
+    with pytest.raises(JaxalignError, match=rf"^{path}:3: field 'output' is a blank response"):
+        load_source(SourceSpec(str(path)))
+    (tmp_path / "b.csv").write_text("instruction,output,output\nq,a,b\n")
+    with pytest.raises(JaxalignError, match=r"b.csv:1: the header names columns \['output'\] more than once"):
+        load_source(SourceSpec(str(tmp_path / "b.csv")))
+    (tmp_path / "c.csv").write_text("")
+    with pytest.raises(JaxalignError, match=r"c.csv: empty file; expected a header row"):
+        load_source(SourceSpec(str(tmp_path / "c.csv")))
+    (tmp_path / "d.csv").write_bytes(b"instruction,output\nq,\xff\n")
+    with pytest.raises(JaxalignError, match=r"d.csv: not UTF-8 text"):
+        load_source(SourceSpec(str(tmp_path / "d.csv")))
+
+
+def test_an_unsupported_extension_is_an_error_listing_the_supported_ones(tmp_path):
+    supported = r"supported: \.jsonl, \.json, \.parquet, \.csv, \.tsv files, or demo:NAME, hf:NAME, tfds:NAME"
+    (tmp_path / "data.xlsx").write_bytes(b"PK")
+    with pytest.raises(JaxalignError, match=rf"^data source {tmp_path / 'data.xlsx'}: cannot read '.xlsx' files; "
+                                            rf"{supported}$"):
+        load_source(SourceSpec(str(tmp_path / "data.xlsx")))
+    (tmp_path / "data").write_text(json.dumps(RECORDS[0]))
+    with pytest.raises(JaxalignError, match="cannot read files without an extension"):
+        load_source(SourceSpec(str(tmp_path / "data")))
+    (tmp_path / "glob").mkdir()
+    _jsonl(tmp_path / "glob" / "a.jsonl", [json.dumps(RECORDS[0])])
+    (tmp_path / "glob" / "notes.txt").write_text("x")
+    with pytest.raises(JaxalignError, match=rf"data source {tmp_path / 'glob' / 'notes.txt'}: cannot read '.txt'"):
+        load_source(SourceSpec(str(tmp_path / "glob" / "*")))
+    (tmp_path / "upper.CSV").write_text("text\nhello\n")
+    assert load_source(SourceSpec(str(tmp_path / "upper.CSV"))).examples[0].text == "hello"
+
+
+# ---- blank responses ----
+
+BLANK_LINES = [
+    json.dumps(RECORDS[0]),
+    json.dumps({"instruction": "x", "output": "  "}),
+    json.dumps(RECORDS[1]),
+    json.dumps({"instruction": "y"}),
+    json.dumps({"instruction": "z", "output": ""}),
+]
+
+
+def test_a_blank_response_is_an_error_naming_file_line_and_field_by_default(tmp_path):
+    path = _jsonl(tmp_path / "a.jsonl", [json.dumps({"messages": [
+        {"role": "user", "content": "Tell me a joke."}, {"role": "assistant", "content": ""}]})])
+    with pytest.raises(JaxalignError, match=rf"^{path}:1: field 'messages\[1\].content' is a blank response "
+                                            r".*set data.blank_responses=skip"):
+        load_source(SourceSpec(str(path)))
+
+
+def test_blank_responses_skip_drops_and_counts_them_and_other_errors_still_raise(tmp_path):
+    path = _jsonl(tmp_path / "a.jsonl", BLANK_LINES)
+    with pytest.raises(JaxalignError, match=rf"{path}:4: missing field 'output'"):
+        load_source(SourceSpec(str(path)), blank_responses="skip")
+    data = load_source(SourceSpec(str(path)), on_error="skip", blank_responses="skip")
+    assert [e.origin for e in data.examples] == [f"{path}:1", f"{path}:3"]
+    assert data.blank == 2
+    assert data.skipped == [f"{path}:2: field 'output' is a blank response", f"{path}:4: missing field 'output'",
+                            f"{path}:5: field 'output' is a blank response"]
+
+
+def test_with_blank_responses_error_on_error_skip_skips_them_as_bad_records(tmp_path):
+    path = _jsonl(tmp_path / "a.jsonl", BLANK_LINES)
+    data = load_source(SourceSpec(str(path)), on_error="skip")
+    assert len(data.examples) == 2 and len(data.skipped) == 3 and data.blank == 0
+    assert data.skipped[0].startswith(f"{path}:2: field 'output' is a blank response (empty or whitespace only)")
+
+
 # ---- bad input ----
 
 
@@ -98,7 +225,7 @@ def test_glob_without_matches(tmp_path):
 
 def test_folder_without_data_files(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(JaxalignError, match="the folder has no .jsonl, .json, .parquet files"):
+    with pytest.raises(JaxalignError, match="the folder has no .jsonl, .json, .parquet, .csv, .tsv files"):
         load_source(SourceSpec(str(tmp_path)))
 
 
