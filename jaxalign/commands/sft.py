@@ -56,7 +56,7 @@ def train_sft(config: SFTConfig) -> int:
     tokenizer = load_tokenizer(tokenizer_spec)
     added = prepare_tokenizer(config.data, tokenizer)
 
-    source = model_source(config.model, tokenizer, mesh=config.mesh)
+    source = model_source(config.model, tokenizer, mesh=config.mesh, new_tokens=added)
     model_config = source.config
     if config.data.template == "lima":
         model_config = with_stop_token(model_config, tokenizer.convert_tokens_to_ids(config.data.eot_token))

@@ -18,7 +18,7 @@ initialised score head; a score model has no LM head, so loading it as "causal_l
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -58,15 +58,17 @@ class ModelSource:
 
 
 def model_source(section: ModelSection, tokenizer=None, head: str = "causal_lm", mesh: MeshConfig | None = None,
-                 seed: int = 0) -> ModelSource:
+                 seed: int = 0, new_tokens: Sequence[str] = ()) -> ModelSource:
     """The model that run-config section `model` describes: `model.path` (Hugging Face folder or jaxalign model
     checkpoint; `model.config` may only change `PRETRAINED_OVERRIDES`) or, without a path, random weights from
     `model.config` (`preset: tiny` starts from `LlamaConfig.tiny`). No weights are read until `load` is called.
 
     With a `tokenizer`, a scratch config takes its vocabulary size and bos / eos / pad ids, and a pretrained model
-    grows its vocabulary to the tokenizer's with mean-initialised rows and takes its pad id. `mesh` gives the
-    logical-axis rules that place the weights before the vocabulary grows; `seed` initialises a score head put on a
-    causal LM. Raises `JaxalignError` naming the config key that is wrong.
+    takes its pad id and fits its embeddings to it: `new_tokens` (the tokens `prepare_tokenizer` added) and the
+    tokenizer's ids past the stored table get mean-initialised rows, also where a table padded past its tokenizer
+    already has rows for their ids (see `resize_embeddings`). `mesh` gives the logical-axis rules that place the
+    weights before the vocabulary grows; `seed` initialises a score head put on a causal LM. Raises
+    `JaxalignError` naming the config key that is wrong.
     """
     if head not in HEADS:
         raise JaxalignError(f"head {head!r}: expected one of {', '.join(HEADS)}")
@@ -75,11 +77,12 @@ def model_source(section: ModelSection, tokenizer=None, head: str = "causal_lm",
     base = pretrained_source(section, head, seed)
     if tokenizer is None:
         return base
+    new_ids = tuple(tokenizer.convert_tokens_to_ids(list(new_tokens)))
     vocab_size = max(base.config.vocab_size, len(tokenizer))
     config = dataclasses.replace(base.config, vocab_size=vocab_size)
     if tokenizer.pad_token_id is not None:
         config = dataclasses.replace(config, pad_token_id=tokenizer.pad_token_id)
-    return ModelSource(config, head, params_initializer(base, vocab_size, mesh or MeshConfig()))
+    return ModelSource(config, head, params_initializer(base, len(tokenizer), new_ids, mesh or MeshConfig()))
 
 
 def split_preset(section: ModelSection) -> tuple[dict, dict]:
@@ -180,10 +183,11 @@ def params_loader(path: Path, config: LlamaConfig, stored_head: str, head: str, 
     return load
 
 
-def params_initializer(base: ModelSource, vocab_size: int, mesh: MeshConfig) -> ParamsLoader:
+def params_initializer(base: ModelSource, num_tokens: int, new_ids: Sequence[int], mesh: MeshConfig) -> ParamsLoader:
     """`init_params(shardings)` for the training loop: `base.load` on the shardings `mesh`'s rules give the stored
-    vocabulary, then the embeddings grow to `vocab_size` rows (mean-initialised, see `resize_embeddings`)."""
-    if vocab_size == base.config.vocab_size:
+    vocabulary, then the embeddings fit a tokenizer of `num_tokens` tokens whose added tokens have ids `new_ids`
+    (mean-initialised rows, see `resize_embeddings`)."""
+    if not new_ids and num_tokens <= base.config.vocab_size:
         return base.load
 
     def init_params(shardings):
@@ -197,8 +201,8 @@ def params_initializer(base: ModelSource, vocab_size: int, mesh: MeshConfig) -> 
         module = base.module()
         boxed = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32))["params"])
         params = base.load(param_shardings(boxed, mesh_axes, shd.logical_rules(mesh)))
-        # Donation lets every unchanged weight keep its buffer; only the grown embedding tables are new.
-        grow = jax.jit(lambda p: resize_embeddings(p, base.config, vocab_size)[0], out_shardings=shardings,
+        # Donation lets every unchanged weight keep its buffer; only the embedding tables are new.
+        grow = jax.jit(lambda p: resize_embeddings(p, base.config, num_tokens, new_ids)[0], out_shardings=shardings,
                        donate_argnums=0)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Some donated buffers were not usable")

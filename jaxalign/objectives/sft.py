@@ -8,10 +8,11 @@ devices or accumulation steps. `make_algorithm` wraps it as the loop's `Algorith
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxalign.errors import JaxalignError
 from jaxalign.objectives.logprobs import token_log_probs
@@ -66,29 +67,44 @@ def perplexity(eval_line: dict) -> dict[str, float]:
     return {"eval_perplexity": math.exp(min(eval_line["eval_loss"], 700.0))}
 
 
-def resize_embeddings(params, config, new_vocab_size: int):
-    """Grows the vocabulary to `new_vocab_size` for added special tokens (Alpaca's `[PAD]`, LIMA's EOT).
+def resize_embeddings(params, config, num_tokens: int, new_ids: Sequence[int] = ()):
+    """Fits the embedding tables to a tokenizer of `num_tokens` tokens to which special tokens were added (Alpaca's
+    `[PAD]`, LIMA's EOT, `data.added_tokens`), `new_ids` being the added tokens' ids.
 
-    New input-embedding rows and output-projection columns are the mean of the existing ones, so a new token starts
-    as an average token rather than noise that would dominate the softmax. Returns `(params, config)`.
+    The tables grow to `num_tokens` rows when they have fewer. A table padded past its tokenizer (Qwen2 ships 151,936
+    rows for 151,665 tokens) keeps its size, and an added token's id falls on one of its untrained padding rows. The
+    rows of tokens that have no trained row (`new_ids`, and ids past the old table) are set, in the input embedding
+    and in the output projection, to the mean of the rows of the tokenizer's other tokens, so a new token starts as
+    an average token rather than as zeros or noise that would dominate the softmax; padding rows past `num_tokens`
+    are neither averaged nor changed. Returns `(params, config)`, the config's `vocab_size` the rows of the tables.
     """
-    old_vocab_size = config.vocab_size
-    if new_vocab_size < old_vocab_size:
-        raise JaxalignError(
-            f"cannot shrink the vocabulary from {old_vocab_size} to {new_vocab_size} tokens; "
-            "the tokenizer has fewer tokens than the model's embedding table"
-        )
-    if new_vocab_size == old_vocab_size:
+    old_rows = config.vocab_size
+    outside = sorted(i for i in new_ids if not 0 <= i < num_tokens)
+    if outside:
+        raise JaxalignError(f"added token ids {outside} are not ids of a tokenizer with {num_tokens} tokens")
+    fresh = np.union1d(np.asarray(new_ids, np.int64), np.arange(old_rows, num_tokens))
+    if fresh.size == 0:
         return params, config
-    extra = new_vocab_size - old_vocab_size
+    real_rows = min(old_rows, num_tokens)
+    fresh_in_table = fresh[fresh < real_rows]
+    real_count = real_rows - fresh_in_table.size
+    if real_count == 0:
+        raise JaxalignError("every token of the tokenizer is new: there are no trained embedding rows to average")
+    rows = max(old_rows, num_tokens)
 
-    def grow(table: jax.Array, axis: int) -> jax.Array:
-        mean = jnp.mean(table.astype(jnp.float32), axis=axis, keepdims=True).astype(table.dtype)
-        return jnp.concatenate([table, jnp.repeat(mean, extra, axis=axis)], axis=axis)
+    def fill(table: jax.Array, axis: int) -> jax.Array:
+        table_vd = jnp.moveaxis(table, axis, 0)
+        if rows > old_rows:
+            padding = jnp.zeros((rows - old_rows, *table_vd.shape[1:]), table.dtype)
+            table_vd = jnp.concatenate([table_vd, padding])
+        values = table_vd.astype(jnp.float32)
+        total = jnp.sum(values[:real_rows], axis=0) - jnp.sum(values[fresh_in_table], axis=0)
+        mean = (total / real_count).astype(table.dtype)
+        return jnp.moveaxis(table_vd.at[fresh].set(mean), 0, axis)
 
     trunk = dict(params["model"])
-    trunk["embed_tokens"] = {"embedding": grow(trunk["embed_tokens"]["embedding"], axis=0)}
+    trunk["embed_tokens"] = {"embedding": fill(trunk["embed_tokens"]["embedding"], axis=0)}
     params = {**params, "model": trunk}
     if "lm_head" in params:
-        params["lm_head"] = {"kernel": grow(params["lm_head"]["kernel"], axis=1)}
-    return params, dataclasses.replace(config, vocab_size=new_vocab_size)
+        params["lm_head"] = {"kernel": fill(params["lm_head"]["kernel"], axis=1)}
+    return params, dataclasses.replace(config, vocab_size=rows)

@@ -9,7 +9,8 @@ import pytest
 from flax import linen as nn
 
 from jaxalign import hf
-from jaxalign.config import MeshConfig, ModelSection
+from jaxalign.config import MeshConfig, ModelSection, from_dict
+from jaxalign.data.config import DataConfig, prepare_tokenizer
 from jaxalign.data.tokenizer import byte_tokenizer
 from jaxalign.errors import JaxalignError
 from jaxalign.models.checkpoint import CONFIG_FILE, load_model_checkpoint, save_model_checkpoint
@@ -97,6 +98,43 @@ def test_a_grown_score_model_from_a_causal_lm_is_placed_on_the_mesh(lm_checkpoin
     np.testing.assert_array_equal(embedding[:256], old)
     np.testing.assert_allclose(embedding[256:], np.broadcast_to(old.mean(axis=0), (8, old.shape[1])), atol=1e-8)
     assert params["score"]["kernel"].sharding == shardings["score"]["kernel"]
+
+
+@pytest.mark.parametrize("stored_rows", [272, 265])
+def test_added_tokens_of_a_table_padded_past_its_tokenizer_get_the_mean_of_the_real_rows(stored_rows, tmp_path):
+    """A Hugging Face model whose embedding table has zero padding rows past the byte tokenizer's 264 tokens (as
+    Qwen2 ships 151,936 rows for 151,665 tokens), fine-tuned with an added token and an added pad token: their rows
+    (264, 265) are the mean of the 264 real rows, in the input embedding and the LM head, whether they fall on
+    padding rows (272) or partly past the table (265); the remaining padding rows are left as they are."""
+    model = LlamaForCausalLM(LlamaConfig.tiny(vocab_size=stored_rows))
+    params = init(model)
+    params["model"]["embed_tokens"]["embedding"] = params["model"]["embed_tokens"]["embedding"].at[264:].set(0.0)
+    params["lm_head"]["kernel"] = params["lm_head"]["kernel"].at[:, 264:].set(0.0)
+    folder = hf.save_pretrained(model, params, tmp_path / "hf")
+    tokenizer = byte_tokenizer()
+    added = prepare_tokenizer(from_dict(DataConfig, {"added_tokens": ["<tool>"], "pad_token": "<|pad|>"}), tokenizer)
+    assert tokenizer.convert_tokens_to_ids(added) == [264, 265]
+
+    source = model_source(ModelSection(path=str(folder)), tokenizer, new_tokens=added)
+    rows = max(stored_rows, 266)
+    assert (source.config.vocab_size, source.config.pad_token_id) == (rows, 265)
+    mesh_config = MeshConfig()
+    boxed = jax.eval_shape(lambda: source.module().init(jax.random.PRNGKey(0), IDS)["params"])
+    loaded = source.load(param_shardings(boxed, make_mesh(mesh_config), logical_rules(mesh_config)))
+
+    embedding = np.asarray(loaded["model"]["embed_tokens"]["embedding"])
+    kernel = np.asarray(loaded["lm_head"]["kernel"])
+    assert embedding.shape[0] == kernel.shape[1] == rows
+    old_embedding = np.asarray(params["model"]["embed_tokens"]["embedding"])
+    old_kernel = np.asarray(params["lm_head"]["kernel"])
+    np.testing.assert_array_equal(embedding[:264], old_embedding[:264])
+    np.testing.assert_array_equal(kernel[:, :264], old_kernel[:, :264])
+    for token_id in (264, 265):
+        np.testing.assert_allclose(embedding[token_id], old_embedding[:264].mean(axis=0), atol=1e-7)
+        np.testing.assert_allclose(kernel[:, token_id], old_kernel[:, :264].mean(axis=1), atol=1e-7)
+    assert embedding[264].any() and kernel[:, 265].any()
+    np.testing.assert_array_equal(embedding[266:], 0.0)
+    np.testing.assert_array_equal(kernel[:, 266:], 0.0)
 
 
 def test_a_checkpoint_written_without_a_head_loads_as_a_causal_lm(causal_lm, tmp_path):

@@ -99,11 +99,55 @@ def test_resize_embeddings_appends_mean_rows_and_keeps_old_logits(tiny_model):
     np.testing.assert_allclose(new_logits[..., :64], old_logits, rtol=1e-5, atol=1e-5)
 
 
-def test_resize_embeddings_refuses_to_shrink(tiny_model):
+def test_resize_embeddings_leaves_a_table_that_already_fits_unchanged(tiny_model):
     config, _, params = tiny_model
-    with pytest.raises(JaxalignError, match="cannot shrink the vocabulary from 64 to 10"):
-        resize_embeddings(params, config, 10)
     assert resize_embeddings(params, config, 64) == (params, config)
+    assert resize_embeddings(params, config, 60) == (params, config)
+    with pytest.raises(JaxalignError, match=r"added token ids \[64\] are not ids of a tokenizer with 60 tokens"):
+        resize_embeddings(params, config, 60, [59, 64])
+
+
+def test_added_tokens_on_the_padding_rows_of_a_padded_table_get_the_mean_of_the_real_rows(tiny_model):
+    """A 64-row table for a tokenizer of 60 tokens (rows 60-63 padding, as Qwen2 pads), then two added tokens."""
+    from jaxalign.models.llama import LlamaForCausalLM
+
+    config, model, params = tiny_model
+    old_embedding = np.asarray(params["model"]["embed_tokens"]["embedding"])
+    old_kernel = np.asarray(params["lm_head"]["kernel"])
+    new_params, new_config = resize_embeddings(params, config, 62, [60, 61])
+    assert new_config.vocab_size == 64
+    embedding = np.asarray(new_params["model"]["embed_tokens"]["embedding"])
+    kernel = np.asarray(new_params["lm_head"]["kernel"])
+    assert embedding.shape == old_embedding.shape and kernel.shape == old_kernel.shape
+    for new_id in (60, 61):
+        np.testing.assert_allclose(embedding[new_id], old_embedding[:60].mean(axis=0), atol=1e-7)
+        np.testing.assert_allclose(kernel[:, new_id], old_kernel[:, :60].mean(axis=1), atol=1e-7)
+    np.testing.assert_array_equal(embedding[:60], old_embedding[:60])
+    np.testing.assert_array_equal(embedding[62:], old_embedding[62:])
+    np.testing.assert_array_equal(kernel[:, 62:], old_kernel[:, 62:])
+    tokens = jnp.array([[5, 9, 3, 7]], jnp.int32)
+    old_logits = model.apply({"params": params}, tokens)
+    new_logits = LlamaForCausalLM(new_config).apply({"params": new_params}, tokens)
+    np.testing.assert_allclose(new_logits[..., :60], old_logits[..., :60], rtol=1e-5, atol=1e-5)
+
+
+def test_added_tokens_past_a_padded_table_grow_it_and_share_the_same_mean(tiny_model):
+    config, _, params = tiny_model
+    old_embedding = np.asarray(params["model"]["embed_tokens"]["embedding"])
+    new_params, new_config = resize_embeddings(params, config, 66, [62, 63, 64, 65])
+    embedding = np.asarray(new_params["model"]["embed_tokens"]["embedding"])
+    assert new_config.vocab_size == 66 and embedding.shape[0] == 66
+    mean = old_embedding[:62].mean(axis=0)
+    np.testing.assert_allclose(embedding[62:], np.broadcast_to(mean, (4, mean.size)), atol=1e-7)
+    np.testing.assert_array_equal(embedding[:62], old_embedding[:62])
+
+
+def test_an_added_token_inside_the_tokenizer_range_is_averaged_over_the_other_tokens(tiny_model):
+    config, _, params = tiny_model
+    old_embedding = np.asarray(params["model"]["embed_tokens"]["embedding"])
+    new_params, _ = resize_embeddings(params, config, 64, [10])
+    embedding = np.asarray(new_params["model"]["embed_tokens"]["embedding"])
+    np.testing.assert_allclose(embedding[10], np.delete(old_embedding, 10, axis=0).mean(axis=0), atol=1e-7)
 
 
 def test_residual_dropout_is_active_only_with_an_rng():
