@@ -5,6 +5,7 @@ Command modules import JAX and other heavy libraries inside `run`, so `jaxalign 
 
 import argparse
 import importlib
+import importlib.metadata
 import os
 import sys
 
@@ -24,8 +25,27 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """Options and positional arguments in any order, so overrides may follow options
+    (`jaxalign memory CONFIG --devices 16 model.path=PATH`): a command's parser parses intermixed arguments; a
+    parser that picks a subcommand (`jaxalign`, `jaxalign data`) parses as usual."""
+
+    _intermixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._subparsers is not None or self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxalign", description="Align open LLaMA-family models in JAX.")
+    parser = Parser(prog="jaxalign", description="Align open LLaMA-family models in JAX.")
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {importlib.metadata.version('jaxalign')}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
