@@ -97,7 +97,9 @@ class DataConfig:
       makes it a bad record (an error naming file:line and the field, or skipped with `on_error: skip`); `skip`
       skips it, and the loader reports how many it skipped.
     - `pad_token`, `eot_token`, `added_tokens`: tokens added to the tokenizer (see `tokens_to_add`); the SFT
-      command resizes the embeddings for them. `pad_token` is needed when the tokenizer has none (Alpaca: `[PAD]`).
+      command gives them mean-initialised embedding rows, also on the padding rows of a table padded past its
+      tokenizer (see `jaxalign.objectives.sft.resize_embeddings`). `pad_token` is needed when the tokenizer has
+      none (Alpaca: `[PAD]`).
       `eot_token` is LIMA's end-of-turn token, used by the `lima` template.
     - `margin`: preference margin by strength (LLaMA-2 RM): `small` 1, 2/3, 1/3, 0; `large` 3, 2, 1, 0.
     - `tokenizer`: `byte` (built in, no download) or a HF tokenizer folder; null = the run config's `model.path`.
