@@ -19,10 +19,14 @@ import jax
 import numpy as np
 
 from jaxalign.errors import JaxalignError
+from jaxalign.models.heads import LlamaForScore
 from jaxalign.models.llama import DTYPES, ROPE_TYPES, LlamaConfig, LlamaForCausalLM
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# transformers' class per model type for a score model (num_labels 1): a reward or value model.
+_SCORE_ARCHITECTURES = {"llama": "LlamaForSequenceClassification", "mistral": "MistralForSequenceClassification",
+                        "qwen2": "Qwen2ForSequenceClassification"}
 # transformers' defaults for keys that hub files sometimes omit, per model type.
 _HF_DEFAULTS = {
     "llama": {"max_position_embeddings": 2048, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2},
@@ -156,15 +160,29 @@ def hf_model_type(config: LlamaConfig) -> str:
     return "llama"
 
 
-def config_to_hf(config: LlamaConfig) -> dict:
-    """A `config.json` dict for `config`: rope in transformers 5 `rope_parameters`, repeated as the older
-    `rope_theta` / `rope_scaling` keys so readers built on earlier transformers get the same frequencies."""
+def hf_head(hf: dict) -> str:
+    """The head a Hugging Face `config.json` dict describes: "score" for a `*ForSequenceClassification` with one
+    label (a reward model), else "causal_lm"."""
+    architectures = hf.get("architectures") or []
+    if any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        labels = hf.get("num_labels", len(hf.get("id2label") or {}) or 2)
+        if labels != 1:
+            raise JaxalignError(f"config.json: a sequence classifier with {labels} labels is not a reward model; "
+                                "expected num_labels 1")
+        return "score"
+    return "causal_lm"
+
+
+def config_to_hf(config: LlamaConfig, head: str = "causal_lm") -> dict:
+    """A `config.json` dict for `config` with `head` ("causal_lm", or "score": `*ForSequenceClassification` with one
+    label): rope in transformers 5 `rope_parameters`, repeated as the older `rope_theta` / `rope_scaling` keys so
+    readers built on earlier transformers get the same frequencies."""
     model_type = hf_model_type(config)
     rope_parameters = {"rope_theta": config.rope_theta, "rope_type": "default"}
     if config.rope_scaling:
         rope_parameters.update(config.rope_scaling)
     hf = {
-        "architectures": [_ARCHITECTURES[model_type]],
+        "architectures": [(_SCORE_ARCHITECTURES if head == "score" else _ARCHITECTURES)[model_type]],
         "model_type": model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -196,6 +214,10 @@ def config_to_hf(config: LlamaConfig) -> dict:
         hf["max_window_layers"] = 0 if config.sliding_window is not None else config.num_layers
         kind = "sliding_attention" if config.sliding_window is not None else "full_attention"
         hf["layer_types"] = [kind] * config.num_layers
+    if head == "score":
+        hf["num_labels"] = 1
+        hf["id2label"] = {"0": "LABEL_0"}
+        hf["label2id"] = {"LABEL_0": 0}
     return hf
 
 
@@ -223,8 +245,10 @@ def _transpose(x: np.ndarray) -> np.ndarray:
     return x.T
 
 
-def param_specs(config: LlamaConfig) -> list[ParamSpec]:
-    """The full name/shape mapping between HF tensors and jaxalign params, in file order.
+def param_specs(config: LlamaConfig, head: str | None = "causal_lm") -> list[ParamSpec]:
+    """The full name/shape mapping between HF tensors and jaxalign params, in file order, for the trunk plus `head`:
+    "causal_lm" (`lm_head.weight`, absent with tied embeddings), "score" (`score.weight [1, embed]` of a
+    `*ForSequenceClassification`) or None (the trunk alone).
 
     HF linear weights are `[out, in]`; jaxalign kernels are `[in, out...]` with the head axes split out
     (`q_proj` `[embed, heads, head_dim]`, `o_proj` `[heads, head_dim, embed]`).
@@ -257,8 +281,11 @@ def param_specs(config: LlamaConfig) -> list[ParamSpec]:
     for name in ("input_layernorm", "post_attention_layernorm"):
         specs.append(ParamSpec((name, "scale"), f"{layer}{name}.weight", True, (e,), (e,), _same, _same))
     specs.append(ParamSpec(("model", "norm", "scale"), "model.norm.weight", False, (e,), (e,), _same, _same))
-    if not config.tie_word_embeddings:
+    if head == "causal_lm" and not config.tie_word_embeddings:
         specs.append(ParamSpec(("lm_head", "kernel"), "lm_head.weight", False, (v, e), (e, v), _transpose, _transpose))
+    elif head == "score":
+        specs.append(ParamSpec(("score", "kernel"), "score.weight", False, (1, e), (e,), to_jax=lambda w: w[0],
+                               to_hf=lambda k: k[None, :]))
     return specs
 
 
@@ -401,23 +428,26 @@ def load_pretrained(
 
 
 def read_params(
-    path: str | Path, config: LlamaConfig, shardings: Any = None, allow_pickle: bool = False, lm_head: bool = True
+    path: str | Path, config: LlamaConfig, shardings: Any = None, allow_pickle: bool = False,
+    head: str | None = "causal_lm",
 ) -> dict:
-    """The params of a `LlamaForCausalLM(config)` (`config` as `config_from_hf` reads it from the folder, in
-    `config.param_dtype`) from the weights of Hugging Face folder `path`, each tensor placed onto its sharding in
-    `shardings` as it is read. `lm_head=False` leaves the LM head out, unread: `{"model": trunk}`, for a model that
-    puts another head on the trunk."""
+    """The params of the model with `head` (see `param_specs`; `config` as `config_from_hf` reads it from the
+    folder, in `config.param_dtype`) from the weights of Hugging Face folder `path`, each tensor placed onto its
+    sharding in `shardings` as it is read. `head=None` leaves the folder's head out, unread: `{"model": trunk}`, for
+    a model that puts another head on the trunk."""
     reader = _TensorReader(Path(path), allow_pickle)
     try:
-        return _read_params(config, reader, shardings, lm_head)
+        return _read_params(config, reader, shardings, head)
     finally:
         reader.close()
 
 
-def _read_params(config: LlamaConfig, reader: _TensorReader, shardings: Any, lm_head: bool) -> dict:
-    specs = [spec for spec in param_specs(config) if lm_head or spec.path[0] != "lm_head"]
+def _read_params(config: LlamaConfig, reader: _TensorReader, shardings: Any, head: str | None) -> dict:
+    specs = param_specs(config, head)
     expected = {spec.hf_name.format(i=i) for spec in specs for i in range(config.num_layers if spec.per_layer else 1)}
-    ignorable = {"lm_head.weight"} if config.tie_word_embeddings or not lm_head else set()
+    ignorable = {"lm_head.weight", "score.weight"} if head is None else set()
+    if config.tie_word_embeddings:
+        ignorable.add("lm_head.weight")
     unknown = sorted(
         n for n in reader.files if n not in expected and n not in ignorable and not n.endswith(_IGNORED_TENSOR_SUFFIXES)
     )
@@ -459,9 +489,9 @@ def _place(host: np.ndarray, sharding: Any) -> jax.Array:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def hf_tensors(config: LlamaConfig, params: dict) -> Iterator[tuple[str, np.ndarray]]:
-    """`(hf_name, numpy array)` for every HF tensor, one at a time, gathered to the host."""
-    for spec in param_specs(config):
+def hf_tensors(config: LlamaConfig, params: dict, head: str = "causal_lm") -> Iterator[tuple[str, np.ndarray]]:
+    """`(hf_name, numpy array)` for every HF tensor of a model with `head`, one at a time, gathered to the host."""
+    for spec in param_specs(config, head):
         for path, layer in _layer_paths(config, spec):
             value = _to_host(_get(params, path))
             if spec.per_layer and layer is None:
@@ -488,7 +518,10 @@ def save_pretrained(
     max_shard_bytes: int = 4 * 1024**3,
 ) -> Path:
     """Write a Hugging Face folder: `config.json`, safetensors (sharded with an index above `max_shard_bytes`),
-    `generation_config.json`, and the tokenizer files when a tokenizer is given. Only process 0 writes."""
+    `generation_config.json`, and the tokenizer files when a tokenizer is given. Only process 0 writes. A
+    `LlamaForScore` (reward or value model) is written as `*ForSequenceClassification` with one label, whose
+    transformers class reads the score at the last token that is not `pad_token_id`: set a pad id that differs from
+    the end-of-turn token."""
     from safetensors.numpy import save_file
 
     config = model.config
@@ -506,14 +539,15 @@ def save_pretrained(
         written.append((name, list(shard), sum(a.nbytes for a in shard.values())))
         shard.clear()
 
-    for name, array in hf_tensors(config, params):
+    head = "score" if isinstance(model, LlamaForScore) else "causal_lm"
+    for name, array in hf_tensors(config, params, head):
         if shard and sum(a.nbytes for a in shard.values()) + array.nbytes > max_shard_bytes:
             flush()
         shard[name] = array
     flush()
     if writer:
         _finish_shards(out, written)
-        hf_config = config_to_hf(config)
+        hf_config = config_to_hf(config, head)
         (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         generation = {"bos_token_id": config.bos_token_id, "eos_token_id": hf_config["eos_token_id"]}
         if config.pad_token_id is not None:

@@ -14,7 +14,8 @@ HEADS = ("causal_lm", "score")
 class LlamaForScore(nn.Module):
     """Trunk + linear scalar head. Returns float32 scores `[B, L]`, one per token (read the last token of each
     sequence for a reward, every token for a value). Params: `model` (same tree as in `LlamaForCausalLM`) and
-    `score/kernel [embed]`, `score/bias []`."""
+    `score/kernel [embed]`: a bias-free linear map, as transformers' `LlamaForSequenceClassification` (num_labels 1,
+    `score.weight [1, embed]`) holds it."""
 
     config: LlamaConfig
 
@@ -26,7 +27,8 @@ class LlamaForScore(nn.Module):
 
 
 class ScoreHead(nn.Module):
-    """`hidden [B, L, embed] -> [B, L]` in float32; weights start small so initial scores are near zero."""
+    """`hidden [B, L, embed] -> [B, L]` in float32, no bias; the kernel starts as N(0, 1/(embed + 1)), so initial
+    scores are near zero."""
 
     config: LlamaConfig
 
@@ -39,9 +41,8 @@ class ScoreHead(nn.Module):
             (cfg.hidden_size,),
             cfg.params_dtype,
         )
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ()), (), cfg.params_dtype)
         scores = jnp.einsum("ble,e->bl", hidden, kernel.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
-        return nn.with_logical_constraint(scores + bias.astype(jnp.float32), ("batch", "length"))
+        return nn.with_logical_constraint(scores, ("batch", "length"))
 
 
 def model_for_head(config: LlamaConfig, head: str) -> nn.Module:
@@ -52,8 +53,8 @@ def model_for_head(config: LlamaConfig, head: str) -> nn.Module:
 
 
 def init_score_head(config: LlamaConfig, rng: jax.Array, shardings=None) -> dict:
-    """Fresh `score` params (`kernel [embed]`, `bias []`, `config.param_dtype`) created directly on `shardings`
-    (a `{"kernel", "bias"}` pytree of shardings; default: the first local device)."""
+    """Fresh `score` params (`kernel [embed]`, `config.param_dtype`) created directly on `shardings` (a
+    `{"kernel"}` pytree of shardings; default: the first local device)."""
 
     def init(rng):
         with nn.logical_axis_rules(()):

@@ -143,12 +143,19 @@ def is_pretrained(path: Path) -> bool:
 
 
 def read_stored_model(path: Path) -> tuple[LlamaConfig, str]:
-    """(config, head) of the model stored in `path` (Hugging Face folders hold causal LMs), reading no weights;
-    the config's dtype is the stored parameter dtype (Hugging Face folders compute in float32)."""
-    from jaxalign.hf import config_from_hf, read_hf_config
+    """(config, head) of the model stored in `path`, reading no weights: a Hugging Face `*ForCausalLM` is a
+    "causal_lm", a `*ForSequenceClassification` with one label a "score" model; the config's dtype is the stored
+    parameter dtype (Hugging Face folders compute in float32)."""
+    from jaxalign.hf import config_from_hf, hf_head, read_hf_config
 
     if (path / "config.json").is_file():
-        return config_from_hf(read_hf_config(path), where=str(path / "config.json")), "causal_lm"
+        hf = read_hf_config(path)
+        where = str(path / "config.json")
+        try:
+            head = hf_head(hf)
+        except JaxalignError as err:
+            raise JaxalignError(str(err).replace("config.json", where, 1)) from None
+        return config_from_hf(hf, where=where), head
     return read_model_config(path), read_model_head(path)
 
 
@@ -170,11 +177,11 @@ def params_loader(path: Path, config: LlamaConfig, stored_head: str, head: str, 
     def load(shardings):
         if head == stored_head:
             if from_hf:
-                return read_params(path, config, shardings, allow_pickle)
+                return read_params(path, config, shardings, allow_pickle, head=head)
             return restore_params(path, abstract_params(model_for_head(config, head), shardings))
         trunk_shardings = {"model": shardings["model"]}
         if from_hf:
-            trunk = read_params(path, config, trunk_shardings, allow_pickle, lm_head=False)
+            trunk = read_params(path, config, trunk_shardings, allow_pickle, head=None)
         else:
             trunk = restore_params(path, {"model": abstract_params(model_for_head(config, head), shardings)["model"]})
         score = init_score_head(config, jax.random.PRNGKey(seed), shardings["score"])

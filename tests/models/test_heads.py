@@ -16,11 +16,11 @@ def test_scores_are_a_linear_head_on_the_trunk_hidden_states():
     model = LlamaForScore(config)
     params = nn.meta.unbox(model.init(jax.random.PRNGKey(2), ids)["params"])
     params = score_params_from_causal_lm(lm_params, params)
-    params["score"]["bias"] = jnp.float32(0.5)
+    assert set(params["score"]) == {"kernel"}  # bias-free, as transformers' sequence classifiers
     scores = model.apply({"params": params}, ids)
     assert scores.shape == (2, 6) and scores.dtype == jnp.float32
     hidden = LlamaModel(config).apply({"params": lm_params["model"]}, ids)
-    expected = hidden.astype(jnp.float32) @ params["score"]["kernel"].astype(jnp.bfloat16).astype(jnp.float32) + 0.5
+    expected = hidden.astype(jnp.float32) @ params["score"]["kernel"].astype(jnp.bfloat16).astype(jnp.float32)
     np.testing.assert_allclose(scores, expected, atol=1e-2)
     assert tuple(logical_axes(model)["score"]["kernel"]) == ("embed",)
 
