@@ -166,7 +166,8 @@ def tokens_to_add(config: DataConfig, tokenizer) -> list[str]:
 
 
 def prepare_tokenizer(config: DataConfig, tokenizer):
-    """Adds the config's missing tokens as special tokens and sets the pad token; returns the list of new tokens.
+    """Adds the config's missing tokens as special tokens and sets the pad token; returns the list of new tokens,
+    which `jaxalign.models.loading.model_source(..., new_tokens=...)` gives mean-initialised embedding rows.
 
     Mutates `tokenizer` (HF tokenizers are mutable objects); call once, before building loaders or resizing.
     """
