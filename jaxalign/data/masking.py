@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from jaxalign.data.templates import Segment
-from jaxalign.data.tokenizer import CONTINUE, START, SegmentEncoder
+from jaxalign.data.templates import Segment, render_text
+from jaxalign.data.tokenizer import SegmentEncoder
 from jaxalign.errors import JaxalignError
 
 MASK_MODES = ("prompt", "assistant", "last_turn", "full")
@@ -25,38 +25,42 @@ class Tokens:
 
 
 def tokenize_segments(segment_lists: list[list[Segment]], encoder: SegmentEncoder) -> list[Tokens]:
-    """Tokenises many examples at once; each text segment on its own, special segments as one id each.
+    """Tokenises many examples at once: each example's rendered text as one string (see `SegmentEncoder`), each
+    token taking `response` and `turn` from the segments its characters come from (response if any of them is
+    response; a token with no characters, such as SentencePiece's "▁" before text, from the character it precedes).
 
-    Each text is encoded in its context: example start / after bos, after text, after another special token
-    (see `SegmentEncoder`).
+    Raises `JaxalignError` when a special segment (bos, eos, end-of-turn) is not exactly one token of the
+    tokenizer's vocabulary.
     """
-    texts, contexts, where = [], [], []
-    for e, segments in enumerate(segment_lists):
-        context = START
-        for s, segment in enumerate(segments):
-            if segment.special:
-                context = START if segment.text == encoder.tokenizer.bos_token else segment.text
-                continue
-            texts.append(segment.text)
-            contexts.append(context)
-            where.append((e, s))
-            context = CONTINUE
-    encoded = encoder.encode(texts, contexts)
-    pieces: list[list[list[int]]] = [[[] for _ in segments] for segments in segment_lists]
-    for (e, s), ids in zip(where, encoded):
-        pieces[e][s] = ids
-    out = []
-    for e, segments in enumerate(segment_lists):
-        ids, response, turn = [], [], []
-        for s, segment in enumerate(segments):
-            seg_ids = [encoder.special_id(segment.text)] if segment.special else pieces[e][s]
-            ids.extend(seg_ids)
-            response.extend([segment.response] * len(seg_ids))
-            turn.extend([segment.turn] * len(seg_ids))
-        out.append(
-            Tokens(np.asarray(ids, np.int32), np.asarray(response, bool), np.asarray(turn, np.int32).reshape(-1))
-        )
-    return out
+    encoded = encoder.encode([render_text(segments) for segments in segment_lists])
+    return [_assign(segments, ids, offsets, encoder) for segments, (ids, offsets) in zip(segment_lists, encoded)]
+
+
+def _assign(segments: list[Segment], ids: np.ndarray, offsets: np.ndarray, encoder: SegmentEncoder) -> Tokens:
+    lengths = [len(s.text) for s in segments]
+    response_chars = np.repeat([s.response for s in segments], lengths)
+    turn_chars = np.repeat(np.asarray([s.turn for s in segments], np.int32), lengths)
+    n = response_chars.size
+    if n == 0:
+        return Tokens(ids, np.zeros(0, bool), np.zeros(0, np.int32))
+    start = np.minimum(offsets[:, 0], n - 1)
+    end = np.maximum(offsets[:, 1], start + 1)
+    responses_before = np.concatenate([[0], np.cumsum(response_chars)])
+    response = responses_before[end] > responses_before[start]
+    last = np.minimum(end, n) - 1
+    turn = np.where(response_chars[last], turn_chars[last], turn_chars[start])
+    position = 0
+    for segment, length in zip(segments, lengths):
+        if segment.special:
+            token_id = encoder.special_id(segment.text)
+            hit = np.flatnonzero((offsets[:, 0] == position) & (offsets[:, 1] == position + length))
+            if hit.size != 1 or ids[hit[0]] != token_id:
+                raise JaxalignError(
+                    f"token {segment.text!r} is not one token of the tokenizer (it is not an added or special "
+                    "token); list it in config key 'data.added_tokens' so it is added and the embeddings resized"
+                )
+        position += length
+    return Tokens(ids, response, turn.astype(np.int32))
 
 
 def trained_flags(tokens: Tokens, mode: str) -> np.ndarray:

@@ -1,8 +1,9 @@
 """Chat templates: a conversation -> a list of `Segment`s (text pieces that know whether they are response text).
 
 Built-ins reproduce the recipes (`RECIPES.md`) exactly; `render_text` joins the segments into the exact string.
-Special tokens (bos, eos, LIMA's end-of-turn) are their own segments and become exactly one token id. Segment
-boundaries sit before a space, after a newline or at a special token (see `tokenizer.py` for why).
+Special tokens (bos, eos, LIMA's end-of-turn, chatml's ⟨s⟩ ⟨e⟩) are their own segments and must each be one token
+of the tokenizer (`data.added_tokens` adds them). Segment boundaries sit before a space, after a newline or at a
+special token, where tokenizers split anyway (see `tokenizer.py`).
 
 | template | shape (user turns u, answers a; ⟨eos⟩ the tokenizer's eos; ⟨s⟩ `<|im_start|>`, ⟨e⟩ `<|im_end|>`) |
 |---|---|
@@ -19,14 +20,21 @@ boundaries sit before a space, after a newline or at a special token (see `token
 
 The response segments are `{a}` with the text the recipe glues to it (vicuna " {a}", llama2 " {a} ") and the end
 token (eos, chatml's `<|im_end|>`, lima's eot); everything else is prompt. ⟨bos⟩ appears when the tokenizer has a
-bos token and `data.add_bos` is on. The orca layout is the one of the public Orca reproductions (the paper does
-not publish a string); gpt4all and plain put a system message first, as shown. Chat templates without an input
-slot show alpaca's `input` / dolly's `context` after the instruction, separated by a blank line.
+bos token and `data.add_bos` is on, unless the template opens with that very token (a tokenizer whose bos is
+`<|im_start|>` gets no second one before chatml's). The orca layout is the one of the public Orca reproductions
+(the paper does not publish a string); gpt4all and plain put a system message first, as shown. Chat templates
+without an input slot show alpaca's `input` / dolly's `context` after the instruction, separated by a blank line.
+
+`chat_template` writes each built-in as a Jinja chat template (for `tokenizer_config.json`) that renders the same
+string for `messages` (`{role, content}` dicts, optionally `context` on a user message) as `render` does for the
+conversation, and ends with the assistant header when `add_generation_prompt` is set, so transformers'
+`apply_chat_template` and other servers prompt a trained model in its own format.
 
 `tokenizer` renders with the tokenizer's own `chat_template` (transformers `apply_chat_template`): a message's text
 is the difference between rendering the dialogue up to it and up to the message before; an assistant message's
-header (the generation prompt) is prompt, the rest (content and end tokens) response. The template must render
-dialogue prefixes as prefixes of the whole dialogue (all common chat templates do); if not, an error says so.
+header (the generation prompt) is prompt, its text up to and including the first special token after its content
+(the end of its turn) is response, and what follows that token (chatml's newline) is prompt. The template must
+render dialogue prefixes as prefixes of the whole dialogue (all common chat templates do); if not, an error says so.
 """
 
 from dataclasses import dataclass
@@ -46,11 +54,16 @@ VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 ORCA_SYSTEM = "You are an AI assistant that follows instruction extremely well. Help as much as you can."
 
 TEMPLATES = (
     "tokenizer", "alpaca", "dolly", "vicuna_v1.1", "koala", "llama2_chat", "chatml", "orca", "lima", "gpt4all", "plain"
 )
+BUILTIN_TEMPLATES = TEMPLATES[1:]
+
+# The fixed text a template opens with (llama2_chat: every turn); a bos token it starts with is not added again.
+_OPENINGS = {"koala": "BEGINNING OF CONVERSATION: ", "llama2_chat": "[INST] ", "chatml": IM_START}
 
 
 @dataclass(frozen=True)
@@ -72,10 +85,29 @@ class SpecialTokens:
 
 
 def special_tokens(tokenizer, add_bos: bool, eot: str) -> SpecialTokens:
+    """The tokenizer's bos (None when `add_bos` is off or it has none) and eos, and LIMA's end-of-turn `eot`."""
     if tokenizer.eos_token is None:
         raise JaxalignError("the tokenizer has no eos token; templates end answers with it")
     bos = tokenizer.bos_token if add_bos else None
     return SpecialTokens(bos=bos, eos=tokenizer.eos_token, eot=eot)
+
+
+def template_tokens(template: str, tokens: SpecialTokens) -> SpecialTokens:
+    """`tokens` as `template` uses them: without a bos that the template's own opening already starts with."""
+    if tokens.bos and _OPENINGS.get(template, "").startswith(tokens.bos):
+        return SpecialTokens(bos=None, eos=tokens.eos, eot=tokens.eot)
+    return tokens
+
+
+def end_of_turn(template: str, tokens: SpecialTokens, tokenizer=None) -> str:
+    """The token string that ends an answer in `template`: chatml's `<|im_end|>`, lima's eot, eos for the other
+    built-ins; for `tokenizer`, the special token its chat template puts after an answer (eos if it puts none)."""
+    if template == "tokenizer":
+        probe = Conversation((Message("user", "Hi"), Message("assistant", "Hello")), "end-of-turn probe")
+        answer = render_text([s for s in render(probe, template, tokens, tokenizer=tokenizer) if s.response])
+        ends = [t for t in tokenizer.all_special_tokens if t and answer.endswith(t)]
+        return max(ends, key=len) if ends else tokens.eos
+    return {"chatml": IM_END, "lima": tokens.eot}.get(template, tokens.eos)
 
 
 def render_text(segments: list[Segment]) -> str:
@@ -98,7 +130,7 @@ def render(example, template: str, tokens: SpecialTokens, system_message: str | 
     system, dialogue = _split_system(messages, system_message)
     if template == "tokenizer":
         return _render_chat_template(system, dialogue, tokenizer, example.origin)
-    return _BUILTINS[template](system, dialogue, tokens)
+    return _BUILTINS[template](system, dialogue, template_tokens(template, tokens))
 
 
 def render_pair(pair: PreferencePair, template: str, tokens: SpecialTokens, system_message=None, tokenizer=None):
@@ -222,12 +254,22 @@ def _llama2_chat(system, dialogue, tokens):
 def _chatml(system, dialogue, tokens):
     b = _Builder(tokens)
     b.bos()
+
+    def block(role: str, text: str):
+        b.special(IM_START, False)
+        b.prompt(f"{role}\n{text}")
+        b.special(IM_END, False)
+        b.prompt("\n")
+
     if system:
-        b.prompt(f"<|im_start|>system\n{system}<|im_end|>\n")
+        block("system", system)
     for user, answer in _pairs(dialogue):
-        b.prompt(f"<|im_start|>user\n{user.text()}<|im_end|>\n<|im_start|>assistant\n")
+        block("user", user.text())
+        b.special(IM_START, False)
+        b.prompt("assistant\n")
         if answer is not None:
-            b.response(f"{answer.content}<|im_end|>")
+            b.response(answer.content)
+            b.special(IM_END, True)
             b.end_turn()
             b.prompt("\n")
     return b.segments
@@ -313,6 +355,7 @@ def _render_chat_template(system, dialogue, tokenizer, origin: str) -> list[Segm
         except Exception as err:  # jinja raises its own exception types for template-side errors
             raise JaxalignError(f"{origin}: the tokenizer's chat_template failed: {err}") from None
 
+    specials = [t for t in tokenizer.all_special_tokens if t]
     segments: list[Segment] = []
     rendered = ""
     turn = 0
@@ -324,14 +367,33 @@ def _render_chat_template(system, dialogue, tokenizer, origin: str) -> list[Segm
             rendered = header
         full = apply(i + 1, False)
         _check_prefix(rendered, full, origin)
-        segments.append(Segment(full[len(rendered) :], message["role"] == "assistant", turn))
+        text = full[len(rendered) :]
+        if message["role"] == "assistant":
+            end = _answer_end(text, message["content"], specials)
+            segments.append(Segment(text[:end], True, turn))
+            turn += 1
+            segments.append(Segment(text[end:], False, turn))
+        else:
+            segments.append(Segment(text, False, turn))
         rendered = full
-        turn += message["role"] == "assistant"
     if messages and messages[-1]["role"] == "user":
         header = apply(len(messages), True)
         _check_prefix(rendered, header, origin)
         segments.append(Segment(header[len(rendered) :], False, turn))
     return [s for s in segments if s.text]
+
+
+def _answer_end(text: str, content: str, specials: list[str]) -> int:
+    """Length of the answer in an assistant message's rendered `text`: up to and including the first special token
+    after its content (the end of its turn); all of `text` when no special token follows."""
+    content = content.strip()
+    at = text.find(content) if content else -1
+    after = at + len(content) if at >= 0 else 0
+    found = [(i, -len(t)) for t in specials if (i := text.find(t, after)) >= 0]
+    if not found:
+        return len(text)
+    i, minus_length = min(found)
+    return i - minus_length
 
 
 def _check_prefix(prefix: str, text: str, origin: str):
@@ -340,3 +402,91 @@ def _check_prefix(prefix: str, text: str, origin: str):
             f"{origin}: the tokenizer's chat_template does not render a dialogue prefix as a prefix of the longer "
             "dialogue, so the trained spans cannot be found; choose a built-in template"
         )
+
+
+def chat_template(template: str, tokens: SpecialTokens, system_message: str | None = None) -> str:
+    """The built-in `template` as a Jinja chat template with `tokens` and the default system message
+    (`system_message`, else the template's own) written in: for `messages` and `add_generation_prompt` it renders
+    what `render` renders for the conversation, or for the `Prompt` (ending with the assistant header).
+
+    Raises `JaxalignError` for `tokenizer` (its template is the tokenizer's own) and unknown names.
+    """
+    if template not in BUILTIN_TEMPLATES:
+        raise JaxalignError(f"no built-in template {template!r}; expected one of {', '.join(BUILTIN_TEMPLATES)}")
+    tokens = template_tokens(template, tokens)
+    bos = _quote(tokens.bos or "")
+    eos = _quote(tokens.eos)
+    text = "m.content + ('\\n\\n' + m.context if m.context is defined and m.context else '')"
+    context = "m.context is defined and m.context"
+    defaults = {"alpaca": None, "dolly": DOLLY_SYSTEM, "vicuna_v1.1": VICUNA_SYSTEM, "orca": ORCA_SYSTEM}
+    default = system_message if system_message is not None else defaults.get(template)
+    prelude = (
+        "{%- if messages and messages[0].role == 'system' %}{% set system = messages[0].content %}"
+        "{% set dialogue = messages[1:] %}{% else %}"
+        f"{{% set system = {'none' if default is None else _quote(default)} %}}{{% set dialogue = messages %}}"
+        "{% endif %}"
+    )
+    if template == "alpaca" and system_message is None:
+        prelude += (
+            "{% if system is none %}{% if dialogue and dialogue[0].context is defined and dialogue[0].context %}"
+            f"{{% set system = {_quote(ALPACA_INPUT_SYSTEM)} %}}{{% else %}}{{% set system = {_quote(ALPACA_SYSTEM)} %}}"
+            "{% endif %}{% endif %}"
+        )
+    first, user, header, answer = {
+        "alpaca": (
+            "{% if system %}{{ system + '\\n\\n' }}{% endif %}",
+            "{{ '### Instruction:\\n' + m.content + '\\n\\n' }}"
+            f"{{% if {context} %}}{{{{ '### Input:\\n' + m.context + '\\n\\n' }}}}{{% endif %}}",
+            "'### Response:\\n'", f"m.content + {eos}",
+        ),
+        "dolly": (
+            "{% if system %}{{ system + '\\n' }}{% endif %}",
+            f"{{{{ '### Instruction:\\n' + m.content + ('\\n' + m.context if {context} else '') + '\\n' }}}}",
+            "'### Response:\\n'", f"m.content + {eos}",
+        ),
+        "vicuna_v1.1": (
+            "{% if system %}{{ system + ' ' }}{% endif %}", f"{{{{ 'USER: ' + {text} + ' ' }}}}", "'ASSISTANT:'",
+            f"' ' + m.content + {eos}",
+        ),
+        "koala": (
+            "{{ 'BEGINNING OF CONVERSATION: ' }}{% if system %}{{ system + ' ' }}{% endif %}",
+            f"{{{{ 'USER: ' + {text} + ' ' }}}}", "'GPT:'", f"m.content + {eos}",
+        ),
+        "llama2_chat": (
+            "",
+            f"{{{{ {bos} + '[INST] ' }}}}{{% if loop.first and system %}}{{{{ '<<SYS>>\\n' + system + "
+            f"'\\n<</SYS>>\\n\\n' }}}}{{% endif %}}{{{{ {text} + ' ' }}}}",
+            "'[/INST]'", f"' ' + m.content + ' ' + {eos}",
+        ),
+        "chatml": (
+            "", f"{{{{ '<|im_start|>user\\n' + {text} + '<|im_end|>\\n' }}}}", "'<|im_start|>assistant\\n'",
+            "m.content + '<|im_end|>\\n'",
+        ),
+        "orca": (
+            "{% if system %}{{ '### System:\\n' + system + '\\n\\n' }}{% endif %}",
+            f"{{{{ '### User:\\n' + {text} + '\\n\\n' }}}}", "'### Response:\\n'", f"m.content + {eos}",
+        ),
+        "lima": ("", f"{{{{ {text} + {_quote(tokens.eot)} }}}}", "''", f"m.content + {_quote(tokens.eot)}"),
+        "gpt4all": ("{% if system %}{{ system + '\\n' }}{% endif %}", f"{{{{ {text} + '\\n' }}}}", "''",
+                    f"m.content + {eos}"),
+        "plain": ("{% if system %}{{ system + '\\n\\n' }}{% endif %}", f"{{{{ {text} + '\\n\\n' }}}}", "''",
+                  f"m.content + {eos}"),
+    }[template]
+    later = {"alpaca": "{{ '\\n\\n' }}", "dolly": "{{ '\\n' }}", "orca": "{{ '\\n\\n' }}"}.get(template, "")
+    opening = {
+        "chatml": "{% if system %}{{ '<|im_start|>system\\n' + system + '<|im_end|>\\n' }}{% endif %}",
+        "lima": f"{{% if system %}}{{{{ system + {_quote(tokens.eot)} }}}}{{% endif %}}",
+    }.get(template, "")
+    start = "" if template == "llama2_chat" else f"{{{{ {bos} }}}}"
+    return (
+        f"{prelude}{start}{opening}{{% for m in dialogue %}}{{% if m.role == 'user' %}}"
+        f"{{% if loop.first %}}{first}{{% else %}}{later}{{% endif %}}{user}"
+        f"{{% else %}}{{{{ {header} + {answer} }}}}{{% endif %}}{{% endfor %}}"
+        f"{{% if add_generation_prompt %}}{{{{ {header} }}}}{{% endif %}}"
+    )
+
+
+def _quote(text: str) -> str:
+    """`text` as a Jinja string literal."""
+    escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r")
+    return f"'{escaped}'"

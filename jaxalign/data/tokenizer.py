@@ -1,26 +1,20 @@
 """Tokenizers for the data pipeline: the built-in byte tokenizer, loading by name, chat prompts for generation,
-and segment-wise encoding.
+and the encoding of rendered examples.
 
-Segment-wise encoding: a rendered example is a list of segments (see `templates.py`); each text segment is
-tokenised on its own and the ids are concatenated, so every token belongs to exactly one segment and the loss
-mask never depends on re-tokenising substrings. Two tokenizer details make this match tokenising the whole text:
-
-- SentencePiece-style tokenizers (Llama 1/2, Mistral) prepend a "▁" (a space) to the start of the text they
-  encode. The first text of an example (and text right after a bos, as in LLaMA-2-chat's per-turn `<s>[INST]`)
-  is encoded as the start of a text, as `tokenizer(text)` with its bos does; a text segment that continues text
-  is encoded with the prepend turned off, so a segment " answer" becomes "▁answer" exactly as inside the whole
-  string; text after another special token (eos, eot) is encoded as the tokenizer encodes it after that token
-  inside a string (transformers conversions differ on whether a "▁" is prepended there).
-- BPE merges never cross a segment boundary. The built-in templates put boundaries before a space or after a
-  newline / special token, where byte-level BPE (GPT-2, Llama 3, Qwen, SmolLM) and SentencePiece pre-tokenisation
-  split anyway; tests check segment-wise ids equal whole-string ids for each template. Where they can differ the
-  difference is deliberate, the trained tokens being exactly the response's own tokens: a boundary inside a word
-  (a response glued to the prompt), or after a run of whitespace with byte-level BPE (the `plain` template's
-  "{prompt}\n\n" is one "\n\n" token on its own, two "\n" tokens before a word inside the whole string).
+A rendered example is a list of segments (see `templates.py`). Its token ids are the tokenizer's ids of the whole
+rendered string (`tokenizer(text, add_special_tokens=False)`, what transformers' `apply_chat_template` and
+inference servers produce), and each token belongs to the segment its characters come from, by the tokenizer's
+character offsets. So training sees exactly the ids the model is prompted with, whatever the tokenizer does at
+segment boundaries (SentencePiece's "▁" after a special token, byte-level BPE's whitespace runs). A token that
+spans a prompt and a response segment counts as response, so no character of an answer goes untrained; the
+built-in templates put their boundaries where the tokenizers split anyway (tests check this for byte-level BPE,
+SentencePiece and the byte tokenizer).
 """
 
 import json
 from pathlib import Path
+
+import numpy as np
 
 from jaxalign.errors import JaxalignError
 
@@ -113,23 +107,25 @@ def stop_token_ids(config, tokenizer) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(i) for i in ids))
 
 
-START = "start"
-CONTINUE = "continue"
-
-
 class SegmentEncoder:
-    """Encodes the text segments of examples, in batches, without special tokens being added.
+    """Encodes rendered texts as whole strings, in batches, with each token's character span.
 
-    Each text has a context: `START` (the example's first text, or text after its bos: encoded as the start of a
-    text, as `tokenizer(text)` would), `CONTINUE` (text right after text: no "▁" prepended), or the string of the
-    special token it follows (encoded as the tokenizer encodes text after that token inside a string).
+    Offsets come from a copy of the tokenizer's backend without its post-processor: with no special tokens added
+    a post-processor changes only offsets (byte-level BPE trims whitespace from them), never ids.
     """
 
     def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._start = backend
-        self._continuation = _without_prefix_space(backend) if backend is not None else None
+        if backend is None:
+            raise JaxalignError(
+                f"tokenizer {type(tokenizer).__name__} has no `tokenizers` backend, which the data pipeline needs "
+                "for token offsets; load it with transformers' AutoTokenizer from a folder with tokenizer.json"
+            )
+        from tokenizers import Tokenizer
+
+        self.tokenizer = tokenizer
+        self._backend = Tokenizer.from_str(backend.to_str())
+        self._backend.post_processor = None
         self._special_ids: dict[str, int] = {}
 
     def special_id(self, token: str) -> int:
@@ -144,80 +140,10 @@ class SegmentEncoder:
             self._special_ids[token] = vocab[token]
         return self._special_ids[token]
 
-    def encode(self, texts: list[str], contexts: list[str]) -> list[list[int]]:
-        if self._start is None:
-            return [self.tokenizer.encode(t, add_special_tokens=False) if t else [] for t in texts]
-        out: list[list[int]] = [[] for _ in texts]
-        groups: dict[str, list[int]] = {}
-        for i, (text, context) in enumerate(zip(texts, contexts)):
-            if text:
-                groups.setdefault(context, []).append(i)
-        for context, chosen in groups.items():
-            if context == CONTINUE:
-                encodings = self._continuation.encode_batch([texts[i] for i in chosen], add_special_tokens=False)
-                ids = [e.ids for e in encodings]
-            elif context == START:
-                ids = [e.ids for e in self._start.encode_batch([texts[i] for i in chosen], add_special_tokens=False)]
-            else:
-                ids = self._after_special(context, [texts[i] for i in chosen])
-            for i, row in zip(chosen, ids):
-                out[i] = row
-        return out
-
-    def _after_special(self, token: str, texts: list[str]) -> list[list[int]]:
-        token_id = self.tokenizer.convert_tokens_to_ids(token)
-        encodings = self._start.encode_batch([token + t for t in texts], add_special_tokens=False)
-        rows = [e.ids for e in encodings]
-        if all(row[:1] == [token_id] for row in rows):
-            return [row[1:] for row in rows]
-        return [e.ids for e in self._start.encode_batch(texts, add_special_tokens=False)]
-
-
-def _without_prefix_space(backend):
-    """A copy of a `tokenizers.Tokenizer` that never prepends a space: Metaspace's "▁" prepend, a start-anchored
-    normaliser (legacy `Prepend("▁")`), or byte-level `add_prefix_space` (GPT-2 style "Ġ")."""
-    from tokenizers import Tokenizer
-
-    data = json.loads(backend.to_str())
-    changed = _drop_prepend(data.get("pre_tokenizer"), "pre") | _drop_prepend(data.get("normalizer"), "norm")
-    if not changed:
-        return backend
-    return Tokenizer.from_str(json.dumps(data))
-
-
-def _drop_prepend(node, kind: str) -> bool:
-    if not isinstance(node, dict):
-        return False
-    if node.get("type") == "Sequence":
-        items = node.get("pretokenizers" if kind == "pre" else "normalizers") or []
-        changed = False
-        for item in list(items):
-            if kind == "norm" and _is_start_rule(item):
-                items.remove(item)
-                changed = True
-            else:
-                changed |= _drop_prepend(item, kind)
-        return changed
-    if kind == "norm" and _is_start_rule(node):
-        node.clear()
-        node.update({"type": "Sequence", "normalizers": []})
-        return True
-    if kind == "pre" and node.get("type") == "Metaspace":
-        if node.get("prepend_scheme", "always") != "never" or node.get("add_prefix_space"):
-            node["prepend_scheme"] = "never"
-            node.pop("add_prefix_space", None)
-            return True
-    if kind == "pre" and node.get("type") == "ByteLevel" and node.get("add_prefix_space"):
-        node["add_prefix_space"] = False
-        return True
-    return False
-
-
-def _is_start_rule(node) -> bool:
-    """A normaliser that only acts at the start of the text: `Prepend("▁")`, or `Replace(Regex("\\A..."))`."""
-    if not isinstance(node, dict):
-        return False
-    if node.get("type") == "Prepend":
-        return True
-    pattern = node.get("pattern") or {}
-    return node.get("type") == "Replace" and str(pattern.get("Regex", "")).startswith("\\A")
+    def encode(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`(ids [n] int32, offsets [n, 2] int64)` per text: the ids `tokenizer(text, add_special_tokens=False)`
+        gives, and each token's `[start, end)` character span in the text."""
+        encodings = self._backend.encode_batch(texts, add_special_tokens=False)
+        return [
+            (np.asarray(e.ids, np.int32), np.asarray(e.offsets, np.int64).reshape(-1, 2)) for e in encodings
+        ]

@@ -1,9 +1,19 @@
-import numpy as np
+import copy
+
 import pytest
 
 from jaxalign.data.formats import Conversation, Message, PreferencePair, Prompt, Text
 from jaxalign.data.masking import tokenize_segments
-from jaxalign.data.templates import SpecialTokens, render, render_pair, render_text
+from jaxalign.data.templates import (
+    TEMPLATES,
+    SpecialTokens,
+    chat_template,
+    end_of_turn,
+    render,
+    render_pair,
+    render_text,
+    special_tokens,
+)
 from jaxalign.data.tokenizer import SegmentEncoder
 from jaxalign.errors import JaxalignError
 
@@ -88,7 +98,7 @@ PINNED = [
         WITH_SYSTEM,
         "<s><|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n"
         "<|im_start|>assistant\n2 + 3 = 5.<|im_end|>\n",
-        ["2 + 3 = 5.<|im_end|>"],
+        ["2 + 3 = 5.", "<|im_end|>"],
     ),
     (
         "orca",
@@ -189,69 +199,13 @@ def _tokens_for(tok):
     return SpecialTokens(bos=tok.bos_token, eos=tok.eos_token, eot="<|eot|>")
 
 
-@pytest.fixture(scope="module")
-def sp_with_eot(sp_tok):
-    tok = sp_tok.__class__.from_pretrained(sp_tok.name_or_path)
-    tok.add_special_tokens({"additional_special_tokens": ["<|eot|>"]})
-    return tok
-
-
-@pytest.fixture(scope="module")
-def sp_encoder(sp_with_eot):
-    return SegmentEncoder(sp_with_eot)
-
-
-@pytest.fixture(scope="module")
-def smol_encoder(smol_tok):
-    return SegmentEncoder(smol_tok)
-
-
-@pytest.mark.parametrize("template", [t for t, *_ in PINNED])
-def test_sentencepiece_segment_tokens_equal_whole_string_tokens(sp_with_eot, sp_encoder, template):
-    """Whole string = what `tokenizer(text)` gives for each bos-led piece (LLaMA-2-chat encodes turn by turn)."""
-    conversation = next(c for t, c, *_ in PINNED if t == template)
-    segments = render(conversation, template, _tokens_for(sp_with_eot))
-    ids = tokenize_segments([segments], sp_encoder)[0].ids.tolist()
-    whole = []
-    for turn in render_text(segments).split("<s>")[1:]:
-        whole += [sp_with_eot.bos_token_id] + sp_with_eot.encode(turn, add_special_tokens=False)
-    assert ids == whole
-
-
-@pytest.mark.parametrize("template", [t for t, *_ in PINNED if t != "plain"])
-def test_byte_level_bpe_segment_tokens_equal_whole_string_tokens(smol_tok, smol_encoder, template):
-    conversation = next(c for t, c, *_ in PINNED if t == template)
-    segments = render(conversation, template, SpecialTokens(bos=None, eos=smol_tok.eos_token, eot="<|eot|>"))
-    if template == "lima":
-        segments = [s for s in segments if not s.special]
-    ids = tokenize_segments([segments], smol_encoder)[0].ids.tolist()
-    assert ids == smol_tok.backend_tokenizer.encode(render_text(segments), add_special_tokens=False).ids
-
-
-def test_byte_level_bpe_plain_template_boundary_after_blank_line(smol_tok):
-    """The documented exception: the prompt's trailing "\\n\\n" is one token on its own; the text is the same."""
-    segments = render(WITH_SYSTEM, "plain", SpecialTokens(bos=None, eos=smol_tok.eos_token, eot="<|eot|>"))
-    tokens = tokenize_segments([segments], SegmentEncoder(smol_tok))[0]
-    assert smol_tok.decode(tokens.ids.tolist()) == render_text(segments)
-    response = tokens.ids[tokens.response].tolist()
-    assert response == smol_tok.encode("2 + 3 = 5.", add_special_tokens=False) + [smol_tok.eos_token_id]
-
-
-def test_sentencepiece_trained_tokens_are_the_answer_tokens(sp_with_eot, sp_encoder):
-    segments = render(TWO_TURNS, "vicuna_v1.1", _tokens_for(sp_with_eot))
-    tokens = tokenize_segments([segments], sp_encoder)[0]
-    pieces = sp_with_eot.convert_ids_to_tokens(tokens.ids[tokens.response].tolist())
-    assert pieces == ["▁", "2", "▁+", "▁", "3", "▁=", "▁", "5", ".", "</s>", "▁", "5", "▁*", "▁", "4", "▁=", "▁", "2",
-                      "0", ".", "</s>"]
-
-
 def test_tokenizer_chat_template_segments(smol_tok):
     segments = render(WITH_SYSTEM, "tokenizer", _tokens_for(smol_tok), tokenizer=smol_tok)
     assert render_text(segments) == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n"
         "<|im_start|>assistant\n2 + 3 = 5.<|im_end|>\n"
     )
-    assert [s.text for s in segments if s.response] == ["2 + 3 = 5.<|im_end|>\n"]
+    assert [s.text for s in segments if s.response] == ["2 + 3 = 5.<|im_end|>"]
     ids = tokenize_segments([segments], SegmentEncoder(smol_tok))[0].ids.tolist()
     assert ids == smol_tok.apply_chat_template(
         [{"role": m.role, "content": m.content} for m in WITH_SYSTEM.messages], tokenize=True, return_dict=False
@@ -261,7 +215,7 @@ def test_tokenizer_chat_template_segments(smol_tok):
 def test_tokenizer_chat_template_default_system_is_prompt(smol_tok):
     segments = render(TWO_TURNS, "tokenizer", _tokens_for(smol_tok), tokenizer=smol_tok)
     assert "You are a helpful AI assistant named SmolLM" in segments[0].text and not segments[0].response
-    assert [s.text for s in segments if s.response] == ["2 + 3 = 5.<|im_end|>\n", "5 * 4 = 20.<|im_end|>\n"]
+    assert [s.text for s in segments if s.response] == ["2 + 3 = 5.<|im_end|>", "5 * 4 = 20.<|im_end|>"]
     assert [s.turn for s in segments if s.response] == [0, 1]
 
 
@@ -278,42 +232,144 @@ def test_tokenizer_template_without_chat_template_is_an_error(sp_tok):
         render(TWO_TURNS, "tokenizer", _tokens_for(sp_tok), tokenizer=sp_tok)
 
 
-@pytest.fixture(scope="module")
-def smol_with_eot(smol_tok):
+MISTRAL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    "{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+MULTI_TURN = Conversation(
+    (
+        Message("system", "You answer in  two spaces.\n"),
+        Message("user", "Héllo 🙂, what's 12*12?\nThink."),
+        Message("assistant", " 144, I think.\n\nDone!"),
+        Message("user", "Now: list [a, b]", "context line"),
+        Message("assistant", "- a\n- b"),
+        Message("user", "Bye"),
+        Message("assistant", "Bye."),
+    ),
+    "test:4",
+)
+CONVERSATIONS = [TWO_TURNS, WITH_SYSTEM, WITH_INPUT, MULTI_TURN]
+
+
+@pytest.fixture(scope="module", params=["byte", "smollm2", "sentencepiece"])
+def any_tok(request):
+    """Each tokenizer the tests have, loaded as `data.tokenizer` loads it, with the tokens the templates need
+    added (as `data.added_tokens` does) and a chat template for `data.template: tokenizer`."""
     from jaxalign.data import load_tokenizer
 
-    tok = load_tokenizer(smol_tok.name_or_path)
-    tok.add_special_tokens({"additional_special_tokens": ["<|eot|>"]})
-    return tok, SegmentEncoder(tok)
+    if request.param == "byte":
+        return load_tokenizer("byte")
+    if request.param == "smollm2":
+        tok = load_tokenizer(str(request.getfixturevalue("smollm2_dir")))
+    else:
+        tok = load_tokenizer(str(request.getfixturevalue("sp_tokenizer_dir")))
+        tok.chat_template = MISTRAL_TEMPLATE
+    tok.add_special_tokens({"additional_special_tokens": ["<|eot|>", "<|im_start|>", "<|im_end|>"]},
+                           replace_extra_special_tokens=False)
+    return tok
 
 
-def _spans(segments) -> list[str]:
-    """Texts of the maximal runs of consecutive response segments."""
-    spans, current = [], ""
+def _response_spans(segments) -> list[tuple[int, int]]:
+    """`[start, end)` character spans of the maximal runs of response segments in the rendered text."""
+    spans, position = [], 0
     for segment in segments:
-        if segment.response:
-            current += segment.text
-        elif current:
-            spans.append(current)
-            current = ""
-    return spans + ([current] if current else [])
+        end = position + len(segment.text)
+        if segment.response and spans and spans[-1][1] == position:
+            spans[-1] = (spans[-1][0], end)
+        elif segment.response:
+            spans.append((position, end))
+        position = end
+    return spans
 
 
-@pytest.mark.parametrize("template, conversation, expected, responses", PINNED)
-def test_trained_token_runs_decode_to_exactly_the_response_spans(smol_with_eot, template, conversation, expected,
-                                                                 responses):
-    tok, encoder = smol_with_eot
-    segments = render(conversation, template, SpecialTokens(bos="<|im_start|>", eos="<|im_end|>", eot="<|eot|>"))
-    tokens = tokenize_segments([segments], encoder)[0]
-    runs, start = [], None
-    for j, flag in enumerate(list(tokens.response) + [False]):
-        if flag and start is None:
-            start = j
-        elif not flag and start is not None:
-            runs.append(tok.decode(tokens.ids[start:j].tolist()))
-            start = None
-    assert runs == _spans(segments)
-    first = int(np.argmax(tokens.response))
-    assert tok.decode(tokens.ids[:first].tolist()) == "".join(
-        s.text for s in segments[: next(i for i, s in enumerate(segments) if s.response)]
-    )
+def _token_spans(tokens, offsets) -> list[tuple[int, int]]:
+    """`[start, end)` character spans covered by the maximal runs of response tokens."""
+    spans, previous = [], False
+    for flag, (start, end) in zip(tokens.response.tolist(), offsets.tolist()):
+        if flag and previous:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], end))
+        elif flag:
+            spans.append((start, end))
+        previous = flag
+    return spans
+
+
+def _one_token_crosses(offsets, first: int, boundary: int) -> bool:
+    """Whether one token covers characters `first..boundary` (a prompt end merged with the answer's start)."""
+    return any(start <= first and boundary < end for start, end in offsets.tolist())
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+@pytest.mark.parametrize("conversation", CONVERSATIONS, ids=lambda c: c.origin)
+def test_ids_are_the_whole_string_ids_and_trained_spans_are_exactly_the_answers(any_tok, template, conversation):
+    """For every template and tokenizer: segment-wise ids = the tokenizer's ids of the rendered string; each run
+    of trained tokens covers exactly one answer (its text and its end-of-turn token, nothing of the prompt); the
+    exported chat template gives the same ids through transformers for the dialogue and for its prompt."""
+    tokens = special_tokens(any_tok, True, "<|eot|>")
+    encoder = SegmentEncoder(any_tok)
+    segments = render(conversation, template, tokens, tokenizer=any_tok)
+    text = render_text(segments)
+    result = tokenize_segments([segments], encoder)[0]
+    assert result.ids.tolist() == any_tok(text, add_special_tokens=False)["input_ids"]
+
+    spans = _response_spans(segments)
+    offsets = encoder.encode([text])[0][1]
+    trained = _token_spans(result, offsets)
+    assert [end for _, end in trained] == [end for _, end in spans]
+    for (trained_start, _), (start, _) in zip(trained, spans):
+        assert trained_start == start or _one_token_crosses(offsets, trained_start, start), text[trained_start:start]
+    answers = [m.content for m in conversation.messages if m.role == "assistant"]
+    assert len(spans) == len(answers)
+    for (start, end), answer in zip(spans, answers):
+        assert text[start:end].endswith(end_of_turn(template, tokens, any_tok))
+        assert answer.strip() in text[start:end]
+
+    if template == "tokenizer":
+        return
+    prompt = Prompt(conversation.messages[:-1], None, "t")
+    prompt_ids = tokenize_segments([render(prompt, template, tokens)], encoder)[0].ids.tolist()
+    exported = copy.copy(any_tok)
+    exported.chat_template = chat_template(template, tokens)
+    messages = [{"role": m.role, "content": m.content, **({"context": m.context} if m.context else {})}
+                for m in conversation.messages]
+    assert exported.apply_chat_template(messages, tokenize=True, return_dict=False) == result.ids.tolist()
+    assert exported.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
+                                        return_dict=False) == prompt_ids
+
+
+def test_a_token_across_the_prompt_and_the_answer_is_trained(smol_tok):
+    """Koala glues the answer to "GPT:"; byte-level BPE merges ":-" for an answer starting with "-". The token is
+    trained (no character of the answer goes untrained) and the ids stay those of the whole string."""
+    conversation = Conversation((Message("user", "List"), Message("assistant", "- a")), "t")
+    segments = render(conversation, "koala", special_tokens(smol_tok, False, "<|eot|>"))
+    result = tokenize_segments([segments], SegmentEncoder(smol_tok))[0]
+    trained = smol_tok.convert_ids_to_tokens(result.ids[result.response].tolist())
+    assert trained == [":-", "Ġa", "<|im_end|>"]
+
+
+def test_a_bos_that_the_template_opens_with_is_not_doubled(smol_tok):
+    assert smol_tok.bos_token == "<|im_start|>"
+    segments = render(TWO_TURNS, "chatml", special_tokens(smol_tok, True, "<|eot|>"))
+    ids = tokenize_segments([segments], SegmentEncoder(smol_tok))[0].ids.tolist()
+    assert ids[:3] == [1, 4093, 198]
+    exported = copy.copy(smol_tok)
+    exported.chat_template = chat_template("chatml", special_tokens(smol_tok, True, "<|eot|>"))
+    assert exported.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=True, return_dict=False)[:2] == [
+        1, 4093]
+
+
+def test_sentencepiece_answer_after_a_special_token_keeps_its_prefix_space(sp_tokenizer_dir):
+    """mistral-common's tokenizer.model.v1 as `data.tokenizer` loads it, [INST] / [/INST] added as special tokens,
+    a Mistral-style chat template: the answer right after [/INST] is trained as the model is prompted, `▁Four`."""
+    from jaxalign.data import load_tokenizer
+
+    tok = load_tokenizer(str(sp_tokenizer_dir))
+    tok.add_special_tokens({"additional_special_tokens": ["[INST]", "[/INST]"]}, replace_extra_special_tokens=False)
+    tok.chat_template = MISTRAL_TEMPLATE
+    conversation = Conversation((Message("user", "What is 2 + 2?"), Message("assistant", "Four"),
+                                 Message("user", "And 3 + 3?"), Message("assistant", "Six")), "t")
+    segments = render(conversation, "tokenizer", special_tokens(tok, True, "<|eot|>"), tokenizer=tok)
+    result = tokenize_segments([segments], SegmentEncoder(tok))[0]
+    messages = [{"role": m.role, "content": m.content} for m in conversation.messages]
+    assert result.ids.tolist() == tok.apply_chat_template(messages, tokenize=True, return_dict=False)
+    assert tok.convert_ids_to_tokens(result.ids[result.response].tolist()) == ["▁Four", "</s>", "▁Six", "</s>"]

@@ -2,8 +2,6 @@ import pytest
 
 from jaxalign.data.tokenizer import (
     BYTE_SPECIAL_TOKENS,
-    CONTINUE,
-    START,
     SegmentEncoder,
     byte_tokenizer,
     encode_chat,
@@ -40,15 +38,16 @@ def test_load_tokenizer(smollm2_dir, tmp_path):
         load_tokenizer(str(tmp_path))
 
 
-def test_sentencepiece_contexts(sp_tok):
-    encoder = SegmentEncoder(sp_tok)
-    start, cont, after_eos = encoder.encode([" answer", " answer", "USER"], [START, CONTINUE, "</s>"])
-    assert sp_tok.convert_ids_to_tokens(cont) == ["▁answer"]
-    assert sp_tok.convert_ids_to_tokens(start) == sp_tok.convert_ids_to_tokens(
-        sp_tok.encode(" answer", add_special_tokens=False))
-    whole = sp_tok.backend_tokenizer.encode("</s>USER", add_special_tokens=False).ids
-    assert after_eos == whole[1:]
-    assert encoder.encode(["", "x"], [CONTINUE, CONTINUE])[0] == []
+@pytest.mark.parametrize("name", ["byte", "sp", "smol"])
+def test_encoder_gives_the_tokenizers_ids_and_untrimmed_offsets(name, byte_tok, sp_tok, smol_tok):
+    tok = {"byte": byte_tok, "sp": sp_tok, "smol": smol_tok}[name]
+    texts = ["<s>[INST] Hi [/INST] Four </s>", "</s>USER: 2 + 3\n\n5", " lead\n\n\ntrail  ", ""]
+    for text, (ids, offsets) in zip(texts, SegmentEncoder(tok).encode(texts)):
+        assert ids.tolist() == tok(text, add_special_tokens=False)["input_ids"]
+        assert offsets.shape == (ids.size, 2)
+        assert (offsets[1:, 0] >= offsets[:-1, 1]).all()
+        covered = "".join(text[a:b] for a, b in offsets.tolist())
+        assert covered == text
 
 
 def test_byte_tokenizer_survives_save_and_autotokenizer_load(tmp_path):
@@ -62,19 +61,6 @@ def test_byte_tokenizer_survives_save_and_autotokenizer_load(tmp_path):
     assert (loaded.bos_token, loaded.eos_token, loaded.pad_token) == ("<s>", "</s>", "<pad>")
     messages = [{"role": "user", "content": "hi"}]
     assert loaded.apply_chat_template(messages, tokenize=False) == tok.apply_chat_template(messages, tokenize=False)
-
-
-def test_byte_level_add_prefix_space_is_off_for_continuations():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
-    start, cont = SegmentEncoder(tok).encode(["ab", "ab"], [START, CONTINUE])
-    assert tok.convert_ids_to_tokens(start) == ["Ġ", "a", "b"]
-    assert tok.convert_ids_to_tokens(cont) == ["a", "b"]
 
 
 def test_chat_prompts_end_with_the_assistant_opener_and_stop_at_either_eos():
