@@ -246,7 +246,7 @@ def test_llamafactory_dpo_demo_loads_and_renders(llamafactory_data):
     multi_turn = [e for e in data.examples if len(e.prompt) > 1]
     for pair in data.examples[:5] + multi_turn[:5]:
         chosen, rejected = render_pair(pair, "chatml", tokens)
-        assert [s.text for s in chosen if s.response] == [pair.chosen[-1].content + "<|im_end|>"]
-        assert [s.text for s in rejected if s.response] == [pair.rejected[-1].content + "<|im_end|>"]
+        assert "".join(s.text for s in chosen if s.response) == pair.chosen[-1].content + "<|im_end|>"
+        assert "".join(s.text for s in rejected if s.response) == pair.rejected[-1].content + "<|im_end|>"
         prompt_text = "".join(s.text for s in chosen if not s.response).rstrip("\n")
         assert pair.prompt[-1].content in prompt_text
