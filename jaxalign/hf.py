@@ -516,12 +516,20 @@ def save_pretrained(
     out_dir: str | Path,
     tokenizer: Any = None,
     max_shard_bytes: int = 4 * 1024**3,
+    chat_format: Any = None,
 ) -> Path:
     """Write a Hugging Face folder: `config.json`, safetensors (sharded with an index above `max_shard_bytes`),
     `generation_config.json`, and the tokenizer files when a tokenizer is given. Only process 0 writes. A
     `LlamaForScore` (reward or value model) is written as `*ForSequenceClassification` with one label, whose
     transformers class reads the score at the last token that is not `pad_token_id`: set a pad id that differs from
-    the end-of-turn token."""
+    the end-of-turn token.
+
+    `chat_format` (`jaxalign.data.templates.ChatFormat`, needs `tokenizer`): the format the model was trained in.
+    Its Jinja template becomes the saved tokenizer's chat template (`chat_template.jinja`) and its end-of-turn token
+    joins the eos ids of `config.json` and `generation_config.json`, so transformers and inference servers prompt
+    the model as it was trained and stop where it learned to stop. Raises `JaxalignError` without a tokenizer or
+    when the tokenizer lacks the end-of-turn token.
+    """
     from safetensors.numpy import save_file
 
     config = model.config
@@ -548,14 +556,44 @@ def save_pretrained(
     if writer:
         _finish_shards(out, written)
         hf_config = config_to_hf(config, head)
+        if chat_format is not None:
+            hf_config["eos_token_id"] = _with_end_of_turn(hf_config["eos_token_id"], tokenizer, chat_format)
         (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         generation = {"bos_token_id": config.bos_token_id, "eos_token_id": hf_config["eos_token_id"]}
         if config.pad_token_id is not None:
             generation["pad_token_id"] = config.pad_token_id
         (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(out))
+            _save_tokenizer(tokenizer, out, None if chat_format is None else chat_format.template)
     return out
+
+
+def _with_end_of_turn(eos: int | list[int] | None, tokenizer: Any, chat_format: Any) -> int | list[int] | None:
+    """`eos` (a config's eos id or ids) with the id of the chat format's end-of-turn token appended if missing."""
+    if tokenizer is None:
+        raise JaxalignError("save_pretrained: a chat_format needs the tokenizer, to look up its end-of-turn token")
+    token_id = tokenizer.get_vocab().get(chat_format.end_of_turn)
+    if token_id is None:
+        raise JaxalignError(f"save_pretrained: end-of-turn token {chat_format.end_of_turn!r} is not in the tokenizer")
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if token_id in ids:
+        return eos
+    ids.append(token_id)
+    return ids[0] if len(ids) == 1 else ids
+
+
+def _save_tokenizer(tokenizer: Any, out: Path, chat_template: str | None) -> None:
+    """The tokenizer's files in `out`, with `chat_template` as their chat template when given (the tokenizer object
+    itself is left as it was)."""
+    if chat_template is None:
+        tokenizer.save_pretrained(str(out))
+        return
+    own = tokenizer.chat_template
+    tokenizer.chat_template = chat_template
+    try:
+        tokenizer.save_pretrained(str(out))
+    finally:
+        tokenizer.chat_template = own
 
 
 def _finish_shards(out: Path, written: list[tuple[str, list[str], int]]) -> None:

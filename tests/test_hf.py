@@ -286,3 +286,58 @@ def test_save_pretrained_writes_the_tokenizer(variant_dirs, tmp_path):
     assert load_tokenizer(tmp_path / "out")("hello world there")["input_ids"] == [1, 2, 0]
     with pytest.raises(JaxalignError, match="no tokenizer files"):
         load_tokenizer(variant_dirs["tied_embeddings"][0])
+
+
+@pytest.fixture(scope="module")
+def byte_model():
+    from jaxalign.models.llama import LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig.tiny(vocab_size=264, hidden_size=32, intermediate_size=32))
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    return model, params
+
+
+CHAT = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 + 3?"},
+    {"role": "assistant", "content": "5."},
+    {"role": "user", "content": "And times 4?"},
+    {"role": "assistant", "content": "20."},
+]
+
+
+@pytest.mark.parametrize("template", ["alpaca", "dolly", "vicuna_v1.1", "koala", "llama2_chat", "chatml", "orca", "lima",
+                                      "gpt4all", "plain", "tokenizer"])
+def test_export_carries_the_training_format(byte_model, template, tmp_path):
+    """The exported tokenizer's chat template gives, through transformers, the ids jaxalign trained on and prompts
+    with; the template's end-of-turn token is an eos id of config.json and generation_config.json."""
+    from jaxalign.data import DataConfig, prepare_tokenizer
+    from jaxalign.data.formats import Conversation, Message, Prompt
+    from jaxalign.data.masking import tokenize_segments
+    from jaxalign.data.templates import chat_format, render, special_tokens
+    from jaxalign.data.tokenizer import BYTE_CHAT_TEMPLATE, SegmentEncoder, byte_tokenizer
+
+    tokenizer = byte_tokenizer()
+    data = DataConfig(template=template, system_message="Answer in words." if template == "orca" else None)
+    prepare_tokenizer(data, tokenizer)
+    model, params = byte_model
+    jaxalign.save_pretrained(model, params, tmp_path / "out", tokenizer=tokenizer,
+                             chat_format=chat_format(data, tokenizer))
+    exported = load_tokenizer(tmp_path / "out")
+
+    tokens = special_tokens(tokenizer, data.add_bos, data.eot_token)
+    messages = tuple(Message(m["role"], m["content"]) for m in CHAT)
+    encoder = SegmentEncoder(tokenizer)
+    for example, chat, prompt in ((Conversation(messages, "t"), CHAT, False), (Prompt(messages[:-1], None, "t"),
+                                                                             CHAT[:-1], True)):
+        segments = render(example, template, tokens, data.system_message, tokenizer)
+        ids = tokenize_segments([segments], encoder)[0].ids.tolist()
+        assert exported.apply_chat_template(chat, add_generation_prompt=prompt, return_dict=False) == ids
+
+    end = {"chatml": "<|im_end|>", "lima": "<|eot|>", "tokenizer": "<|im_end|>"}.get(template, "</s>")
+    end_id = tokenizer.convert_tokens_to_ids(end)
+    for name in ("config.json", "generation_config.json"):
+        eos = json.loads((tmp_path / "out" / name).read_text())["eos_token_id"]
+        assert end_id in ([eos] if isinstance(eos, int) else eos) and 2 in ([eos] if isinstance(eos, int) else eos)
+    assert tokenizer.chat_template == BYTE_CHAT_TEMPLATE
+    assert (exported.chat_template == BYTE_CHAT_TEMPLATE) == (template == "tokenizer")

@@ -44,6 +44,7 @@ def train_sft(config: SFTConfig) -> int:
     import jax
 
     from jaxalign.data import build_loader, load_tokenizer, prepare_tokenizer
+    from jaxalign.data.templates import chat_format
     from jaxalign.hf import save_pretrained
     from jaxalign.models.llama import LlamaForCausalLM
     from jaxalign.models.loading import model_source, with_stop_token
@@ -79,7 +80,8 @@ def train_sft(config: SFTConfig) -> int:
     if int(state.step) < config.train.steps:
         _say(f"stopped at step {int(state.step)} of {config.train.steps}; run the same command again to resume")
         return 0
-    hf_dir = save_pretrained(model, state.params["model"], out / "hf", tokenizer=tokenizer)
+    hf_dir = save_pretrained(model, state.params["model"], out / "hf", tokenizer=tokenizer,
+                             chat_format=chat_format(config.data, tokenizer))
     _say(f"finished {config.train.steps} steps. Outputs in {out}/:\n"
          f"  metrics.jsonl, tensorboard/   training and eval curves (PNGs: jaxalign plot {out})\n"
          f"  checkpoints/                  resumable train state\n"

@@ -110,6 +110,26 @@ def end_of_turn(template: str, tokens: SpecialTokens, tokenizer=None) -> str:
     return {"chatml": IM_END, "lima": tokens.eot}.get(template, tokens.eos)
 
 
+@dataclass(frozen=True)
+class ChatFormat:
+    """How a trained model is prompted: `template`, a Jinja chat template (None: the tokenizer's own), and
+    `end_of_turn`, the token string that ends its answers (generation stops there)."""
+
+    template: str | None
+    end_of_turn: str
+
+
+def chat_format(data, tokenizer) -> ChatFormat:
+    """The format a model trained on `data` (a `DataConfig`: template, add_bos, eot_token, system_message) with
+    `tokenizer` answers in, for its export."""
+    tokens = special_tokens(tokenizer, data.add_bos, data.eot_token)
+    if data.template != "tokenizer":
+        return ChatFormat(chat_template(data.template, tokens, data.system_message), end_of_turn(data.template, tokens))
+    if not getattr(tokenizer, "chat_template", None):
+        return ChatFormat(None, tokens.eos)
+    return ChatFormat(None, end_of_turn("tokenizer", tokens, tokenizer))
+
+
 def render_text(segments: list[Segment]) -> str:
     return "".join(s.text for s in segments)
 
