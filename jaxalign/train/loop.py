@@ -13,8 +13,11 @@ with every metric pooled over the steps since the previous line by its own count
 tokens of the global batches per second of wall time; eval lines `eval_<metric>`) and OUTPUT_DIR/tensorboard.
 Checkpoints go to OUTPUT_DIR/checkpoints every `checkpoint.every` steps (or at the next step where the batch source
 can checkpoint) and at the end; rerunning the same command resumes from the latest complete one with identical
-metrics. SIGTERM / Ctrl-C finish the current step, save if the batch source is at a consistent point, and return;
-a NaN or inf loss or gradient norm raises `JaxalignError` naming the step before anything from that step is saved.
+metrics. OUTPUT_DIR/config.yaml keeps the run's config; a rerun whose training settings differ is refused before
+anything changes (`jaxalign.train.run_dir`). The console shows the loss of each logged step and every eval line.
+SIGTERM / Ctrl-C finish the current step, save if the batch source is at a consistent point, and raise
+`jaxalign.train.stop.TrainingStopped` (exit status 143 / 130); a NaN or inf loss or gradient norm raises
+`JaxalignError` naming the step before anything from that step is saved.
 
 With several processes every process calls `train` with its own share of the data; OUTPUT_DIR must be a folder
 all hosts share (NFS, gcsfuse), since each host writes its own shards of a checkpoint there.
@@ -23,9 +26,9 @@ all hosts share (NFS, gcsfuse), since each host writes its own shards of a check
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,7 +45,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxalign import sharding as shd
 from jaxalign.config import RunConfig
 from jaxalign.errors import JaxalignError
+from jaxalign.train import run_dir
 from jaxalign.train import state as st
+from jaxalign.train import stop
 from jaxalign.train.algorithm import Algorithm, Frozen, Mean, StepContext, Trainable, add_means
 from jaxalign.train.checkpoint import Checkpointer
 from jaxalign.train.optim import make_optimizer, make_schedule
@@ -139,8 +144,11 @@ def _check_batch_fits(config: RunConfig, mesh, rules) -> None:
         )
 
 
-def train(config: RunConfig, algorithm: Algorithm) -> st.TrainState:
-    """Trains until `config.train.steps` (or a stop signal) and returns the final state; see the module docstring."""
+def train(config: RunConfig, algorithm: Algorithm, *, allow_config_change: bool = False) -> st.TrainState:
+    """Trains until `config.train.steps` and returns the final state; see the module docstring.
+
+    Raises `JaxalignError` when OUTPUT_DIR holds a run with other training settings (unless `allow_config_change`),
+    and `jaxalign.train.stop.TrainingStopped` after saving when SIGTERM / SIGINT stopped the run."""
     layout = plan(config, algorithm.trainables, algorithm.frozen)
     for trainable in algorithm.trainables.values():
         if trainable.optimizer.warmup_steps > config.train.steps:
@@ -148,21 +156,24 @@ def train(config: RunConfig, algorithm: Algorithm) -> st.TrainState:
                  f"warmup steps exceed train.steps={config.train.steps}; the learning rate warms up over the whole "
                  "run and never reaches its peak")
     out = Path(config.output_dir)
-    if jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    changes = run_dir.check_config(config, allow_config_change)
+    training_changes = [str(change) for change in changes if not change.changeable]
+    if training_changes:
+        _say(f"warning: continuing {out} with changed settings: {'; '.join(training_changes)}")
+    previous_steps = next((c.old for c in changes if c.key == "train.steps"), None)
     checkpointer = Checkpointer(out / "checkpoints", config.checkpoint.keep, config.checkpoint.async_save)
-    with jax.set_mesh(layout.mesh), nn.logical_axis_rules(layout.rules):
+    with stop.deferred() as stop_request, jax.set_mesh(layout.mesh), nn.logical_axis_rules(layout.rules):
         try:
-            return _Run(config, layout, algorithm, checkpointer, out).run()
+            return _Run(config, layout, algorithm, checkpointer, out, previous_steps).run(stop_request)
         finally:
             checkpointer.close()
 
 
 class _Run:
     def __init__(self, config: RunConfig, layout: Layout, algorithm: Algorithm, checkpointer: Checkpointer,
-                 out: Path):
+                 out: Path, previous_steps: int | None):
         self.config, self.layout, self.algorithm = config, layout, algorithm
-        self.checkpointer, self.out = checkpointer, out
+        self.checkpointer, self.out, self.previous_steps = checkpointer, out, previous_steps
         self.source = algorithm.source
         self.frozen = {name: f.load(layout.frozen_shardings[name]) for name, f in algorithm.frozen.items()}
         self.step_fn = None
@@ -176,15 +187,32 @@ class _Run:
         if restored is not None:
             start, state, data_state = restored
             self.source.load_state_dict(data_state)
-            _say(f"resumed from {self.checkpointer.directory / str(start)} at step {start}")
+            if start >= self.config.train.steps:
+                _say(f"{self.out} already finished at step {start} (train.steps={self.config.train.steps}); nothing "
+                     "to train (raise train.steps to train on)")
+            else:
+                _say(f"resumed from {self.checkpointer.directory / str(start)} at step {start}")
+                self.warn_if_schedule_moved(start)
             return start, state
         return 0, fresh_state(layout, self.algorithm.trainables, self.config.seed)
 
-    def run(self) -> st.TrainState:
+    def warn_if_schedule_moved(self, start: int) -> None:
+        """A changed train.steps stretches step-dependent schedules (decay, warmup_ratio): say where the rate jumps."""
+        if self.previous_steps is None or self.previous_steps == self.config.train.steps:
+            return
+        for name, trainable in self.algorithm.trainables.items():
+            before = float(make_schedule(trainable.optimizer, self.previous_steps)(start))
+            now = float(self.layout.schedules[name](start))
+            if not math.isclose(before, now, rel_tol=1e-6):
+                _say(f"warning: train.steps changed {self.previous_steps} → {self.config.train.steps}: the learning "
+                     f"rate of '{name}' at step {start} moves from {before:.4g} to {now:.4g}")
+
+    def run(self, stop_request: stop.StopRequest) -> st.TrainState:
         config, checkpointer = self.config, self.checkpointer
         start, state = self.initial_state()
+        run_dir.save_config(config)
         logger = _MetricsLogger(self.out, start, jax.process_index() == 0)
-        stop = _StopRequest()
+        signals = _SharedStop(stop_request)
         total = config.train.steps
         last_saved = start
         checkpoint_pending = False
@@ -203,11 +231,12 @@ class _Run:
                     self.step_fn = self.compile_step(batch)
                 state, metrics, real_tokens = self.step_fn(state, self.frozen, batch)
                 step += 1
+                stop_request.arm()
                 window.add(step, metrics, host_metrics, real_tokens)
                 progress.update(1)
                 due = bool(config.checkpoint.every) and step % config.checkpoint.every == 0
                 checkpoint_pending = checkpoint_pending or due
-                stopping = stop.requested()
+                stopping = signals.requested()
                 if step % config.train.log_every == 0 or step == total or stopping:
                     window.check_finite()  # waits for the window's steps, so the clock includes their device time
                     line = window.line(time.perf_counter())
@@ -220,26 +249,30 @@ class _Run:
                     eval_line = self.evaluate(state, step)
                     if eval_line is not None:
                         logger.write(eval_line)
+                        keys = sorted((k for k in eval_line if k != "step"), key=lambda k: (k != "eval_loss", k))
+                        shown = " ".join(f"{k} {eval_line[k]:.4f}" for k in keys)
+                        progress.write(f"jaxalign: step {step}/{total} {shown}")
                 consistent = self.source.can_checkpoint()
                 if (checkpoint_pending or stopping) and consistent or step == total:
                     checkpointer.save(step, state, self.source.state_dict())
                     last_saved, checkpoint_pending = step, False
                 if stopping:
+                    progress.close()
                     checkpointer.wait()
                     if last_saved == step:
                         where = f"checkpoint saved in {checkpointer.directory / str(step)}"
                     else:
                         where = (f"not at a point the run can be saved; the last checkpoint is step {last_saved}"
                                  if last_saved else "no checkpoint was saved yet")
-                    _say(f"stopped by {stop.signal_name} after step {step}; {where}; run the same command again "
-                         "to resume")
-                    break
+                    message = (f"stopped by {signals.signal_name} after step {step}; {where}; run the same command "
+                               "again to resume")
+                    _say(message)
+                    raise stop.TrainingStopped(signals.signal_number, message)
             progress.close()
             if last_saved != step and self.source.can_checkpoint():
                 checkpointer.save(step, state, self.source.state_dict())
             return state
         finally:
-            stop.restore()
             logger.close()
 
     def global_batch(self, batch: dict) -> dict:
@@ -370,7 +403,9 @@ class _MetricsLogger:
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= start]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            partial = self.path.with_suffix(".jsonl.partial")
+            partial.write_text("".join(line + "\n" for line in kept))
+            os.replace(partial, self.path)
         from tensorboardX import SummaryWriter
 
         self.tensorboard = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1 if start else None)
@@ -390,37 +425,29 @@ class _MetricsLogger:
             self.tensorboard.close()
 
 
-class _StopRequest:
-    """SIGTERM / SIGINT set a flag; the loop saves after the current step. A second Ctrl-C interrupts at once.
-    With several processes the flag is shared, so every process stops after the same step."""
+class _SharedStop:
+    """The loop's view of a stop request: with several processes every process learns of a signal any of them got,
+    so all stop after the same step."""
 
-    def __init__(self):
-        self.signal_name = None
-        self.previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.previous[sig] = signal.signal(sig, self._handle)
+    def __init__(self, request: stop.StopRequest):
+        self.request = request
+        self.signal_number = None
 
-    def _handle(self, signum, frame):
-        self.signal_name = signal.Signals(signum).name
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signal_number).name
 
     def requested(self) -> bool:
-        local = self.signal_name is not None
-        if jax.process_count() == 1:
-            return local
-        flags = multihost_utils.process_allgather(np.array([local], np.int32))
-        if np.any(flags) and self.signal_name is None:
-            self.signal_name = "a stop signal on another process"
-        return bool(np.any(flags))
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        local = self.request.signal_number or 0
+        if jax.process_count() > 1:
+            local = int(np.max(multihost_utils.process_allgather(np.array([local], np.int32))))
+        self.signal_number = local or None
+        return self.signal_number is not None
 
 
 class _PlainProgress:
-    """Progress without a terminal (logs, CI, batch jobs): one line per logged step on process 0."""
+    """Progress without a terminal (logs, CI, batch jobs): one line per logged step on process 0, and each line
+    given to `write`."""
 
     def __init__(self, primary: bool, start: int, total: int):
         self.primary, self.step, self.total = primary, start, total
@@ -431,18 +458,26 @@ class _PlainProgress:
     def set_postfix(self, **values):
         if self.primary:
             shown = " ".join(f"{k} {v}" for k, v in values.items())
-            print(f"jaxalign: step {self.step}/{self.total} {shown}", file=sys.stderr, flush=True)
+            self.write(f"jaxalign: step {self.step}/{self.total} {shown}")
+
+    def write(self, line: str):
+        if self.primary:
+            print(line, file=sys.stderr, flush=True)
 
     def close(self):
         pass
 
 
 def _progress(primary: bool, start: int, total: int):
-    if not (primary and sys.stderr.isatty()):
+    """A tqdm bar on a terminal with a width (a terminal of 0 columns, as some containers give, shows no bar);
+    otherwise plain lines. Both show the loss of each logged step and print the lines given to `write`."""
+    if not (primary and sys.stderr.isatty() and os.get_terminal_size(sys.stderr.fileno()).columns > 0):
         return _PlainProgress(primary, start, total)
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+    bar.write = lambda line: tqdm.write(line, file=sys.stderr)
+    return bar
 
 
 def _say(message: str) -> None:

@@ -1,5 +1,6 @@
 """The training loop end to end in real subprocesses: exact resume after SIGKILL, SIGTERM, NaN, a damaged newest
-checkpoint, and a resume onto a different mesh (8 devices -> 1)."""
+checkpoint, and a resume onto a different mesh (8 devices -> 1); exit statuses of a stop by signal at any moment;
+the run directory's config.yaml refusing a rerun with other settings; what the console shows."""
 
 import json
 import os
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = ROOT / "tests" / "train" / "tiny_run.py"
@@ -42,6 +44,13 @@ class Driver:
     def start(self, out: Path, *args: str) -> subprocess.Popen:
         return subprocess.Popen(self.command(out, "--step-delay", "0.3", *args), env=self.env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def handles_sigterm(proc: subprocess.Popen) -> bool:
+    """Whether the process has installed its SIGTERM handler (Python alone leaves SIGTERM to the default)."""
+    status = Path(f"/proc/{proc.pid}/status").read_text()
+    caught = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(caught & (1 << (signal.SIGTERM - 1)))
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +101,8 @@ def test_uninterrupted_run_logs_and_checkpoints(reference):
     assert {"step", "loss", "grad_norm", "lr", "tokens_per_s"} <= set(lines[1])
     assert checkpoint_steps(out) == [2, 4, 6]
     assert list((out / "tensorboard").iterdir())
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["steps"] == STEPS and saved["optimizer"]["lr"] == 1e-2 and saved["output_dir"] == str(out)
 
 
 def test_exact_resume_after_sigkill(driver, reference, tmp_path):
@@ -109,12 +120,12 @@ def test_exact_resume_after_sigkill(driver, reference, tmp_path):
     assert_identical_from(tmp_path, reference[1], restored + 1)
 
 
-def test_sigterm_saves_exits_zero_and_resumes(driver, reference, tmp_path):
+def test_sigterm_saves_exits_143_and_resumes(driver, reference, tmp_path):
     proc = driver.start(tmp_path)
     wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and len(training_lines(tmp_path)) >= 3, proc)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-3000:]
+    assert proc.returncode == 143, stderr[-3000:]
     assert "stopped by SIGTERM after step" in stderr
     stopped = int(stderr.split("stopped by SIGTERM after step ")[1].split(";")[0])
     assert stopped < STEPS and stopped in checkpoint_steps(tmp_path)
@@ -122,6 +133,58 @@ def test_sigterm_saves_exits_zero_and_resumes(driver, reference, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"at step {stopped}" in resumed.stderr
     assert_identical_from(tmp_path, reference[1], stopped + 1)
+
+
+@pytest.mark.parametrize("moment", ["importing", "setting up", "training"])
+def test_ctrl_c_is_honoured_at_any_moment_with_status_130(driver, tmp_path, moment):
+    """SIGINT right after the handlers are installed (JAX still importing), during setup and compilation, and
+    mid-training: always status 130, never a traceback, a swallowed interrupt or a crash; in training after a save."""
+    proc = driver.start(tmp_path)
+    wait_for(lambda: handles_sigterm(proc), proc, timeout=60)
+    if moment == "setting up":
+        time.sleep(1.5)
+    if moment == "training":
+        wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and training_lines(tmp_path), proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr[-3000:]
+    if moment == "training":
+        stopped = int(stderr.split("stopped by SIGINT after step ")[1].split(";")[0])
+        assert stopped in checkpoint_steps(tmp_path)
+    else:
+        assert "SIGINT: exiting now (status 130)" in stderr, stderr[-3000:]
+
+
+def test_rerun_with_other_training_settings_is_refused_and_changes_nothing(driver, reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    result = driver.run(out, f"train.steps={STEPS + 2}", "optimizer.lr=0.02", "seed=1", "train.seq_len=8")
+    assert result.returncode == 2
+    assert f"{out} holds a run trained with other settings" in result.stderr
+    for change in ("optimizer.lr: 0.01 → 0.02", "seed: 0 → 1", "train.seq_len: 16 → 8", "--allow-config-change"):
+        assert change in result.stderr
+    assert "train.steps" not in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+
+    extended = driver.run(out, f"train.steps={STEPS + 2}", "checkpoint.every=4", "train.log_every=2")
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / str(STEPS)} at step {STEPS}" in extended.stderr
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == STEPS + 2
+
+
+def test_checkpoint_that_does_not_fit_is_reported_without_library_noise(driver, reference, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(reference[0], out)
+    result = driver.run(out, "optimizer.name=sgd", "--allow-config-change")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("jaxalign: warning: continuing") and 'optimizer.name: "adamw" → "sgd"' in lines[0]
+    assert lines[1].startswith(f"error: checkpoint step {STEPS} in {out / 'checkpoints'} does not fit this config:")
+    assert "opt_state/model/" in lines[1] and "use a new output_dir" in lines[1]
+    assert len(lines) == 2, result.stderr
+    assert yaml.safe_load((out / "config.yaml").read_text())["optimizer"]["name"] == "adamw"
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(driver, tmp_path):
@@ -161,19 +224,16 @@ def test_resume_on_a_different_mesh(driver, reference, tmp_path):
         assert abs(lines[step]["loss"] - expected) <= 1e-5 * abs(expected), step
 
 
-def test_eval_every_logs_eval_loss_of_the_current_params(tmp_path):
-    """In-process: eval lines every train.eval_every steps, equal to the loss recomputed from the final params."""
+def train_in_process(out: Path, *overrides: str):
+    """The tiny run in this process with eval data (5 fixed batches): (state, model, eval data)."""
     import itertools
 
-    import jax
-
     from jaxalign.config import RunConfig, apply_overrides, from_dict
-    from jaxalign.objectives.sft import make_algorithm, make_loss_fn
+    from jaxalign.objectives.sft import make_algorithm
     from jaxalign.train.loop import train
     from tests.train.tiny_run import TINY_OVERRIDES, SyntheticTokens, tiny_model
 
-    overrides = TINY_OVERRIDES + ["train.steps=4", "train.eval_every=2", "train.eval_batches=2", "checkpoint.every=0"]
-    config = from_dict(RunConfig, apply_overrides({"output_dir": str(tmp_path)}, overrides))
+    config = from_dict(RunConfig, apply_overrides({"output_dir": str(out)}, TINY_OVERRIDES + list(overrides)))
     model = tiny_model()
 
     def eval_data():
@@ -181,7 +241,20 @@ def test_eval_every_logs_eval_loss_of_the_current_params(tmp_path):
 
     algorithm = make_algorithm(model, config.optimizer, SyntheticTokens(8, 16, model.config.vocab_size),
                                eval_data=eval_data)
-    state = train(config, algorithm)
+    return train(config, algorithm), model, eval_data
+
+
+def test_eval_every_logs_eval_loss_of_the_current_params(tmp_path, capsys):
+    """In-process: eval lines every train.eval_every steps, equal to the loss recomputed from the final params, and
+    on the console; with train.steps < train.log_every the last step's loss is still shown."""
+    import itertools
+
+    import jax
+
+    from jaxalign.objectives.sft import make_loss_fn
+
+    state, model, eval_data = train_in_process(tmp_path, "train.steps=4", "train.eval_every=2",
+                                               "train.eval_batches=2", "checkpoint.every=0", "train.log_every=10")
     assert int(state.step) == 4
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [line for line in lines if "eval_loss" in line]
@@ -193,3 +266,50 @@ def test_eval_every_logs_eval_loss_of_the_current_params(tmp_path):
     assert evals[-1]["eval_loss"] == pytest.approx(expected, rel=1e-5)
     assert checkpoint_steps(tmp_path) == [4]
     assert jax.tree.leaves(state.params)[0].sharding.mesh.shape["fsdp"] == 8
+
+    console = capsys.readouterr().err.splitlines()
+    train_line = [line for line in lines if "loss" in line][-1]
+    assert console.count(f"jaxalign: step 4/4 loss {train_line['loss']:.4f}") == 1
+    for line in evals:
+        assert (f"jaxalign: step {line['step']}/4 eval_loss {line['eval_loss']:.4f} eval_correct "
+                f"{line['eval_correct']:.4f} eval_perplexity {line['eval_perplexity']:.4f}") in console
+
+
+@pytest.mark.parametrize("columns", [120, 0])
+def test_console_on_a_terminal_shows_loss_and_eval(tmp_path, monkeypatch, columns):
+    """On a terminal: a tqdm bar with the loss and eval lines above it; a terminal of 0 columns gets plain lines."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    received = []
+    reader = threading.Thread(target=lambda: _drain(leader, received), daemon=True)
+    reader.start()
+    terminal = os.fdopen(follower, "w")
+    monkeypatch.setattr(sys, "stderr", terminal)
+    train_in_process(tmp_path, "train.steps=2", "train.eval_every=2", "train.eval_batches=1", "checkpoint.every=0",
+                     "train.log_every=10")
+    terminal.close()
+    reader.join(timeout=10)
+    console = b"".join(received).decode()
+    loss = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][0]["loss"]
+    assert "jaxalign: step 2/2 eval_loss " in console
+    if columns:
+        assert f"train: 100%" in console and f"loss={loss:.4f}" in console
+    else:
+        assert f"jaxalign: step 2/2 loss {loss:.4f}" in console
+
+
+def _drain(fd: int, received: list) -> None:
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            return
+        if not chunk:
+            return
+        received.append(chunk)

@@ -1,12 +1,12 @@
 """Test driver: trains the tiny Llama on synthetic tokens with the one training loop.
 
     python tests/train/tiny_run.py OUTPUT_DIR [key.sub=value ...] [--algorithm sft|toy] [--step-delay S]
-        [--nan-at STEP] [--coordinator HOST:PORT --num-processes N --process-id I]
+        [--nan-at STEP] [--allow-config-change] [--coordinator HOST:PORT --num-processes N --process-id I]
 
 `sft` (default) trains on synthetic tokens; `toy` is `tests/train/toy_algorithm.py` (two trainables, a frozen
 reference, batches generated from the current policy).
 
-Exits 0 after training or after a SIGTERM-triggered save, 2 on a JaxalignError (like the CLI).
+Exits like the CLI: 0 after training, 2 on a JaxalignError, 143 / 130 when SIGTERM / SIGINT stopped it.
 """
 
 import argparse
@@ -109,11 +109,15 @@ def main(argv=None) -> int:
     parser.add_argument("--algorithm", choices=("sft", "toy"), default="sft")
     parser.add_argument("--step-delay", type=float, default=0.0)
     parser.add_argument("--nan-at", type=int, default=None)
+    parser.add_argument("--allow-config-change", action="store_true")
     parser.add_argument("--coordinator")
     parser.add_argument("--num-processes", type=int)
     parser.add_argument("--process-id", type=int)
     args = parser.parse_intermixed_args(argv)
 
+    from jaxalign.train import stop
+
+    stop.install()
     from jaxalign import sharding
     from jaxalign.config import RunConfig, apply_overrides, from_dict
     from jaxalign.errors import JaxalignError
@@ -140,11 +144,13 @@ def main(argv=None) -> int:
                                      process_index=jax.process_index(), process_count=jax.process_count())
             algorithm = make_algorithm(model, config.optimizer, tokens)
             algorithm = dataclasses.replace(algorithm, loss=poisonable(algorithm.loss))
-        state = train(config, algorithm)
+        state = train(config, algorithm, allow_config_change=args.allow_config_change)
         print(f"finished at step {int(state.step)}", flush=True)
     except JaxalignError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
+    except stop.TrainingStopped as stopped:
+        return stopped.code
     return 0
 
 

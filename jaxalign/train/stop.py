@@ -1,0 +1,130 @@
+"""Stopping on SIGTERM / SIGINT (Ctrl-C): save what can be saved, then exit non-zero.
+
+A training command calls `install()` as its first statement. From then on a signal is never turned into an exception
+in the middle of library code (where it can be swallowed, `Exception ignored in: <function _xla_gc_callback ...>`, or
+end in a segmentation fault): the C-level signal handler wakes a watcher thread, which
+
+- while the loop can save (inside `deferred()`, after its first step) records the request: the loop finishes the
+  step, saves, and raises `TrainingStopped`;
+- at any other moment (imports, loading, compiling, exporting) or on a second signal, exits the process at once
+  with status 128 + the signal number: 130 for SIGINT, 143 for SIGTERM. Checkpoints are written to a temporary
+  folder and renamed when complete, so an exit never leaves a damaged one.
+
+Without `install()` (the library used from Python), `deferred()` installs handlers only while the loop runs and
+hands a signal the loop cannot defer to the handler that was there before (Ctrl-C raises KeyboardInterrupt).
+"""
+
+import os
+import select
+import signal
+import sys
+import threading
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class TrainingStopped(SystemExit):
+    """Training stopped by a signal after saving what it could. `code` is the exit status (128 + the signal number:
+    130 for SIGINT, 143 for SIGTERM), so a script that does not catch it exits with that status and no traceback."""
+
+    def __init__(self, signal_number: int, message: str):
+        super().__init__(128 + signal_number)
+        self.signal_number = signal_number
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class StopRequest:
+    """The first signal received while the loop can save: `signal_number` (None until one arrives)."""
+
+    def __init__(self):
+        self.signal_number: int | None = None
+        self.armed = False
+
+    def arm(self) -> None:
+        """From now on a signal is recorded instead of ending the process (call once there is progress to save)."""
+        self.armed = True
+
+    @property
+    def signal_name(self) -> str | None:
+        return None if self.signal_number is None else signal.Signals(self.signal_number).name
+
+    def receive(self, signal_number: int) -> bool:
+        """Records the signal; False when it cannot be deferred (not armed yet, or a second signal)."""
+        if not self.armed or self.signal_number is not None:
+            return False
+        self.signal_number = signal_number
+        return True
+
+
+_current: StopRequest | None = None
+_installed = False
+
+
+def install() -> None:
+    """Routes SIGTERM and SIGINT of this process through the watcher thread for the rest of its life; idempotent.
+    Call from the main thread, before importing JAX."""
+    global _installed
+    if _installed:
+        return
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    for sig in SIGNALS:
+        if signal.getsignal(sig) != signal.SIG_IGN:  # e.g. SIGINT of a background job stays ignored
+            signal.signal(sig, _ignore_in_main_thread)
+    threading.Thread(target=_watch, args=(read_fd,), name="jaxalign-signals", daemon=True).start()
+    _installed = True
+
+
+class deferred:
+    """Context manager of the training loop: yields the `StopRequest` that signals fill once it is armed."""
+
+    def __enter__(self) -> StopRequest:
+        global _current
+        self.request = StopRequest()
+        self.previous = {}
+        if not _installed and threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._handle_in_main_thread)
+        self.outer, _current = _current, self.request
+        return self.request
+
+    def __exit__(self, *exc) -> None:
+        global _current
+        _current = self.outer
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle_in_main_thread(self, signum, frame):
+        if self.request.receive(signum):
+            return
+        previous = self.previous[signal.Signals(signum)]
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            _exit(signum)
+
+
+def _ignore_in_main_thread(signum, frame):
+    """Installed so that the C-level handler runs and wakes the watcher; the watcher acts."""
+
+
+def _watch(read_fd: int) -> None:
+    while True:
+        select.select([read_fd], [], [])
+        for signum in os.read(read_fd, 64):
+            if signum not in SIGNALS:
+                continue
+            request = _current
+            if request is None or not request.receive(signum):
+                _exit(signum)
+
+
+def _exit(signum: int) -> None:
+    name = signal.Signals(signum).name
+    print(f"\njaxalign: {name}: exiting now (status {128 + signum}); the last complete checkpoint, if any, is kept; "
+          "run the same command again to resume", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
