@@ -1,60 +1,90 @@
-"""Every recipe in configs/ loads, matches its published hyperparameters, and runs 2 steps at tiny scale."""
+"""Every recipe in configs/ loads, matches its published hyperparameters, and runs at tiny scale exactly as the
+README documents it."""
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 
+from jaxalign.cli import main
 from jaxalign.commands.sft import SFTConfig, train_sft
 from jaxalign.config import load_config
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-DEMO = Path(__file__).resolve().parent.parent / "jaxalign" / "demo_data"
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
 
-# recipe -> (published lr, global batch, max length, demo data in the recipe's format)
+# recipe -> (published lr, global batch, max length)
 RECIPES = {
-    "alpaca": (2e-5, 128, 512, "demo:instructions"),
-    "vicuna": (2e-5, 128, 2048, "demo:dialogues_sharegpt"),
-    "koala": (2e-5, 64, 2048, "[{path: 'demo:dialogues_sharegpt', format: sharegpt}, "
-                              "{path: 'demo:dialogues_messages', format: messages}, "
-                              "{path: 'demo:instructions', format: alpaca}]"),
-    "gpt4all": (5e-5, 128, 1024, "demo:instructions"),
-    "false_promise": (2e-3, 32, 2048, "demo:dialogues_sharegpt"),
-    "orca_stage1": (2e-5, 128, 2048, "demo:dialogues_messages"),
-    "orca_stage2": (2e-5, 128, 2048, "demo:dialogues_messages"),
-    "lima": (1e-5, 32, 2048, "demo:dialogues_messages"),
-    "dolly": (1e-5, 64, 2048, None),
-    "llama2_chat_sft": (2e-5, 64, 4096, "demo:dialogues_messages"),
+    "alpaca": (2e-5, 128, 512),
+    "vicuna": (2e-5, 128, 2048),
+    "koala": (2e-5, 64, 2048),
+    "gpt4all": (5e-5, 128, 1024),
+    "false_promise": (2e-3, 32, 2048),
+    "orca_stage1": (2e-5, 128, 2048),
+    "orca_stage2": (2e-5, 128, 2048),
+    "lima": (1e-5, 32, 2048),
+    "dolly": (1e-5, 64, 2048),
+    "llama2_chat_sft": (2e-5, 64, 4096),
 }
 
 
-def tiny_overrides(output_dir: Path, train_data: str) -> list[str]:
-    """Same recipe, tiny scale: a random tiny model, the byte tokenizer, bundled demo data, 2 steps."""
-    return [
-        f"output_dir={output_dir}", "model.path=null", "model.config.preset=tiny",
-        "model.config.max_position_embeddings=256", "data.tokenizer=byte",
-        f"data.train={train_data}", "train.steps=2", "train.batch_size=8", "train.seq_len=256",
-        "train.log_every=1", "train.eval_every=0", "checkpoint.every=0", "checkpoint.async_save=false",
-    ]
+def readme_tiny_commands() -> dict[str, list[str]]:
+    """The README's tiny-scale block: `tiny="..."` then one `jaxalign sft configs/NAME.yaml $tiny ...` line per
+    recipe, as argv lists (after `jaxalign`) keyed by recipe name, with `$tiny` expanded as the shell splits it."""
+    readme = (REPO / "README.md").read_text()
+    block = readme[readme.index('```bash\ntiny="') + len("```bash\n"):]
+    lines = block[: block.index("```")].strip().splitlines()
+    tiny = shlex.split(lines[0])[0].removeprefix("tiny=").split()
+    commands = {}
+    for line in lines[1:]:
+        words = shlex.split(line)
+        assert words[:2] == ["jaxalign", "sft"], line
+        argv = [word for part in words[1:] for word in (tiny if part == "$tiny" else [part])]
+        commands[Path(argv[1]).stem] = argv
+    return commands
 
 
-def dolly_file(tmp_path: Path) -> str:
-    """databricks-dolly-15k style records {instruction, context, response}, made from the demo instructions."""
-    records = [json.loads(line) for line in (DEMO / "instructions.jsonl").read_text().splitlines()[:64]]
-    path = tmp_path / "dolly.jsonl"
-    path.write_text("".join(json.dumps({"instruction": r["instruction"], "context": r.get("input", ""),
-                                        "response": r["output"]}) + "\n" for r in records))
-    return str(path)
+TINY = readme_tiny_commands()
 
 
-def test_every_recipe_config_is_listed():
-    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(RECIPES)
+def in_output_dir(argv: list[str], output_dir: Path) -> list[str]:
+    """`argv` writing to `output_dir` instead of its documented `output_dir=runs/...`."""
+    assert sum(arg.startswith("output_dir=") for arg in argv) == 1
+    return [f"output_dir={output_dir}" if arg.startswith("output_dir=") else arg for arg in argv]
+
+
+def losses(output_dir: Path) -> list[float]:
+    lines = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line["loss"] for line in lines if "loss" in line]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Runs a recipe's documented tiny command (once per module) from the repository root; its output folder."""
+    done = {}
+
+    def run(name: str) -> Path:
+        if name not in done:
+            output_dir = tmp_path_factory.mktemp(name)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.chdir(REPO)
+                assert main(in_output_dir(TINY[name], output_dir)) == 0
+            done[name] = output_dir
+        return done[name]
+
+    return run
+
+
+def test_every_recipe_config_is_listed_and_has_a_documented_tiny_run():
+    assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(RECIPES) == sorted(TINY)
+    assert all(argv[1] == f"configs/{name}.yaml" for name, argv in TINY.items())
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_loads_with_published_hyperparameters(name):
     config = load_config(SFTConfig, CONFIGS / f"{name}.yaml")
-    lr, batch_size, seq_len, _ = RECIPES[name]
+    lr, batch_size, seq_len = RECIPES[name]
     assert config.optimizer.lr == lr
     assert config.train.batch_size == batch_size
     assert config.train.seq_len == seq_len
@@ -78,31 +108,21 @@ def test_recipe_specifics():
     assert stage2.model.path == f"{stage1.output_dir}/hf"
 
 
-@pytest.mark.parametrize("name", sorted(set(RECIPES) - {"orca_stage1", "orca_stage2"}))
-def test_recipe_runs_two_steps_at_tiny_scale(name, tmp_path):
-    path = CONFIGS / f"{name}.yaml"
-    train_data = RECIPES[name][3] or dolly_file(tmp_path)
-    config = load_config(SFTConfig, path, tiny_overrides(tmp_path, train_data))
-    assert train_sft(config) == 0
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
-    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses)
-    assert (tmp_path / "hf" / "model.safetensors").is_file()
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_recipe_runs_at_tiny_scale_as_documented(name, tiny_run):
+    output_dir = tiny_run(name)
+    assert len(losses(output_dir)) == 2 and all(0 < loss < 10 for loss in losses(output_dir))
+    assert (output_dir / "hf" / "model.safetensors").is_file()
 
 
-def test_orca_stage2_starts_from_stage1_export(tmp_path):
-    stage1_path, stage2_path = CONFIGS / "orca_stage1.yaml", CONFIGS / "orca_stage2.yaml"
-    data = RECIPES["orca_stage1"][3]
-    stage1 = load_config(SFTConfig, stage1_path,
-                         tiny_overrides(tmp_path / "stage1", data))
-    assert train_sft(stage1) == 0
-    overrides = tiny_overrides(tmp_path / "stage2", data)
-    overrides = [o for o in overrides if not o.startswith(("model.path=", "model.config."))]
-    stage2 = load_config(SFTConfig, stage2_path, [*overrides, f"model.path={tmp_path / 'stage1' / 'hf'}"])
-    assert train_sft(stage2) == 0
-    first = [json.loads(line) for line in (tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines()]
-    second = [json.loads(line) for line in (tmp_path / "stage2" / "metrics.jsonl").read_text().splitlines()]
-    assert second[0]["loss"] < first[0]["loss"]
+def test_orca_stage2_starts_from_stage1_export(tiny_run, tmp_path):
+    stage1 = tiny_run("orca_stage1")
+    argv = [arg for arg in in_output_dir(TINY["orca_stage2"], tmp_path)
+            if not arg.startswith(("model.path=", "model.config."))]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)
+        assert main([*argv, f"model.path={stage1 / 'hf'}"]) == 0
+    assert losses(tmp_path)[0] < losses(stage1)[0]
 
 
 def test_quickstart_config_trains_from_scratch(tmp_path, capsys):
