@@ -126,8 +126,11 @@ def _gather_json(value: dict) -> list:
 
 def _shape_mismatch(saved_metadata, abstract_state) -> str | None:
     """The first differences between the arrays a checkpoint holds and those of `abstract_state` (paths as
-    `params/model/embed_tokens/embedding`), or None when every path and shape agrees."""
+    `params/model/embed_tokens/embedding`), or None when every path and shape agrees. A checkpoint that lists no
+    arrays at all is damaged, not different: ValueError."""
     saved = {_path(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_leaves_with_path(saved_metadata)}
+    if not saved:
+        raise ValueError("its state lists no arrays")
     wanted = {_path(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_leaves_with_path(abstract_state)}
     problems = [f"{path}: checkpoint {saved[path]}, this config {wanted[path]}"
                 for path in wanted if path in saved and saved[path] != wanted[path]]

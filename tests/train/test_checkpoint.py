@@ -57,11 +57,12 @@ def test_damaged_newest_is_set_aside_with_a_warning(tmp_path, mesh, caplog):
     assert Checkpointer(tmp_path / "checkpoints", keep=3).steps() == [1]
 
 
-def test_no_restorable_step_raises_and_moves_nothing(tmp_path, mesh):
+def test_checkpoint_of_other_shapes_raises_naming_the_array_and_moves_nothing(tmp_path, mesh):
     checkpointer = Checkpointer(tmp_path / "checkpoints", keep=3)
     checkpointer.save(1, make_state(1.0, mesh), {"position": 1})
     checkpointer.wait()
-    with pytest.raises(JaxalignError, match="no checkpoint in .* can be restored .*step 1.*use a new output_dir"):
+    with pytest.raises(JaxalignError, match=r"checkpoint step 1 in .* does not fit this config: w: checkpoint \(8, 2\), "
+                                            r"this config \(4, 2\)\. .*use a new output_dir"):
         checkpointer.restore_latest(abstract(mesh, shape=(4, 2)))
     checkpointer.close()
     assert (tmp_path / "checkpoints" / "1").is_dir()
