@@ -14,6 +14,7 @@ Without `install()` (the library used from Python), `deferred()` installs handle
 hands a signal the loop cannot defer to the handler that was there before (Ctrl-C raises KeyboardInterrupt).
 """
 
+import contextlib
 import os
 import select
 import signal
@@ -79,33 +80,32 @@ def install() -> None:
     _installed = True
 
 
-class deferred:
+@contextlib.contextmanager
+def deferred():
     """Context manager of the training loop: yields the `StopRequest` that signals fill once it is armed."""
+    global _current
+    request = StopRequest()
+    previous = {}
 
-    def __enter__(self) -> StopRequest:
-        global _current
-        self.request = StopRequest()
-        self.previous = {}
-        if not _installed and threading.current_thread() is threading.main_thread():
-            for sig in SIGNALS:
-                self.previous[sig] = signal.signal(sig, self._handle_in_main_thread)
-        self.outer, _current = _current, self.request
-        return self.request
-
-    def __exit__(self, *exc) -> None:
-        global _current
-        _current = self.outer
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle_in_main_thread(self, signum, frame):
-        if self.request.receive(signum):
+    def handle_in_main_thread(signum, frame):
+        if request.receive(signum):
             return
-        previous = self.previous[signal.Signals(signum)]
-        if callable(previous):
-            previous(signum, frame)
-        elif previous != signal.SIG_IGN:
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, frame)
+        elif handler != signal.SIG_IGN:
             _exit(signum)
+
+    if not _installed and threading.current_thread() is threading.main_thread():
+        for sig in SIGNALS:
+            previous[sig] = signal.signal(sig, handle_in_main_thread)
+    outer, _current = _current, request
+    try:
+        yield request
+    finally:
+        _current = outer
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _ignore_in_main_thread(signum, frame):
