@@ -5,10 +5,16 @@ The model starts from a Hugging Face folder or a jaxalign model checkpoint (`mod
 the embeddings with mean-initialised rows. The loss is the mean cross-entropy over the trained tokens of each global
 batch; with eval data (`data.eval` or `data.eval_fraction`) every `train.eval_every` steps the run logs `eval_loss`,
 `eval_perplexity` and `eval_correct` (next-token accuracy). A finished run is exported to `OUTPUT_DIR/hf/`, a
-Hugging Face folder with the tokenizer.
+Hugging Face folder with the tokenizer; rerunning a finished run says so and exports only if `hf/` is missing.
+
+OUTPUT_DIR/config.yaml records the run's config; a rerun into the same OUTPUT_DIR with other training settings is
+refused before anything there changes, unless `--allow-config-change` (see `jaxalign.train.run_dir`). SIGTERM and
+Ctrl-C save a checkpoint after the current step and exit with status 143 / 130 (at once, when there is nothing to
+save yet).
 """
 
 import argparse
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,18 +36,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="YAML run config (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="config overrides, values parsed as YAML (e.g. train.steps=100 optimizer.lr=1e-5)")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="continue a run in output_dir although its training settings (model, data, optimizer, "
+                             "...) differ from the ones it was started with")
 
 
 def run(args: argparse.Namespace) -> int:
+    from jaxalign.train import stop
+
+    stop.install()
     from jaxalign import sharding as shd
 
     config = load_config(SFTConfig, args.config, args.overrides)
     shd.initialize_distributed()
-    return train_sft(config)
+    try:
+        return train_sft(config, allow_config_change=args.allow_config_change)
+    except stop.TrainingStopped as stopped:
+        return stopped.code
 
 
-def train_sft(config: SFTConfig) -> int:
+def train_sft(config: SFTConfig, allow_config_change: bool = False) -> int:
+    """Trains and exports; 0 when OUTPUT_DIR holds the finished run with its export. Raises `JaxalignError` for bad
+    input (a rerun with other settings among them) and `jaxalign.train.stop.TrainingStopped` after a stop signal."""
     import jax
+
+    from jaxalign.train import run_dir
+
+    out = Path(config.output_dir)
+    hf_out = out / "hf"
+    run_dir.check_config(config, allow_config_change)
+    finished = run_dir.latest_checkpoint_step(out)
+    if finished is not None and finished >= config.train.steps and hf_out.is_dir():
+        _say(f"{out} already finished at step {finished} (train.steps={config.train.steps}); the model is in "
+             f"{hf_out} (raise train.steps to train on)")
+        return 0
 
     from jaxalign.data import build_loader, load_tokenizer, prepare_tokenizer
     from jaxalign.data.templates import chat_format
@@ -74,18 +102,20 @@ def train_sft(config: SFTConfig) -> int:
     if added:
         _say(f"added tokens {added} to the tokenizer; the model's vocabulary has {model_config.vocab_size} rows")
     algorithm = make_algorithm(model, config.optimizer, train_loader, init=source.load, eval_data=eval_data)
-    state = train(config, algorithm)
+    state = train(config, algorithm, allow_config_change=allow_config_change)
 
-    out = Path(config.output_dir)
-    if int(state.step) < config.train.steps:
-        _say(f"stopped at step {int(state.step)} of {config.train.steps}; run the same command again to resume")
-        return 0
-    hf_dir = save_pretrained(model, state.params["model"], out / "hf", tokenizer=tokenizer,
-                             chat_format=chat_format(config.data, tokenizer))
-    _say(f"finished {config.train.steps} steps. Outputs in {out}/:\n"
+    partial = out / "hf.partial"
+    if jax.process_index() == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+    save_pretrained(model, state.params["model"], partial, tokenizer=tokenizer,
+                    chat_format=chat_format(config.data, tokenizer))
+    if jax.process_index() == 0:
+        shutil.rmtree(hf_out, ignore_errors=True)
+        partial.rename(hf_out)
+    _say(f"finished {int(state.step)} steps. Outputs in {out}/:\n"
          f"  metrics.jsonl, tensorboard/   training and eval curves (PNGs: jaxalign plot {out})\n"
          f"  checkpoints/                  resumable train state\n"
-         f"  hf/                           the fine-tuned model with its tokenizer ({hf_dir})")
+         f"  hf/                           the fine-tuned model with its tokenizer ({hf_out})")
     return 0
 
 

@@ -1,7 +1,10 @@
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +33,32 @@ def metrics(output_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
+MEMORISE = ["data.train=[{path: 'demo:instructions', limit: 16}]", "data.shuffle=false",
+            "data.eval=[{path: 'demo:instructions', limit: 16}]", "train.steps=120", "train.eval_every=120",
+            "optimizer.lr=1e-2", "optimizer.schedule=cosine", "optimizer.warmup_steps=10", "mesh.fsdp=8"]
+
+
 @pytest.fixture(scope="module")
 def memorised_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("memorise")
-    config = tiny_config(out, "data.train=[{path: 'demo:instructions', limit: 16}]", "data.shuffle=false",
-                         "data.eval=[{path: 'demo:instructions', limit: 16}]", "train.steps=120",
-                         "train.eval_every=120", "optimizer.lr=1e-2", "optimizer.schedule=cosine",
-                         "optimizer.warmup_steps=10", "mesh.fsdp=8")
-    assert train_sft(config) == 0
+    assert train_sft(tiny_config(out, *MEMORISE)) == 0
     return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+def mtimes(folder: Path) -> dict:
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def memorise_config_file(tmp_path: Path) -> Path:
+    config_file = tmp_path / "memorise.yaml"
+    config_file.write_text(json.dumps(apply_overrides(TINY_RUN, MEMORISE)))
+    return config_file
 
 
 def test_tiny_model_memorises_a_small_set(memorised_run):
@@ -173,3 +193,79 @@ def test_missing_model_path_says_how_to_train_from_scratch(tmp_path, capsys):
     assert main(["sft", str(config_file), f"output_dir={tmp_path}", f"model.path={tmp_path / 'nowhere'}"]) == 2
     err = capsys.readouterr().err
     assert "'model.path'" in err and "nowhere is neither a Hugging Face folder" in err and "model.path=null" in err
+
+
+def test_rerun_of_a_finished_run_says_so_and_leaves_the_export(memorised_run, tmp_path, capsys):
+    out = copy_of(memorised_run, tmp_path)
+    before = mtimes(out)
+    assert train_sft(tiny_config(out, *MEMORISE)) == 0
+    assert f"{out} already finished at step 120 (train.steps=120); the model is in {out / 'hf'}" in capsys.readouterr().out
+    assert mtimes(out) == before
+
+
+def test_rerun_of_a_finished_run_exports_a_missing_hf_folder(memorised_run, tmp_path, capsys):
+    out = copy_of(memorised_run, tmp_path)
+    shutil.rmtree(out / "hf")
+    assert train_sft(tiny_config(out, *MEMORISE)) == 0
+    assert "already finished at step 120" in capsys.readouterr().err
+    assert sorted(p.name for p in (out / "hf").iterdir()) == sorted(p.name for p in (memorised_run / "hf").iterdir())
+    assert not (out / "hf.partial").exists()
+
+
+def test_rerun_with_other_template_mask_and_lr_is_refused_and_changes_nothing(memorised_run, tmp_path, capsys):
+    out = copy_of(memorised_run, tmp_path)
+    before = mtimes(out)
+    code = main(["sft", str(memorise_config_file(tmp_path)), f"output_dir={out}", "data.template=chatml",
+                 "data.mask=assistant", "optimizer.lr=1e-3", "train.steps=150"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"jaxalign sft: error: {out} holds a run trained with other settings ({out / 'config.yaml'}):" in err
+    for change in ('data.template: "plain" → "chatml"', 'data.mask: "prompt" → "assistant"',
+                   "optimizer.lr: 0.01 → 0.001", "--allow-config-change"):
+        assert change in err
+    assert "train.steps" not in err
+    assert mtimes(out) == before
+
+
+def test_checkpoint_of_another_model_is_reported_without_library_noise(memorised_run, tmp_path, capfd):
+    out = copy_of(memorised_run, tmp_path)
+    code = main(["sft", str(memorise_config_file(tmp_path)), f"output_dir={out}", "train.steps=121",
+                 "model.config={preset: tiny, hidden_size: 48}", "--allow-config-change"])
+    assert code == 2
+    lines = capfd.readouterr().err.strip().splitlines()
+    assert 'warning: continuing' in lines[0] and "model.config" in lines[0]
+    assert "does not fit this config: " in lines[-1] and "embed_tokens/embedding: checkpoint (" in lines[-1]
+    assert len(lines) == 2, lines
+    assert "hidden_size" not in (out / "config.yaml").read_text()
+
+
+def test_a_stop_signal_ends_jaxalign_sft_with_status_143(tmp_path):
+    """`jaxalign sft cfg && jaxalign generate ...` must not go on after a stop; SIGTERM during setup."""
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(json.dumps(TINY_RUN))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "jaxalign.cli", "sft", str(config_file),
+                             f"output_dir={tmp_path / 'run'}"], env=env, stderr=subprocess.PIPE, text=True)
+    status = Path(f"/proc/{proc.pid}/status")
+    deadline = time.monotonic() + 60
+    while not int(next(line.split()[1] for line in status.read_text().splitlines()
+                       if line.startswith("SigCgt:")), 16) & (1 << (signal.SIGTERM - 1)):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "SIGTERM: exiting now (status 143)" in stderr and "Traceback" not in stderr
+
+
+def test_sft_run_returns_the_exit_status_of_a_stop(tmp_path, monkeypatch):
+    from jaxalign.commands import sft
+    from jaxalign.train.stop import TrainingStopped
+
+    def stopped(config, allow_config_change):
+        raise TrainingStopped(signal.SIGINT, "stopped by SIGINT after step 3")
+
+    monkeypatch.setattr(sft, "train_sft", stopped)
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(json.dumps(TINY_RUN))
+    assert main(["sft", str(config_file), f"output_dir={tmp_path}"]) == 130
