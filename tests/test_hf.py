@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import jaxalign
+from jaxalign.data.templates import TEMPLATES
 from jaxalign.errors import JaxalignError
 from jaxalign.hf import config_from_hf, config_to_hf, load_tokenizer
 from jaxalign.models.llama import LlamaConfig, init_cache
@@ -306,8 +307,7 @@ CHAT = [
 ]
 
 
-@pytest.mark.parametrize("template", ["alpaca", "dolly", "vicuna_v1.1", "koala", "llama2_chat", "chatml", "orca", "lima",
-                                      "gpt4all", "plain", "tokenizer"])
+@pytest.mark.parametrize("template", TEMPLATES)
 def test_export_carries_the_training_format(byte_model, template, tmp_path):
     """The exported tokenizer's chat template gives, through transformers, the ids jaxalign trained on and prompts
     with; the template's end-of-turn token is an eos id of config.json and generation_config.json."""

@@ -4,6 +4,10 @@ Input lines are `{"prompt": "..."}` or `{"messages": [{"role": ..., "content": .
 each output line repeats the input fields and adds `completion` (text), `tokens` and `logprobs` (log-probabilities
 of the completion tokens under the model's distribution at `--temperature`, before top-k / top-p; at temperature 1
 when greedy), plus `sample` (0..K-1) when `--num-samples K` is above 1.
+
+Prompts are rendered with the model's chat template (a jaxalign export holds the format it was trained in), with a
+built-in template (`--template alpaca`), or, for `prompt` lines with `--no-chat-template`, taken as plain text.
+Generation stops at the model's eos ids and the template's end-of-turn token.
 """
 
 import argparse
@@ -12,7 +16,8 @@ from pathlib import Path
 
 from jaxalign.arguments import add_model_arguments, add_sampling_arguments
 from jaxalign.commands.jsonl import read_objects
-from jaxalign.data.tokenizer import encode_chat, has_chat_template, stop_token_ids
+from jaxalign.data.templates import BUILTIN_TEMPLATES, prompt_template
+from jaxalign.data.tokenizer import encode_chat, stop_token_ids
 from jaxalign.errors import JaxalignError
 
 
@@ -27,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="completions generated together")
     parser.add_argument("--no-chat-template", action="store_true",
                         help="tokenize `prompt` as plain text instead of as a user turn of the chat template")
+    parser.add_argument("--template", choices=BUILTIN_TEMPLATES, default=None,
+                        help="render prompts in this built-in template (as data.template trained it) instead of "
+                             "the tokenizer's chat template")
     parser.add_argument("--truncate-prompts", action="store_true",
                         help="keep the last tokens of prompts too long for the context instead of failing")
 
@@ -75,12 +83,10 @@ def run(args: argparse.Namespace) -> int:
     model, params = load_model(args.model, args.dtype, head="causal_lm")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     stops = stop_token_ids(model.config, tokenizer)
-    uses_template = not args.no_chat_template or any(isinstance(r.get("messages"), list) for r in records)
-    if uses_template and not has_chat_template(tokenizer):
-        raise JaxalignError(
-            "the tokenizer has no chat template; give plain-text prompts with --no-chat-template "
-            "(or a tokenizer folder that has one with --tokenizer)"
-        )
+    if args.template and args.no_chat_template:
+        raise JaxalignError("--template and --no-chat-template exclude each other: choose one")
+    if not args.no_chat_template or any(isinstance(r.get("messages"), list) for r in records):
+        stops = tuple(dict.fromkeys((*stops, prompt_template(tokenizer, args.template))))
     prompts = [encode_record(tokenizer, record, not args.no_chat_template) for record in records]
     room = model.config.max_position_embeddings - args.max_new_tokens
     for (line, _), prompt in zip(numbered, prompts):

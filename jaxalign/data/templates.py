@@ -438,10 +438,10 @@ def chat_template(template: str, tokens: SpecialTokens, system_message: str | No
     eos = _quote(tokens.eos)
     text = "m.content + ('\\n\\n' + m.context if m.context is defined and m.context else '')"
     context = "m.context is defined and m.context"
-    defaults = {"alpaca": None, "dolly": DOLLY_SYSTEM, "vicuna_v1.1": VICUNA_SYSTEM, "orca": ORCA_SYSTEM}
+    defaults = {"dolly": DOLLY_SYSTEM, "vicuna_v1.1": VICUNA_SYSTEM, "orca": ORCA_SYSTEM}
     default = system_message if system_message is not None else defaults.get(template)
     prelude = (
-        "{%- if messages and messages[0].role == 'system' %}{% set system = messages[0].content %}"
+        "{% if messages and messages[0].role == 'system' %}{% set system = messages[0].content %}"
         "{% set dialogue = messages[1:] %}{% else %}"
         f"{{% set system = {'none' if default is None else _quote(default)} %}}{{% set dialogue = messages %}}"
         "{% endif %}"
@@ -449,7 +449,8 @@ def chat_template(template: str, tokens: SpecialTokens, system_message: str | No
     if template == "alpaca" and system_message is None:
         prelude += (
             "{% if system is none %}{% if dialogue and dialogue[0].context is defined and dialogue[0].context %}"
-            f"{{% set system = {_quote(ALPACA_INPUT_SYSTEM)} %}}{{% else %}}{{% set system = {_quote(ALPACA_SYSTEM)} %}}"
+            f"{{% set system = {_quote(ALPACA_INPUT_SYSTEM)} %}}{{% else %}}"
+            f"{{% set system = {_quote(ALPACA_SYSTEM)} %}}"
             "{% endif %}{% endif %}"
         )
     first, user, header, answer = {
@@ -510,3 +511,28 @@ def _quote(text: str) -> str:
     """`text` as a Jinja string literal."""
     escaped = text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r")
     return f"'{escaped}'"
+
+
+def prompt_template(tokenizer, name: str | None = None) -> int:
+    """Makes `tokenizer` prompt in built-in template `name` as `data.template: NAME` trains with its defaults (the
+    tokenizer's bos, the template's default system message, LIMA's `<|eot|>`), or keeps its own chat template
+    (`name` None). Returns the id of the template's end-of-turn token, where generation stops.
+
+    Raises `JaxalignError` when `name` is None and the tokenizer has no chat template, or when the tokenizer lacks
+    a token the template needs.
+    """
+    if name is None and not getattr(tokenizer, "chat_template", None):
+        raise JaxalignError(
+            "the tokenizer has no chat template; prompt in a built-in one with --template NAME "
+            f"({', '.join(BUILTIN_TEMPLATES)}) or in plain text with --no-chat-template"
+        )
+    tokens = special_tokens(tokenizer, True, "<|eot|>")
+    if name is not None:
+        tokenizer.chat_template = chat_template(name, tokens)
+    end = end_of_turn(name or "tokenizer", tokens, tokenizer)
+    vocab = tokenizer.get_vocab()
+    needed = {end, IM_START} if name == "chatml" else {end}
+    missing = sorted(t for t in needed if t not in vocab)
+    if missing:
+        raise JaxalignError(f"template {name}: the tokenizer has no token {missing[0]!r}, which the template needs")
+    return vocab[end]

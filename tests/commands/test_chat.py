@@ -74,3 +74,74 @@ def test_text_stream_prints_only_complete_characters():
     stream([65], [False])
     assert printed == ["h", "h", "hé", "hé", "hé", "hé", "hé🙂"]
     assert out.getvalue() == "hé🙂"
+
+
+@pytest.fixture(scope="module")
+def quickstart_model(tmp_path_factory):
+    """The Quickstart run (configs/tiny/sft.yaml: alpaca, byte tokenizer, a 320-position context), cut to 2 steps."""
+    out = tmp_path_factory.mktemp("quickstart")
+    assert main(["sft", "configs/tiny/sft.yaml", f"output_dir={out}", "train.steps=2", "train.batch_size=8",
+                 "data.train=[{path: 'demo:instructions', limit: 16}]", "data.eval_fraction=0",
+                 "optimizer.warmup_steps=0"]) == 0
+    return out / "hf"
+
+
+def test_the_quickstart_model_chats_in_alpaca_with_the_default_reply_length(quickstart_model, monkeypatch, capsys):
+    """Default --max-new-tokens (512) on a 320-position model: every turn gets a reply that fits what the context
+    leaves, prompted in Alpaca as the model was trained; a conversation that fills the context asks for /reset."""
+    import jaxalign
+    from jaxalign.data.tokenizer import encode_chat
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Name a colour.\nAnother one.\n/reset\nName a colour.\n"))
+    assert main(["chat", "--model", str(quickstart_model), "--temperature", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "error" not in out
+    turns = out.split("assistant> ")[1:]
+
+    tokenizer = load_tokenizer(quickstart_model)
+    model, params = jaxalign.load_pretrained(quickstart_model)
+    assert model.config.max_position_embeddings == 320
+    messages = [{"role": "user", "content": "Name a colour."}]
+    prompt = encode_chat(tokenizer, messages)
+    assert tokenizer.decode(prompt) == (
+        "<s>Below is an instruction that describes a task. Write a response that appropriately completes the "
+        "request.\n\n### Instruction:\nName a colour.\n\n### Response:\n"
+    )
+    first = generate(model, params, [prompt], min(512, 320 - len(prompt)), stop_token_ids=(2,))
+    reply = tokenizer.decode(first.completions()[0], skip_special_tokens=True)
+    assert turns[0].startswith(reply + "\n")
+    second = encode_chat(tokenizer, messages + [{"role": "assistant", "content": reply},
+                                                {"role": "user", "content": "Another one."}])
+    if len(second) < 320:
+        assert len(turns) == 3
+    else:
+        assert len(turns) == 2 and "fills the model's context of 320 positions; /reset" in out
+    assert turns[-1].startswith(reply + "\n")
+
+
+def test_builtin_template_and_plain_text_options(model_dir, monkeypatch, capsys):
+    import jaxalign
+
+    from jaxalign.data.formats import Message, Prompt
+    from jaxalign.data.masking import tokenize_segments
+    from jaxalign.data.templates import render, special_tokens
+    from jaxalign.data.tokenizer import SegmentEncoder
+
+    tokenizer = load_tokenizer(model_dir)
+    model, params = jaxalign.load_pretrained(model_dir)
+
+    def reply_to(prompt):
+        result = generate(model, params, [prompt], 6, stop_token_ids=(tokenizer.eos_token_id,))
+        return tokenizer.decode(result.completions()[0], skip_special_tokens=True)
+
+    _, out = chat(model_dir, monkeypatch, capsys, "Hi\n", "--template", "koala")
+    segments = render(Prompt((Message("user", "Hi"),), None, "t"), "koala", special_tokens(tokenizer, True, "<|eot|>"))
+    prompt = tokenize_segments([segments], SegmentEncoder(tokenizer))[0].ids.tolist()
+    assert tokenizer.decode(prompt) == "<|im_start|>BEGINNING OF CONVERSATION: USER: Hi GPT:"
+    assert out.split("assistant> ")[1].startswith(reply_to(prompt) + "\n")
+
+    _, out = chat(model_dir, monkeypatch, capsys, "Hi\n", "--no-chat-template")
+    assert out.split("assistant> ")[1].startswith(reply_to(tokenizer("Hi\n")["input_ids"]) + "\n")
+
+    code = main(["chat", "--model", str(model_dir), "--template", "lima"])
+    assert code == 2 and "the tokenizer has no token '<|eot|>'" in capsys.readouterr().err

@@ -153,3 +153,74 @@ def test_a_jaxalign_model_checkpoint_generates_like_its_hugging_face_folder(mode
     assert run_generate(tmp_path / "ckpt", prompts, tmp_path / "ckpt.jsonl", "--temperature", "0",
                         "--tokenizer", str(model_dir)) == 0
     assert read_lines(tmp_path / "ckpt.jsonl") == read_lines(tmp_path / "hf.jsonl")
+
+
+def export_trained_format(folder, template: str):
+    """A random tiny model exported with the byte tokenizer as `jaxalign sft` exports a model trained with
+    `data.template=template` (no training: the export's format is what is tested)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxalign.data import DataConfig, prepare_tokenizer
+    from jaxalign.data.templates import chat_format
+    from jaxalign.data.tokenizer import byte_tokenizer
+    from jaxalign.hf import save_pretrained
+    from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer()
+    data = DataConfig(template=template)
+    prepare_tokenizer(data, tokenizer)
+    model = LlamaForCausalLM(LlamaConfig.tiny(vocab_size=264, hidden_size=32, intermediate_size=64,
+                                              max_position_embeddings=320))
+    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = jax.tree.map(lambda p: p * 20.0, params)
+    save_pretrained(model, params, folder, tokenizer=tokenizer, chat_format=chat_format(data, tokenizer))
+    return folder
+
+
+def prompt_ids(template: str, tokenizer, messages) -> list[int]:
+    """The ids jaxalign trains on for `messages` up to the assistant header, with `data.template=template`."""
+    from jaxalign.data.formats import Message, Prompt
+    from jaxalign.data.masking import tokenize_segments
+    from jaxalign.data.templates import render, special_tokens
+    from jaxalign.data.tokenizer import SegmentEncoder
+
+    prompt = Prompt(tuple(Message(m["role"], m["content"]) for m in messages), None, "t")
+    segments = render(prompt, template, special_tokens(tokenizer, True, "<|eot|>"))
+    return tokenize_segments([segments], SegmentEncoder(tokenizer))[0].ids.tolist()
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chatml"])
+def test_an_export_is_prompted_in_the_format_it_was_trained_in(template, tmp_path):
+    import jaxalign
+
+    folder = export_trained_format(tmp_path / "hf", template)
+    tokenizer = load_tokenizer(folder)
+    prompts = write_lines(tmp_path / "prompts.jsonl", RECORDS[:2])
+    assert run_generate(folder, prompts, tmp_path / "out.jsonl", "--temperature", "0") == 0
+    chats = [[{"role": "user", "content": RECORDS[0]["prompt"]}], RECORDS[1]["messages"]]
+    encoded = [prompt_ids(template, tokenizer, chat) for chat in chats]
+    if template == "alpaca":
+        assert tokenizer.decode(encoded[0]).startswith("<s>Below is an instruction that describes a task.")
+        assert tokenizer.decode(encoded[0]).endswith("### Instruction:\nWhat is the capital of France?\n\n"
+                                                     "### Response:\n")
+    model, params = jaxalign.load_pretrained(folder)
+    stops = (2,) if template == "alpaca" else (2, 5)
+    assert model.config.eos_token_id == (2 if template == "alpaca" else (2, 5))
+    expected = generate(model, params, encoded, 8, stop_token_ids=stops)
+    assert [line["tokens"] for line in read_lines(tmp_path / "out.jsonl")] == expected.completions()
+
+
+def test_template_option_renders_prompts_in_a_builtin_template(model_dir, tmp_path):
+    import jaxalign
+
+    prompts = write_lines(tmp_path / "prompts.jsonl", RECORDS[:2])
+    assert run_generate(model_dir, prompts, tmp_path / "out.jsonl", "--temperature", "0",
+                        "--template", "vicuna_v1.1") == 0
+    tokenizer = load_tokenizer(model_dir)
+    chats = [[{"role": "user", "content": RECORDS[0]["prompt"]}], RECORDS[1]["messages"]]
+    encoded = [prompt_ids("vicuna_v1.1", tokenizer, chat) for chat in chats]
+    assert tokenizer.decode(encoded[1]) == "<|im_start|>Be brief. USER: Hi ASSISTANT:"
+    model, params = jaxalign.load_pretrained(model_dir)
+    expected = generate(model, params, encoded, 8, stop_token_ids=(tokenizer.eos_token_id,))
+    assert [line["tokens"] for line in read_lines(tmp_path / "out.jsonl")] == expected.completions()
