@@ -19,6 +19,8 @@ COMMANDS = {
     "score": ("jaxalign.commands.score", "log-probability and perplexity of each text in a JSONL file"),
     "check-parity": ("jaxalign.commands.check_parity", "compare jaxalign logits with transformers on an HF folder"),
     "sft": ("jaxalign.commands.sft", "supervised fine-tuning (or training from scratch) on instruction / dialogue data"),
+    "rm": ("jaxalign.commands.rm", "train a reward model on preference pairs (LLaMA-2 margins by strength)"),
+    "reward": ("jaxalign.commands.reward", "a reward model's score for each response or preference pair of a JSONL file"),
     "plot": ("jaxalign.commands.plot", "PNG curves (loss, eval loss, learning rate) from a run's metrics.jsonl"),
     "data": ("jaxalign.commands.data", "inspect a config's data: rendered examples, loss masks, token counts"),
     "memory": ("jaxalign.commands.memory", "predicted per-device memory of parameters + optimiser state for a config"),

@@ -44,6 +44,88 @@ def llama2_final_reward(score_helpful, score_safety, is_safety, threshold: float
     return whiten(np.where(use_safety, safety, np.asarray(score_helpful, np.float64)))
 
 
+class ModelReward:
+    """A reward model as a `RewardFn`: each prompt + response is rendered with `data_config`'s template (the one the
+    model was trained with; `tokenizer` uses the tokenizer's own chat template), tokenised, and scored at its last
+    token in batches of `batch_size` rows padded to power-of-two lengths (few compiles). A conversation longer than
+    `max_length` tokens raises `JaxalignError` (a cut one would be scored at the wrong token).
+
+        reward = ModelReward(*load_model("runs/rm/hf"), load_tokenizer("runs/rm/hf"), DataConfig(template="alpaca"))
+        scores = reward(["What is 2+2?"], ["4."], [{}])
+    """
+
+    def __init__(self, model, params, tokenizer, data_config, max_length: int | None = None, batch_size: int = 8):
+        import dataclasses
+
+        import jax
+
+        from jaxalign.data.loader import Preprocessor
+        from jaxalign.objectives.reward import sequence_rewards
+
+        self.params = params
+        self.batch_size = batch_size
+        self.max_length = max_length or model.config.max_position_embeddings
+        truncation = dataclasses.replace(data_config.truncation, overlong="drop", max_prompt_fraction=None)
+        self.preprocessor = Preprocessor(dataclasses.replace(data_config, truncation=truncation), tokenizer,
+                                         self.max_length)
+        self._rewards = jax.jit(lambda p, ids, positions, segments: sequence_rewards(model, p, ids, positions,
+                                                                                     segments))
+
+    def __call__(self, prompts, responses, metadata) -> np.ndarray:
+        from jaxalign.data.formats import parse_record
+
+        examples = []
+        for index, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+            record = {"messages": [*messages, {"role": "assistant", "content": response}]}
+            examples.append(parse_record(record, "messages", f"response {index}"))
+        return self.score(examples)
+
+    def score(self, examples) -> np.ndarray:
+        """Rewards of parsed examples: `[N]` for conversations (scored whole), `[N, 2]` (chosen, rejected) for
+        `PreferencePair`s."""
+        items = [item for group in self.preprocessor.process(list(examples)) for item in group]
+        for example, item in zip(examples, items):
+            if item.dropped is not None:
+                longest = max(part.ids.size for part in item.parts)
+                raise JaxalignError(f"{example.origin}: {longest} tokens, more than the maximum length "
+                                    f"{self.max_length} (the model's positions, or --max-length)")
+        if not items:
+            return np.zeros(0, np.float32)
+        rewards = self._score_sequences([part.ids for item in items for part in item.parts]).reshape(len(items), -1)
+        return rewards[:, 0] if rewards.shape[1] == 1 else rewards
+
+    def _score_sequences(self, sequences: list[np.ndarray]) -> np.ndarray:
+        rewards = np.zeros(len(sequences), np.float32)
+        order = sorted(range(len(sequences)), key=lambda i: sequences[i].size)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            longest = max(sequences[i].size for i in chunk)
+            length = min(max(16, 1 << (longest - 1).bit_length()), max(self.max_length, longest))
+            ids = np.full((self.batch_size, length), self.preprocessor.pad_id, np.int32)
+            segments = np.zeros((self.batch_size, length), np.int32)
+            positions = np.zeros((self.batch_size, length), np.int32)
+            for row, i in enumerate(chunk):
+                n = sequences[i].size
+                ids[row, :n], segments[row, :n], positions[row, :n] = sequences[i], 1, np.arange(n)
+            scores = np.asarray(self._rewards(self.params, ids, positions, segments))
+            rewards[chunk] = scores[: len(chunk)]
+        return rewards
+
+
+class Llama2Reward:
+    """LLaMA-2's two reward models as one `RewardFn`: `llama2_final_reward` of the helpfulness and safety models'
+    scores, with `metadata[b]["safety"]` (truthy) marking safety prompts."""
+
+    def __init__(self, helpful: RewardFn, safety: RewardFn, threshold: float = 0.15):
+        self.helpful, self.safety, self.threshold = helpful, safety, threshold
+
+    def __call__(self, prompts, responses, metadata) -> np.ndarray:
+        is_safety = [bool(m.get("safety", False)) for m in metadata]
+        return llama2_final_reward(self.helpful(prompts, responses, metadata),
+                                   self.safety(prompts, responses, metadata), is_safety, self.threshold)
+
+
 def function_reward(spec: str) -> RewardFn:
     """The Python function named `module:function` (importable from the working directory or installed), called
     as `fn(prompts, responses, metadata)` and expected to return one number per response."""

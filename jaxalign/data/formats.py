@@ -15,7 +15,9 @@ Formats: alpaca `{instruction, input?, output}`; dolly `{instruction, context?, 
 the first three is a string or a message list, or LLaMA-Factory style `{conversations, chosen: {from, value},
 rejected: {from, value}}` (strength and safety may also be text, as CSV cells are: "2", "true"; an empty string is
 "not given"); hh `{chosen, rejected}` full Anthropic-HH texts ("\\n\\nHuman: ...\\n\\nAssistant: ..."); prompt
-`{prompt}` or `{messages}` ending in a user turn; text `{text}`. Other fields are ignored.
+`{prompt}` or `{messages}` ending in a user turn; text `{text}`. Other fields are ignored. A pair may carry its own
+numeric `margin` (reward models use it instead of the table by strength); a pair whose chosen and rejected answers
+are identical raises `IdenticalPair`, which the source reader always skips and counts.
 
 Errors name the record's origin (`file:line`) and the field. A blank response (empty or whitespace only) raises
 `BlankResponse` in every format: alpaca `output`, dolly `response`, every assistant turn of a sharegpt or messages
@@ -23,6 +25,7 @@ conversation, chosen / rejected answers, the final answers of an hh pair, and `t
 records or stops at them (`data.blank_responses`).
 """
 
+import math
 from dataclasses import dataclass
 from typing import Union
 
@@ -43,6 +46,18 @@ class BlankResponse(JaxalignError):
     def brief(self) -> str:
         """The origin and field, without the advice (for the list of skipped records)."""
         return f"{self.origin}: field '{self.field}' is a blank response"
+
+
+class IdenticalPair(JaxalignError):
+    """A preference pair whose chosen and rejected answers are the same: it carries no preference, so the source
+    reader always skips and counts it (with a warning)."""
+
+    def __init__(self, origin: str):
+        self.origin = origin
+        super().__init__(f"{origin}: chosen and rejected are identical")
+
+    def brief(self) -> str:
+        return str(self)
 
 
 ROLE_ALIASES = {
@@ -98,6 +113,7 @@ class PreferencePair:
     strength: int
     safety: int
     origin: str
+    margin: float | None = None  # a record's own margin, in place of the table by strength
 
 
 @dataclass(frozen=True)
@@ -337,7 +353,23 @@ def _preference(record: dict, origin: str) -> PreferencePair:
             raise JaxalignError(f"{origin}: missing field '{name}'")
     chosen = _response(record["chosen"], "chosen", origin)
     rejected = _response(record["rejected"], "rejected", origin)
-    return PreferencePair(prompt, chosen, rejected, _strength(record, origin), _safety(record, origin), origin)
+    if chosen == rejected:
+        raise IdenticalPair(origin)
+    return PreferencePair(prompt, chosen, rejected, _strength(record, origin), _safety(record, origin), origin,
+                          _margin(record, origin))
+
+
+def _margin(record: dict, origin: str) -> float | None:
+    value = record.get("margin")
+    if value is None or value == "":
+        return None
+    try:
+        margin = float(value)
+    except (TypeError, ValueError):
+        raise JaxalignError(f"{origin}: field 'margin': expected a number, got {value!r}") from None
+    if not math.isfinite(margin):
+        raise JaxalignError(f"{origin}: field 'margin': expected a finite number, got {value!r}")
+    return margin
 
 
 def _hh_dialogue(text: str, name: str, origin: str) -> list[Message]:
@@ -368,8 +400,11 @@ def _hh(record: dict, origin: str) -> PreferencePair:
     prompt = _check_dialogue(chosen[:-1], "chosen", origin, "user")
     for name, messages in (("chosen", chosen), ("rejected", rejected)):
         _answer(messages[-1].content, name, origin)
+    if chosen[-1] == rejected[-1]:
+        raise IdenticalPair(origin)
     return PreferencePair(
-        prompt, (chosen[-1],), (rejected[-1],), _strength(record, origin), _safety(record, origin), origin
+        prompt, (chosen[-1],), (rejected[-1],), _strength(record, origin), _safety(record, origin), origin,
+        _margin(record, origin),
     )
 
 

@@ -51,6 +51,7 @@ class Item:
     parts: tuple[Fitted, ...]
     strength: int = -1
     safety: int = -1
+    margin: float | None = None  # a pair's own margin
     index: int = -1  # the example's index in `DataLoader.examples`, set when the loader reads it
 
     @property
@@ -132,7 +133,7 @@ class Preprocessor:
                 fit(p.ids, trained_flags(p, "assistant"), self.seq_len, trunc.max_prompt_fraction, overlong)
                 for p in parts
             )
-            return [Item(fitted, example.strength, example.safety)]
+            return [Item(fitted, example.strength, example.safety, margin=example.margin)]
         trained = trained_flags(parts[0], self.config.mask)
         if trunc.overlong == "split":
             return [Item((block,)) for block in split_blocks(parts[0].ids, trained, self.seq_len)]
@@ -152,7 +153,8 @@ def split_eval(sources: list[SourceData], fraction: float, seed: int, split: str
             raise JaxalignError(f"data source {source.spec.path}: eval_fraction {fraction} leaves no {split} examples")
         examples = [source.examples[j] for j in keep]
         if split == "train":
-            out.append(SourceData(source.spec, source.format, examples, source.skipped, source.blank))
+            out.append(SourceData(source.spec, source.format, examples, source.skipped, source.blank,
+                                  source.identical))
         else:
             out.append(SourceData(source.spec, source.format, examples))
     return out
@@ -196,8 +198,10 @@ class DataLoader:
         self.sources = sources
         self.skipped = [message for s in sources for message in s.skipped]
         self.blank_skipped = sum(s.blank for s in sources)
+        self.identical_skipped = sum(s.identical for s in sources)
         if self.skipped and process_index == 0:
-            print(f"jaxalign: {skipped_summary(split, self.skipped, self.blank_skipped)}", file=sys.stderr, flush=True)
+            summary = skipped_summary(split, self.skipped, self.blank_skipped, self.identical_skipped)
+            print(f"jaxalign: {summary}", file=sys.stderr, flush=True)
         self.examples = [e for s in sources for e in s.examples]
         kinds = {example_kind(e) for e in self.examples}
         if len(kinds) != 1:
@@ -297,7 +301,7 @@ class DataLoader:
         elif self.kind == "preference":
             pairs = [
                 ((r[0].parts[0].ids, r[0].parts[0].trained), (r[0].parts[1].ids, r[0].parts[1].trained),
-                 r[0].strength, r[0].safety) if r else None
+                 r[0].strength, r[0].safety, r[0].margin) if r else None
                 for r in rows
             ]
             batch = packing.preference_batch(pairs, self.seq_len, pad, self.config.margin)
@@ -384,13 +388,15 @@ class DataLoader:
         return _pass_stats(items, self)
 
 
-def skipped_summary(split: str, skipped: list[str], blank: int) -> str:
+def skipped_summary(split: str, skipped: list[str], blank: int, identical: int = 0) -> str:
     """One line: how many records of `split` were skipped, why, and the first of them."""
     reasons = []
     if blank:
         reasons.append(f"{blank} with a blank response (data.blank_responses=skip)")
-    if len(skipped) > blank:
-        reasons.append(f"{len(skipped) - blank} bad (data.on_error=skip)")
+    if identical:
+        reasons.append(f"{identical} pairs with chosen identical to rejected")
+    if len(skipped) > blank + identical:
+        reasons.append(f"{len(skipped) - blank - identical} bad (data.on_error=skip)")
     records = "record" if len(skipped) == 1 else "records"
     return f"data.{split}: skipped {len(skipped)} {records}: {', '.join(reasons)}; first: {skipped[0]}"
 

@@ -12,7 +12,7 @@ LM batch (all int32 `[B, L]`):
 Preference batch, one pair per row (never packed): `chosen_{input_ids,targets,loss_mask,segment_ids,positions}`
 and the same with `rejected_`, all `[B, L]` int32 as above; `[B]` arrays `strength` int32 (0 significantly
 better .. 3 negligibly better / unsure, -1 unknown), `safety` int32 (1 / 0, -1 unknown), `margin` float32 (from
-strength with `data.margin`; 0 when unknown or `none`) and `pair_mask` float32 (1 for a real pair, 0 for a padding
+strength with `data.margin`, or the record's own `margin`; 0 when unknown or `none`) and `pair_mask` float32 (1 for a real pair, 0 for a padding
 row at the end of an eval set).
 
 Prompt batch (RL), left-padded so generation continues every row at the same slot: `input_ids`, `segment_ids`
@@ -54,7 +54,8 @@ def lm_batch(rows: list[list[tuple[np.ndarray, np.ndarray]]], seq_len: int, pad_
 
 
 def preference_batch(pairs: list, seq_len: int, pad_id: int, margin: str = "none") -> dict[str, np.ndarray]:
-    """`pairs[b]` = `(chosen (ids, trained), rejected (ids, trained), strength, safety)` or None for a padding row."""
+    """`pairs[b]` = `(chosen (ids, trained), rejected (ids, trained), strength, safety[, margin])` or None for a
+    padding row; a pair's own margin (not None) replaces the `margin` table's value for its strength."""
     batch = {}
     for index, name in ((0, "chosen"), (1, "rejected")):
         rows = [[pair[index]] if pair is not None else [] for pair in pairs]
@@ -64,6 +65,9 @@ def preference_batch(pairs: list, seq_len: int, pad_id: int, margin: str = "none
     batch["strength"] = strength
     batch["safety"] = np.asarray([pair[3] if pair is not None else -1 for pair in pairs], np.int32)
     batch["margin"] = margins[strength]
+    for b, pair in enumerate(pairs):
+        if pair is not None and len(pair) > 4 and pair[4] is not None:
+            batch["margin"][b] = pair[4]
     batch["pair_mask"] = np.asarray([pair is not None for pair in pairs], np.float32)
     return batch
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from jaxalign.data.config import SourceSpec
-from jaxalign.data.formats import BlankResponse, Example, detect_format, parse_record
+from jaxalign.data.formats import BlankResponse, Example, IdenticalPair, detect_format, parse_record
 from jaxalign.errors import JaxalignError
 
 DEMO_DIR = Path(__file__).resolve().parent.parent / "demo_data"
@@ -30,13 +30,14 @@ CSV_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 @dataclass
 class SourceData:
     """The examples of one source, its detected format, the records skipped as `origin: reason`, and how many of
-    those were skipped for a blank response."""
+    those were skipped for a blank response and as a pair with identical answers."""
 
     spec: SourceSpec
     format: str
     examples: list[Example]
     skipped: list[str] = field(default_factory=list)
     blank: int = 0
+    identical: int = 0
 
 
 def demo_path(name: str) -> Path:
@@ -228,17 +229,21 @@ def load_source(spec: SourceSpec, default_format: str = "auto", on_error: str = 
     """Reads and parses every record of one source (format auto-detected from its first readable record).
 
     `on_error` ("raise" | "skip"): what a bad record does; `blank_responses` ("error" | "skip"): whether a record
-    whose response is blank is a bad record or is skipped and counted in `SourceData.blank`.
+    whose response is blank is a bad record or is skipped and counted in `SourceData.blank`. A preference pair with
+    identical answers is always skipped and counted in `SourceData.identical`.
     """
     fmt = spec.format or default_format
     skipped: list[str] = []
     examples: list[Example] = []
-    blank = 0
+    blank = identical = 0
     for record, origin in iter_records(spec, skipped, on_error):
         try:
             if fmt == "auto":
                 fmt = detect_format(record, origin)
             examples.append(parse_record(record, fmt, origin))
+        except IdenticalPair as err:
+            skipped.append(err.brief())
+            identical += 1
         except BlankResponse as err:
             if blank_responses == "skip":
                 skipped.append(err.brief())
@@ -256,4 +261,4 @@ def load_source(spec: SourceSpec, default_format: str = "auto", on_error: str = 
     if not examples:
         detail = f" ({len(skipped)} skipped, first: {skipped[0]})" if skipped else ""
         raise JaxalignError(f"data source {spec.path}: no usable records{detail}")
-    return SourceData(spec, fmt, examples, skipped, blank)
+    return SourceData(spec, fmt, examples, skipped, blank, identical)

@@ -8,8 +8,8 @@ Per pair, with rewards `r_c`, `r_r` read at the last non-padding token of prompt
 `margin` field of the data; 0 without), `c` the reward-centering coefficient (0 = off; ≈ 0.01 keeps rewards near
 zero). Accuracy counts `r_c > r_r` strictly: a tie is wrong.
 
-`make_loss_fn(model)` gives the loop's loss: chosen and rejected of every pair run in one forward pass; metrics
-overall and per strength bucket.
+`make_loss_fn(model)` gives the loss: chosen and rejected of every pair run in one forward pass; metrics overall
+and per strength bucket. `make_algorithm` wraps it as the loop's `Algorithm`.
 """
 
 from collections.abc import Callable, Mapping
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxalign.models.heads import last_token_scores
-from jaxalign.train.algorithm import Mean
+from jaxalign.train.algorithm import Algorithm, DataSource, Mean, Trainable
 
 # Strength buckets by their index in preference batches (`strength` -1 = unknown), as metric-name suffixes.
 STRENGTH_NAMES = ("significantly_better", "better", "slightly_better", "negligibly_better")
@@ -39,6 +39,15 @@ def pairwise_loss(r_chosen: jax.Array, r_rejected: jax.Array, margin: jax.Array 
     return loss
 
 
+def sequence_rewards(model, params, input_ids, positions, segment_ids, rng: jax.Array | None = None) -> jax.Array:
+    """Rewards `[B]` float32 of one sequence per row (`[B, L]` int32 arrays, padding has segment 0, on either side):
+    the score model's output at the row's last non-padding token. With `rng` the pass runs in training mode."""
+    deterministic = rng is None
+    scores = model.apply({"params": params}, input_ids, positions, segment_ids, deterministic=deterministic,
+                         rngs=None if deterministic else {"dropout": rng})
+    return last_token_scores(scores, segment_ids)
+
+
 def pair_rewards(model, params, batch: Mapping[str, jax.Array], rng: jax.Array | None = None):
     """`(r_chosen [B], r_rejected [B])` float32 of a preference batch (`chosen_*` / `rejected_*` keys of
     `jaxalign.data.packing.preference_batch`), both halves stacked into one forward pass of a score model; each
@@ -47,11 +56,7 @@ def pair_rewards(model, params, batch: Mapping[str, jax.Array], rng: jax.Array |
     def both(key):
         return jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)
 
-    segment_ids = both("segment_ids")
-    deterministic = rng is None
-    scores = model.apply({"params": params}, both("input_ids"), both("positions"), segment_ids,
-                         deterministic=deterministic, rngs=None if deterministic else {"dropout": rng})
-    rewards = last_token_scores(scores, segment_ids)
+    rewards = sequence_rewards(model, params, both("input_ids"), both("positions"), both("segment_ids"), rng)
     half = rewards.shape[0] // 2
     return rewards[:half], rewards[half:]
 
@@ -87,3 +92,17 @@ def make_loss_fn(model, center_coefficient: float = 0.0) -> Callable:
         return Mean.of(losses, pair_mask), pair_metrics(r_chosen, r_rejected, losses, batch["strength"], pair_mask)
 
     return loss_fn
+
+
+def make_algorithm(model, optimizer, train_data, *, init=None, eval_data=None,
+                   center_coefficient: float = 0.0) -> Algorithm:
+    """Reward modelling as the loop runs it: one trainable `model` (a `LlamaForScore`) with `optimizer`, starting
+    from `init(shardings) -> params` (default: random), trained on `train_data` (preference batches with
+    `state_dict()` / `load_state_dict()`); `eval_data()` gives fresh eval batches."""
+    loss_fn = make_loss_fn(model, center_coefficient)
+    return Algorithm(
+        trainables={"model": Trainable(model, optimizer, init)},
+        loss=lambda params, frozen, batch, rng: loss_fn(params["model"], batch, rng),
+        source=DataSource(train_data),
+        eval_batches=eval_data,
+    )

@@ -1,6 +1,7 @@
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 
 from jaxalign.data.config import SourceSpec
@@ -196,6 +197,38 @@ def test_with_blank_responses_error_on_error_skip_skips_them_as_bad_records(tmp_
     data = load_source(SourceSpec(str(path)), on_error="skip")
     assert len(data.examples) == 2 and len(data.skipped) == 3 and data.blank == 0
     assert data.skipped[0].startswith(f"{path}:2: field 'output' is a blank response (empty or whitespace only)")
+
+
+def test_pairs_with_identical_answers_are_always_skipped_and_counted(tmp_path):
+    lines = [
+        json.dumps({"prompt": "2+2?", "chosen": "4", "rejected": "5"}),
+        json.dumps({"prompt": "2+3?", "chosen": "5", "rejected": "5"}),
+        json.dumps({"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: hello"}),
+    ]
+    path = _jsonl(tmp_path / "pairs.jsonl", lines[:2])
+    data = load_source(SourceSpec(str(path)))
+    assert [e.origin for e in data.examples] == [f"{path}:1"] and data.identical == 1
+    assert data.skipped == [f"{path}:2: chosen and rejected are identical"]
+    hh = _jsonl(tmp_path / "hh.jsonl", [lines[2], json.dumps({"chosen": "\n\nHuman: a\n\nAssistant: b",
+                                                                 "rejected": "\n\nHuman: a\n\nAssistant: c"})])
+    assert load_source(SourceSpec(str(hh))).identical == 1
+
+
+def test_a_pair_may_carry_its_own_numeric_margin(tmp_path):
+    from jaxalign.data.packing import preference_batch
+
+    path = _jsonl(tmp_path / "pairs.jsonl", [
+        json.dumps({"prompt": "a", "chosen": "b", "rejected": "c", "strength": "better", "margin": 0.25}),
+        json.dumps({"prompt": "a", "chosen": "b", "rejected": "d", "strength": "better"}),
+        json.dumps({"prompt": "a", "chosen": "b", "rejected": "e", "margin": "wide"}),
+    ])
+    with pytest.raises(JaxalignError, match=rf"{path}:3: field 'margin': expected a number, got 'wide'"):
+        load_source(SourceSpec(str(path)))
+    examples = load_source(SourceSpec(str(path)), on_error="skip").examples
+    assert [e.margin for e in examples] == [0.25, None]
+    pair = ((np.array([1, 2]), np.array([0, 1], bool)), (np.array([1, 3]), np.array([0, 1], bool)))
+    batch = preference_batch([(*pair, e.strength, e.safety, e.margin) for e in examples], 4, 0, "large")
+    np.testing.assert_allclose(batch["margin"], [0.25, 2.0])
 
 
 # ---- bad input ----

@@ -1,0 +1,68 @@
+"""`jaxalign rm` on the tiny config: trains, logs the reward metrics overall and per strength, exports a Hugging Face
+sequence classifier that `jaxalign reward` scores; bad configs name their key."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from jaxalign.cli import main
+from jaxalign.commands.rm import RMConfig, train_rm
+from jaxalign.config import load_config
+from jaxalign.errors import JaxalignError
+
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "rm.yaml"
+DEMO = Path(__file__).resolve().parents[2] / "jaxalign" / "demo_data" / "preferences.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-rm")
+    config = load_config(RMConfig, CONFIG, [f"output_dir={out}", "train.steps=3", "train.log_every=1",
+                                            "train.eval_every=3", "checkpoint.every=0"])
+    assert train_rm(config) == 0
+    return out
+
+
+def test_tiny_rm_logs_reward_metrics_overall_and_per_strength(tiny_rm):
+    lines = [json.loads(line) for line in (tiny_rm / "metrics.jsonl").read_text().splitlines()]
+    train = [line for line in lines if "loss" in line]
+    assert [line["step"] for line in train] == [1, 2, 3]
+    assert {"accuracy", "rewards/chosen", "rewards/rejected", "rewards/margins", "grad_norm"} <= set(train[0])
+    (evaluation,) = [line for line in lines if "eval_loss" in line]
+    strengths = ("significantly_better", "better", "slightly_better", "negligibly_better")
+    assert {f"eval_accuracy/{name}" for name in strengths} <= set(evaluation)
+    assert 0.0 <= evaluation["eval_accuracy"] <= 1.0
+
+
+def test_export_is_a_sequence_classifier_that_jaxalign_reward_scores(tiny_rm, tmp_path, capsys):
+    hf = json.loads((tiny_rm / "hf" / "config.json").read_text())
+    assert hf["architectures"] == ["LlamaForSequenceClassification"] and hf["num_labels"] == 1
+    pairs = [line for line in DEMO.read_text().splitlines()[:8] if len(line) < 400][:4]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(pairs) + "\n" + json.dumps({"prompt": "What is 2+2?", "response": "4."}) + "\n")
+    out = tmp_path / "scores.jsonl"
+    assert main(["reward", "--model", str(tiny_rm / "hf"), "--data", str(data), "--template", "alpaca",
+                 "--out", str(out)]) == 0
+    scores = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(scores) == len(pairs) + 1
+    assert set(scores[0]) == {"reward_chosen", "reward_rejected", "margin"} and set(scores[-1]) == {"reward"}
+    assert scores[0]["margin"] == pytest.approx(scores[0]["reward_chosen"] - scores[0]["reward_rejected"])
+    assert f"{len(pairs)} pairs: accuracy" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["data.margin=small"], "'data.margin': set the reward model's margin with loss.margin"),
+    (["data.truncation.overlong=truncate"], "'data.truncation.overlong': 'truncate' would score"),
+    (["loss.center_coefficient=-1"], "'loss.center_coefficient': expected >= 0"),
+    (["loss.margin=huge"], "'loss.margin': expected one of 'none', 'small', 'large'"),
+])
+def test_bad_rm_config_names_the_key(overrides, message):
+    with pytest.raises(JaxalignError, match=message):
+        load_config(RMConfig, CONFIG, overrides)
+
+
+def test_rm_refuses_data_without_preference_pairs(tmp_path):
+    config = load_config(RMConfig, CONFIG, [f"output_dir={tmp_path}", "data.train=demo:instructions"])
+    with pytest.raises(JaxalignError, match="'data.train': a reward model trains on preference pairs"):
+        train_rm(config)
