@@ -9,7 +9,8 @@ run in one forward pass and the reward is the score at the last token of each. T
 field takes precedence; `loss.center_coefficient`: c). Metrics, train and eval: `loss`, `accuracy`,
 `rewards/chosen`, `rewards/rejected`, `rewards/margins`, and per strength bucket `accuracy/<strength>`,
 `loss/<strength>`, `rewards/margins/<strength>`. A finished run is exported to `OUTPUT_DIR/hf/` as a Hugging Face
-`LlamaForSequenceClassification` with the tokenizer.
+`LlamaForSequenceClassification` with the tokenizer and the chat template of `data.template`. Reruns, stop signals
+and exit statuses are those of every training command (`jaxalign.train.command`).
 """
 
 import argparse
@@ -17,9 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from jaxalign.config import ModelSection, RunConfig, load_config
+from jaxalign.config import ModelSection, RunConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.errors import JaxalignError
+from jaxalign.train.command import (add_run_arguments, already_finished, build_loaders, export_model,
+                                    report_finished, run_tokenizer, run_training_command)
 
 
 @dataclass(frozen=True)
@@ -56,67 +59,38 @@ class RMConfig(RunConfig):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", type=Path, help="YAML run config (see configs/tiny/rm.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                        help="config overrides, values parsed as YAML (e.g. loss.margin=small optimizer.lr=1e-5)")
+    add_run_arguments(parser, "configs/tiny/rm.yaml")
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxalign import sharding as shd
-
-    config = load_config(RMConfig, args.config, args.overrides)
-    shd.initialize_distributed()
-    return train_rm(config)
+    return run_training_command(args, RMConfig, train_rm)
 
 
-def train_rm(config: RMConfig) -> int:
-    import jax
-
-    from jaxalign.data import build_loader, load_tokenizer, prepare_tokenizer
+def train_rm(config: RMConfig, allow_config_change: bool = False) -> int:
+    """Trains and exports; 0 when OUTPUT_DIR holds the finished run with its export. Raises `JaxalignError` for bad
+    input and `jaxalign.train.stop.TrainingStopped` after a stop signal."""
+    if already_finished(config, "rm", allow_config_change):
+        return 0
+    from jaxalign.data.templates import chat_format
     from jaxalign.hf import save_pretrained
     from jaxalign.models.loading import model_source
     from jaxalign.objectives.reward import make_algorithm
     from jaxalign.train.loop import train
 
-    tokenizer_spec = config.data.tokenizer or config.model.path
-    if tokenizer_spec is None:
-        raise JaxalignError("config key 'data.tokenizer' is required when model.path is not set (e.g. 'byte')")
-    tokenizer = load_tokenizer(tokenizer_spec)
-    added = prepare_tokenizer(config.data, tokenizer)
+    tokenizer, added = run_tokenizer(config)
     source = model_source(config.model, tokenizer, head="score", mesh=config.mesh, seed=config.seed,
                           new_tokens=added)
     model = source.module()
     data = config.data.replace(margin=config.loss.margin)
-    loader_args = dict(batch_size=config.train.batch_size, seq_len=config.train.seq_len,
-                       process_index=jax.process_index(), process_count=jax.process_count())
-    train_loader = build_loader(data, tokenizer, split="train", **loader_args)
+    train_loader, eval_data = build_loaders(data, tokenizer, config.train)
     if train_loader.kind != "preference":
         raise JaxalignError(f"config key 'data.train': a reward model trains on preference pairs (prompt, chosen, "
                             f"rejected), but the data holds {train_loader.kind} examples")
-    eval_data = None
-    if data.eval is not None or data.eval_fraction > 0:
-        eval_loader = build_loader(data, tokenizer, split="eval", **loader_args)
-        eval_data = lambda: eval_loader  # noqa: E731 - the eval loader restarts after each full pass
-
     algorithm = make_algorithm(model, config.optimizer, train_loader, init=source.load, eval_data=eval_data,
                                center_coefficient=config.loss.center_coefficient)
-    state = train(config, algorithm)
-
-    out = Path(config.output_dir)
-    if int(state.step) < config.train.steps:
-        _say(f"stopped at step {int(state.step)} of {config.train.steps}; run the same command again to resume")
-        return 0
-    hf_dir = save_pretrained(model, state.params["model"], out / "hf", tokenizer=tokenizer)
-    _say(f"finished {config.train.steps} steps. Outputs in {out}/:\n"
-         f"  metrics.jsonl, tensorboard/   training and eval curves (PNGs: jaxalign plot {out})\n"
-         f"  checkpoints/                  resumable train state\n"
-         f"  hf/                           the reward model with its tokenizer ({hf_dir}); score with "
-         f"jaxalign reward --model {hf_dir} --data FILE.jsonl")
+    state = train(config, algorithm, allow_config_change=allow_config_change)
+    hf_dir = export_model(config, lambda folder: save_pretrained(
+        model, state.params["model"], folder, tokenizer=tokenizer, chat_format=chat_format(config.data, tokenizer)))
+    report_finished("rm", config, int(state.step), f"the reward model with its tokenizer ({hf_dir}); score with "
+                                                   f"jaxalign reward --model {hf_dir} --data FILE.jsonl")
     return 0
-
-
-def _say(message: str) -> None:
-    import jax
-
-    if jax.process_index() == 0:
-        print(f"jaxalign rm: {message}", flush=True)

@@ -41,9 +41,11 @@ def test_export_is_a_sequence_classifier_that_jaxalign_reward_scores(tiny_rm, tm
     pairs = [line for line in DEMO.read_text().splitlines()[:8] if len(line) < 400][:4]
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(pairs) + "\n" + json.dumps({"prompt": "What is 2+2?", "response": "4."}) + "\n")
-    out = tmp_path / "scores.jsonl"
+    out, explicit = tmp_path / "scores.jsonl", tmp_path / "alpaca.jsonl"
+    assert main(["reward", "--model", str(tiny_rm / "hf"), "--data", str(data), "--out", str(out)]) == 0
     assert main(["reward", "--model", str(tiny_rm / "hf"), "--data", str(data), "--template", "alpaca",
-                 "--out", str(out)]) == 0
+                 "--out", str(explicit)]) == 0
+    assert out.read_text() == explicit.read_text()  # the export carries the template it was trained with
     scores = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(scores) == len(pairs) + 1
     assert set(scores[0]) == {"reward_chosen", "reward_rejected", "margin"} and set(scores[-1]) == {"reward"}
