@@ -45,6 +45,7 @@ def run_training_command(args: argparse.Namespace, config_class: type, train_fn:
 
     config = load_config(config_class, args.config, args.overrides)
     shd.initialize_distributed()
+    stop.install()  # the distributed runtime puts its own SIGTERM handler in place; take the signal back
     try:
         return train_fn(config, allow_config_change=args.allow_config_change)
     except stop.TrainingStopped as stopped:

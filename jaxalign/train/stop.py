@@ -62,22 +62,24 @@ class StopRequest:
 
 _current: StopRequest | None = None
 _installed = False
+_claimed: list[signal.Signals] = []
 
 
 def install() -> None:
-    """Routes SIGTERM and SIGINT of this process through the watcher thread for the rest of its life; idempotent.
-    Call from the main thread, before importing JAX."""
+    """Routes SIGTERM and SIGINT of this process through the watcher thread for the rest of its life. Call from the
+    main thread before importing JAX, and again after `jax.distributed.initialize`, which puts a SIGTERM handler of
+    its own in place (calling again takes the signals back)."""
     global _installed
-    if _installed:
-        return
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(write_fd, False)
-    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    for sig in SIGNALS:
-        if signal.getsignal(sig) != signal.SIG_IGN:  # e.g. SIGINT of a background job stays ignored
-            signal.signal(sig, _ignore_in_main_thread)
-    threading.Thread(target=_watch, args=(read_fd,), name="jaxalign-signals", daemon=True).start()
-    _installed = True
+    if not _installed:
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        # a signal ignored from the start (SIGINT of a background job) stays ignored
+        _claimed.extend(sig for sig in SIGNALS if signal.getsignal(sig) != signal.SIG_IGN)
+        threading.Thread(target=_watch, args=(read_fd,), name="jaxalign-signals", daemon=True).start()
+        _installed = True
+    for sig in _claimed:
+        signal.signal(sig, _ignore_in_main_thread)
 
 
 @contextlib.contextmanager
@@ -96,9 +98,12 @@ def deferred():
         elif handler != signal.SIG_IGN:
             _exit(signum)
 
-    if not _installed and threading.current_thread() is threading.main_thread():
-        for sig in SIGNALS:
-            previous[sig] = signal.signal(sig, handle_in_main_thread)
+    if threading.current_thread() is threading.main_thread():
+        if _installed:
+            install()
+        else:
+            for sig in SIGNALS:
+                previous[sig] = signal.signal(sig, handle_in_main_thread)
     outer, _current = _current, request
     try:
         yield request

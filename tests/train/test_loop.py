@@ -135,6 +135,32 @@ def test_sigterm_saves_exits_143_and_resumes(driver, reference, tmp_path):
     assert_identical_from(tmp_path, reference[1], stopped + 1)
 
 
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_after_the_same_step(driver, tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [
+        subprocess.Popen(driver.command(tmp_path, "--step-delay", "0.3", "--coordinator", f"127.0.0.1:{port}",
+                                        "--num-processes", "2", "--process-id", str(i)),
+                         env=driver.env(devices=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]
+    try:
+        wait_for(lambda: (tmp_path / "metrics.jsonl").exists() and len(training_lines(tmp_path)) >= 2, procs[0])
+        procs[1].send_signal(signal.SIGTERM)
+        stderrs = [proc.communicate(timeout=120)[1] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert [proc.returncode for proc in procs] == [143, 143], stderrs[0][-3000:]
+    stopped = int(stderrs[0].split("stopped by SIGTERM after step ")[1].split(";")[0])
+    assert stopped < STEPS and stopped in checkpoint_steps(tmp_path)
+
+
 @pytest.mark.parametrize("moment", ["importing", "setting up", "training"])
 def test_ctrl_c_is_honoured_at_any_moment_with_status_130(driver, tmp_path, moment):
     """SIGINT right after the handlers are installed (JAX still importing), during setup and compilation, and

@@ -124,6 +124,7 @@ def main(argv=None) -> int:
 
     try:
         sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        stop.install()
         import jax
 
         from jaxalign.objectives.sft import make_algorithm
