@@ -2,6 +2,7 @@
 
 import io
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -80,7 +81,8 @@ def test_text_stream_prints_only_complete_characters():
 def quickstart_model(tmp_path_factory):
     """The Quickstart run (configs/tiny/sft.yaml: alpaca, byte tokenizer, a 320-position context), cut to 2 steps."""
     out = tmp_path_factory.mktemp("quickstart")
-    assert main(["sft", "configs/tiny/sft.yaml", f"output_dir={out}", "train.steps=2", "train.batch_size=8",
+    config = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "sft.yaml"
+    assert main(["sft", str(config), f"output_dir={out}", "train.steps=2", "train.batch_size=8",
                  "data.train=[{path: 'demo:instructions', limit: 16}]", "data.eval_fraction=0",
                  "optimizer.warmup_steps=0"]) == 0
     return out / "hf"
