@@ -110,8 +110,9 @@ def stop_token_ids(config, tokenizer) -> tuple[int, ...]:
 class SegmentEncoder:
     """Encodes rendered texts as whole strings, in batches, with each token's character span.
 
-    Offsets come from a copy of the tokenizer's backend without its post-processor: with no special tokens added
-    a post-processor changes only offsets (byte-level BPE trims whitespace from them), never ids.
+    Offsets come from a copy of the tokenizer's backend (as it is when the encoder is made: add tokens first)
+    without its post-processor, truncation or padding: with no special tokens added a post-processor changes only
+    offsets (byte-level BPE trims whitespace from them), never ids.
     """
 
     def __init__(self, tokenizer):
@@ -126,6 +127,8 @@ class SegmentEncoder:
         self.tokenizer = tokenizer
         self._backend = Tokenizer.from_str(backend.to_str())
         self._backend.post_processor = None
+        self._backend.no_truncation()
+        self._backend.no_padding()
         self._special_ids: dict[str, int] = {}
 
     def special_id(self, token: str) -> int:

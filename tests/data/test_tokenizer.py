@@ -50,6 +50,18 @@ def test_encoder_gives_the_tokenizers_ids_and_untrimmed_offsets(name, byte_tok, 
         assert covered == text
 
 
+def test_encoder_ignores_truncation_and_padding_stored_in_the_tokenizer(byte_tok):
+    from transformers import PreTrainedTokenizerFast
+
+    backend = byte_tok.backend_tokenizer.__class__.from_str(byte_tok.backend_tokenizer.to_str())
+    backend.enable_truncation(max_length=4)
+    backend.enable_padding(length=16)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend)
+    ((ids, offsets),) = SegmentEncoder(tok).encode(["hello world"])
+    assert ids.tolist() == [8 + b for b in b"hello world"]
+    assert offsets.tolist()[-1] == [10, 11]
+
+
 def test_byte_tokenizer_survives_save_and_autotokenizer_load(tmp_path):
     from transformers import AutoTokenizer
 
