@@ -101,10 +101,15 @@ def template_tokens(template: str, tokens: SpecialTokens) -> SpecialTokens:
 
 def end_of_turn(template: str, tokens: SpecialTokens, tokenizer=None) -> str:
     """The token string that ends an answer in `template`: chatml's `<|im_end|>`, lima's eot, eos for the other
-    built-ins; for `tokenizer`, the special token its chat template puts after an answer (eos if it puts none)."""
+    built-ins; for `tokenizer`, the special token its chat template puts after an answer (eos if it puts none, or
+    if it cannot render a user turn and an answer as the data pipeline does)."""
     if template == "tokenizer":
         probe = Conversation((Message("user", "Hi"), Message("assistant", "Hello")), "end-of-turn probe")
-        answer = render_text([s for s in render(probe, template, tokens, tokenizer=tokenizer) if s.response])
+        try:
+            segments = render(probe, template, tokens, tokenizer=tokenizer)
+        except JaxalignError:
+            return tokens.eos
+        answer = render_text([s for s in segments if s.response])
         ends = [t for t in tokenizer.all_special_tokens if t and answer.endswith(t)]
         return max(ends, key=len) if ends else tokens.eos
     return {"chatml": IM_END, "lima": tokens.eot}.get(template, tokens.eos)
@@ -125,8 +130,6 @@ def chat_format(data, tokenizer) -> ChatFormat:
     tokens = special_tokens(tokenizer, data.add_bos, data.eot_token)
     if data.template != "tokenizer":
         return ChatFormat(chat_template(data.template, tokens, data.system_message), end_of_turn(data.template, tokens))
-    if not getattr(tokenizer, "chat_template", None):
-        return ChatFormat(None, tokens.eos)
     return ChatFormat(None, end_of_turn("tokenizer", tokens, tokenizer))
 
 

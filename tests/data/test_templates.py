@@ -373,3 +373,12 @@ def test_sentencepiece_answer_after_a_special_token_keeps_its_prefix_space(sp_to
     messages = [{"role": m.role, "content": m.content} for m in conversation.messages]
     assert result.ids.tolist() == tok.apply_chat_template(messages, tokenize=True, return_dict=False)
     assert tok.convert_ids_to_tokens(result.ids[result.response].tolist()) == ["▁Four", "</s>", "▁Six", "</s>"]
+
+
+def test_end_of_turn_of_a_tokenizer_chat_template(byte_tok, smol_tok, sp_tok):
+    assert end_of_turn("tokenizer", special_tokens(byte_tok, True, "<|eot|>"), byte_tok) == "<|im_end|>"
+    assert end_of_turn("tokenizer", special_tokens(smol_tok, True, "<|eot|>"), smol_tok) == "<|im_end|>"
+    for template in (MISTRAL_TEMPLATE, None, "{{ raise_exception('roles must alternate') }}"):
+        tok = copy.copy(sp_tok)
+        tok.chat_template = template
+        assert end_of_turn("tokenizer", special_tokens(tok, True, "<|eot|>"), tok) == "</s>"
