@@ -1,12 +1,13 @@
 """A run directory keeps the resolved config it was trained with, and refuses a rerun that would train differently.
 
 OUTPUT_DIR/config.yaml is the full config (every key, defaults included) of the latest run into OUTPUT_DIR, written
-by process 0 once the run has restored its checkpoint (or started fresh). A rerun into the same OUTPUT_DIR resumes that training, so its config must match
-except for the keys in `CHANGEABLE_KEYS`: where the output lives and how often it is logged, evaluated and saved,
-how long it runs, and how the same global batch is laid out on devices. Every other difference (model, data,
-template, mask, optimiser, learning rate, seed, batch size, sequence length, ...) is refused with a `JaxalignError`
-listing each `key: old → new`, before anything in OUTPUT_DIR changes, unless the caller allows it (`jaxalign sft
---allow-config-change`, `train(..., allow_config_change=True)`); config.yaml then records the new settings.
+by process 0 once the run has restored its checkpoint (or started fresh). A rerun into the same OUTPUT_DIR resumes
+that training, so its config must match except for the keys in `CHANGEABLE_KEYS`: where the output lives and how
+often it is logged, evaluated and saved, how long it runs, how the same global batch is laid out on devices, and
+what is evaluated. Every other difference (model, data, template, mask, optimiser, learning rate, seed, batch size,
+sequence length, ...) is refused with a `JaxalignError` listing each `key: old → new`, before anything in OUTPUT_DIR
+changes, unless the caller allows it (`jaxalign sft --allow-config-change`, `train(..., allow_config_change=True)`);
+config.yaml then records the new settings.
 """
 
 import dataclasses

@@ -199,7 +199,8 @@ def test_rerun_of_a_finished_run_says_so_and_leaves_the_export(memorised_run, tm
     out = copy_of(memorised_run, tmp_path)
     before = mtimes(out)
     assert train_sft(tiny_config(out, *MEMORISE)) == 0
-    assert f"{out} already finished at step 120 (train.steps=120); the model is in {out / 'hf'}" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"{out} already finished at step 120 (train.steps=120); the model is in {out / 'hf'}" in said
     assert mtimes(out) == before
 
 

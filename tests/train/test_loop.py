@@ -288,7 +288,7 @@ def test_eval_every_logs_eval_loss_of_the_current_params(tmp_path, capsys):
     assert set(evals[0]) == {"step", "eval_loss", "eval_correct", "eval_perplexity"}
     loss_fn = jax.jit(lambda params, batch: make_loss_fn(model)(params, batch, None))
     sums = [loss_fn(state.params["model"], batch) for batch in itertools.islice(eval_data(), 2)]
-    expected = sum(float(objective.total) for objective, _ in sums) / sum(float(objective.count) for objective, _ in sums)
+    expected = sum(float(o.total) for o, _ in sums) / sum(float(o.count) for o, _ in sums)
     assert evals[-1]["eval_loss"] == pytest.approx(expected, rel=1e-5)
     assert checkpoint_steps(tmp_path) == [4]
     assert jax.tree.leaves(state.params)[0].sharding.mesh.shape["fsdp"] == 8
