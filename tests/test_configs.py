@@ -8,14 +8,20 @@ from pathlib import Path
 import pytest
 
 from jaxalign.cli import main
+from jaxalign.commands.rm import RMConfig
 from jaxalign.commands.sft import SFTConfig, train_sft
 from jaxalign.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "configs"
 
-# recipe -> (published lr, global batch, max length)
+# recipe -> (published lr, global batch, max length); reward-model recipes run with `jaxalign rm`
+RM_RECIPES = {
+    "llama2_chat_rm_helpful": (1e-5, 512, 4096),
+    "llama2_chat_rm_safety": (1e-5, 512, 4096),
+}
 RECIPES = {
+    **RM_RECIPES,
     "alpaca": (2e-5, 128, 512),
     "vicuna": (2e-5, 128, 2048),
     "koala": (2e-5, 64, 2048),
@@ -30,7 +36,7 @@ RECIPES = {
 
 
 def readme_tiny_commands() -> dict[str, list[str]]:
-    """The README's tiny-scale block: `tiny="..."` then one `jaxalign sft configs/NAME.yaml $tiny ...` line per
+    """The README's tiny-scale block: `tiny="..."` then one `jaxalign sft|rm configs/NAME.yaml $tiny ...` line per
     recipe, as argv lists (after `jaxalign`) keyed by recipe name, with `$tiny` expanded as the shell splits it."""
     readme = (REPO / "README.md").read_text()
     block = readme[readme.index('```bash\ntiny="') + len("```bash\n"):]
@@ -39,7 +45,7 @@ def readme_tiny_commands() -> dict[str, list[str]]:
     commands = {}
     for line in lines[1:]:
         words = shlex.split(line)
-        assert words[:2] == ["jaxalign", "sft"], line
+        assert words[:2] == ["jaxalign", "rm" if Path(words[2]).stem in RM_RECIPES else "sft"], line
         argv = [word for part in words[1:] for word in (tiny if part == "$tiny" else [part])]
         commands[Path(argv[1]).stem] = argv
     return commands
@@ -83,12 +89,23 @@ def test_every_recipe_config_is_listed_and_has_a_documented_tiny_run():
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_loads_with_published_hyperparameters(name):
-    config = load_config(SFTConfig, CONFIGS / f"{name}.yaml")
+    config = load_config(RMConfig if name in RM_RECIPES else SFTConfig, CONFIGS / f"{name}.yaml")
     lr, batch_size, seq_len = RECIPES[name]
     assert config.optimizer.lr == lr
     assert config.train.batch_size == batch_size
     assert config.train.seq_len == seq_len
     assert config.model.path is not None and config.model.dtype == "bfloat16"
+
+
+def test_reward_model_recipes_carry_llama2_settings():
+    for kind in ("helpful", "safety"):
+        config = load_config(RMConfig, CONFIGS / f"llama2_chat_rm_{kind}.yaml")
+        optimizer = config.optimizer
+        assert (config.loss.margin, config.data.template, config.data.truncation.overlong) == (
+            "small", "llama2_chat", "drop")
+        assert (optimizer.b1, optimizer.b2, optimizer.eps, optimizer.weight_decay, optimizer.clip) == (
+            0.9, 0.95, 1e-5, 0.1, 1.0)
+        assert (optimizer.schedule, optimizer.min_lr_ratio, optimizer.warmup_ratio) == ("cosine", 0.1, 0.03)
 
 
 def test_recipe_specifics():
