@@ -8,7 +8,8 @@ character offsets. So training sees exactly the ids the model is prompted with, 
 segment boundaries (SentencePiece's "▁" after a special token, byte-level BPE's whitespace runs). A token that
 spans a prompt and a response segment counts as response, so no character of an answer goes untrained; the
 built-in templates put their boundaries where the tokenizers split anyway (tests check this for byte-level BPE,
-SentencePiece and the byte tokenizer).
+SentencePiece and the byte tokenizer). One merge is the tokenizer's own and cannot be split: byte-level BPE encodes
+the `plain` template's "\n\n" before an answer as two tokens, but as one at the end of a generation prompt.
 """
 
 import json

@@ -301,10 +301,13 @@ def _one_token_crosses(offsets, first: int, boundary: int) -> bool:
 
 @pytest.mark.parametrize("template", TEMPLATES)
 @pytest.mark.parametrize("conversation", CONVERSATIONS, ids=lambda c: c.origin)
-def test_ids_are_the_whole_string_ids_and_trained_spans_are_exactly_the_answers(any_tok, template, conversation):
+def test_ids_are_the_whole_string_ids_and_trained_spans_are_exactly_the_answers(any_tok, template, conversation,
+                                                                              request):
     """For every template and tokenizer: segment-wise ids = the tokenizer's ids of the rendered string; each run
     of trained tokens covers exactly one answer (its text and its end-of-turn token, nothing of the prompt); the
-    exported chat template gives the same ids through transformers for the dialogue and for its prompt."""
+    exported chat template gives the same ids through transformers for the dialogue and for its prompt; the
+    prompt's ids start the dialogue's, except where byte-level BPE merges the `plain` prompt's final blank line
+    ("\n\n" one token at the end of a prompt, two before the answer)."""
     tokens = special_tokens(any_tok, True, "<|eot|>")
     encoder = SegmentEncoder(any_tok)
     segments = render(conversation, template, tokens, tokenizer=any_tok)
@@ -324,10 +327,12 @@ def test_ids_are_the_whole_string_ids_and_trained_spans_are_exactly_the_answers(
         assert text[start:end].endswith(end_of_turn(template, tokens, any_tok))
         assert answer.strip() in text[start:end]
 
+    prompt = Prompt(conversation.messages[:-1], None, "t")
+    prompt_ids = tokenize_segments([render(prompt, template, tokens, tokenizer=any_tok)], encoder)[0].ids.tolist()
+    blank_line_merged = template == "plain" and request.node.callspec.params["any_tok"] == "smollm2"
+    assert (result.ids.tolist()[: len(prompt_ids)] == prompt_ids) != blank_line_merged
     if template == "tokenizer":
         return
-    prompt = Prompt(conversation.messages[:-1], None, "t")
-    prompt_ids = tokenize_segments([render(prompt, template, tokens)], encoder)[0].ids.tolist()
     exported = copy.copy(any_tok)
     exported.chat_template = chat_template(template, tokens)
     messages = [{"role": m.role, "content": m.content, **({"context": m.context} if m.context else {})}
