@@ -201,6 +201,17 @@ def test_rerun_with_other_training_settings_is_refused_and_changes_nothing(drive
     assert yaml.safe_load((out / "config.yaml").read_text())["train"]["steps"] == STEPS + 2
 
 
+def test_extending_a_decaying_schedule_says_where_the_learning_rate_jumps(driver, tmp_path):
+    first = driver.run(tmp_path, "train.steps=2", "optimizer.schedule=cosine")
+    assert first.returncode == 0, first.stderr[-3000:]
+    extended = driver.run(tmp_path, "train.steps=4", "optimizer.schedule=cosine")
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert ("warning: train.steps changed 2 → 4: the learning rate of 'model' at step 2 moves from 0 to 0.005"
+            in extended.stderr)
+    again = driver.run(tmp_path, "train.steps=4", "optimizer.schedule=cosine")
+    assert f"{tmp_path} already finished at step 4 (train.steps=4); nothing to train" in again.stderr
+
+
 def test_checkpoint_that_does_not_fit_is_reported_without_library_noise(driver, reference, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference[0], out)
