@@ -1,8 +1,9 @@
 """Stopping on SIGTERM / SIGINT (Ctrl-C): save what can be saved, then exit non-zero.
 
-A training command calls `install()` as its first statement. From then on a signal is never turned into an exception
-in the middle of library code (where it can be swallowed, `Exception ignored in: <function _xla_gc_callback ...>`, or
-end in a segmentation fault): the C-level signal handler wakes a watcher thread, which
+A training command calls `install()` as its first statement (and again once `jax.distributed` is initialised,
+which sets a SIGTERM handler of its own). From then on a signal is never turned into an exception in the middle of
+library code (where it can be swallowed, `Exception ignored in: <function _xla_gc_callback ...>`, or end in a
+segmentation fault): the C-level signal handler wakes a watcher thread, which
 
 - while the loop can save (inside `deferred()`, after its first step) records the request: the loop finishes the
   step, saves, and raises `TrainingStopped`;
