@@ -10,13 +10,19 @@
 a string, `metadata[b]` a dict (e.g. `{"safety": 1}` or a task's reference answer).
 """
 
+import dataclasses
 import importlib
 import inspect
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 
+from jaxalign.data.formats import parse_record
+from jaxalign.data.loader import Preprocessor
 from jaxalign.errors import JaxalignError
+from jaxalign.objectives.reward import sequence_rewards
+from jaxalign.sampling import bucket_size
 
 RewardFn = Callable[[Sequence, Sequence[str], Sequence[dict]], np.ndarray]
 
@@ -55,13 +61,6 @@ class ModelReward:
     """
 
     def __init__(self, model, params, tokenizer, data_config, max_length: int | None = None, batch_size: int = 8):
-        import dataclasses
-
-        import jax
-
-        from jaxalign.data.loader import Preprocessor
-        from jaxalign.objectives.reward import sequence_rewards
-
         self.params = params
         self.batch_size = batch_size
         self.max_length = max_length or model.config.max_position_embeddings
@@ -72,13 +71,8 @@ class ModelReward:
                                                                                      segments))
 
     def __call__(self, prompts, responses, metadata) -> np.ndarray:
-        from jaxalign.data.formats import parse_record
-
-        examples = []
-        for index, (prompt, response) in enumerate(zip(prompts, responses, strict=True)):
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-            record = {"messages": [*messages, {"role": "assistant", "content": response}]}
-            examples.append(parse_record(record, "messages", f"response {index}"))
+        examples = [response_example(prompt, response, f"response {index}")
+                    for index, (prompt, response) in enumerate(zip(prompts, responses, strict=True))]
         return self.score(examples)
 
     def score(self, examples) -> np.ndarray:
@@ -101,7 +95,7 @@ class ModelReward:
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             longest = max(sequences[i].size for i in chunk)
-            length = min(max(16, 1 << (longest - 1).bit_length()), max(self.max_length, longest))
+            length = min(bucket_size(longest, 16), self.max_length)
             ids = np.full((self.batch_size, length), self.preprocessor.pad_id, np.int32)
             segments = np.zeros((self.batch_size, length), np.int32)
             positions = np.zeros((self.batch_size, length), np.int32)
@@ -111,6 +105,18 @@ class ModelReward:
             scores = np.asarray(self._rewards(self.params, ids, positions, segments))
             rewards[chunk] = scores[: len(chunk)]
         return rewards
+
+
+def response_example(prompt, response: str, origin: str):
+    """The `Conversation` of `prompt` (a string: one user turn; or a `[{role, content}]` chat ending with the user
+    turn) answered by `response`, as the data pipeline parses it (errors name `origin`)."""
+    if isinstance(prompt, str):
+        messages = [{"role": "user", "content": prompt}]
+    elif isinstance(prompt, list):
+        messages = list(prompt)
+    else:
+        raise JaxalignError(f"{origin}: the prompt must be a string or a message list, got {type(prompt).__name__}")
+    return parse_record({"messages": [*messages, {"role": "assistant", "content": response}]}, "messages", origin)
 
 
 class Llama2Reward:

@@ -50,3 +50,34 @@ def test_function_reward_from_module_path(tmp_path, monkeypatch):
     with pytest.raises(JaxalignError, match="expected 'module:function'"):
         function_reward("my_rewards")
     sys.modules.pop("my_rewards", None)
+
+
+def test_llama2_reward_combines_two_reward_functions_with_the_safety_flag():
+    from jaxalign.rewards import Llama2Reward
+
+    reward = Llama2Reward(lambda p, r, m: np.array(HELPFUL), lambda p, r, m: np.array(SAFETY))
+    metadata = [{"safety": bool(flag)} for flag in IS_SAFETY]
+    np.testing.assert_allclose(reward(["q"] * 4, ["a"] * 4, metadata), llama2_final_reward(HELPFUL, SAFETY, IS_SAFETY))
+
+
+def test_model_reward_scores_a_response_as_the_pair_pipeline_does():
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    from jaxalign.data.config import DataConfig
+    from jaxalign.data.formats import parse_record
+    from jaxalign.data.tokenizer import load_tokenizer
+    from jaxalign.models.heads import LlamaForScore
+    from jaxalign.models.llama import LlamaConfig
+    from jaxalign.rewards import ModelReward
+
+    tokenizer = load_tokenizer("byte")
+    model = LlamaForScore(LlamaConfig.tiny(vocab_size=len(tokenizer), max_position_embeddings=320))
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    reward = ModelReward(model, params, tokenizer, DataConfig(template="alpaca"), batch_size=2)
+    singles = reward(["What is 2+2?", "Say hi."], ["4.", "Hi!"], [{}, {}])
+    pair = parse_record({"prompt": "What is 2+2?", "chosen": "4.", "rejected": "5."}, "preference", "pair")
+    np.testing.assert_allclose(reward.score([pair])[0, 0], singles[0], rtol=1e-5)
+    with pytest.raises(JaxalignError, match=r"response 0: \d+ tokens, more than the maximum length 320"):
+        reward(["x" * 400], ["y"], [{}])

@@ -33,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def read_examples(path: Path) -> list:
     """Parsed examples: a `Conversation` per `{prompt, response}` record, a `PreferencePair` per pair."""
     from jaxalign.data.formats import detect_format, parse_record
+    from jaxalign.rewards import response_example
 
     examples = []
     for line_number, record in read_objects(path, "data file"):
@@ -40,12 +41,7 @@ def read_examples(path: Path) -> list:
         if "response" in record and "chosen" not in record:
             if "prompt" not in record:
                 raise JaxalignError(f"{origin}: field 'prompt' is missing (a scored record is {{prompt, response}})")
-            prompt = record["prompt"]
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            if not isinstance(messages, list):
-                raise JaxalignError(f"{origin}: field 'prompt': expected a string or a message list")
-            record = {"messages": [*messages, {"role": "assistant", "content": record["response"]}]}
-            examples.append(parse_record(record, "messages", origin))
+            examples.append(response_example(record["prompt"], record["response"], origin))
             continue
         fmt = detect_format(record, origin)
         if fmt not in ("preference", "hh"):

@@ -50,8 +50,14 @@ def model_token_log_probs(
     With `rng` the forward pass runs in training mode (dropout draws from it); with `rng=None` it is
     deterministic, as reference models, PPO's recomputation and evaluation need.
     """
+    return token_log_probs(model_logits(model, params, batch, rng), batch["targets"], temperature)
+
+
+def model_logits(model, params, batch: Mapping[str, jax.Array], rng: jax.Array | None = None) -> jax.Array:
+    """The logits `[B, L, V]` of one forward pass of `model` over `batch["input_ids"]` with its `positions` and
+    `segment_ids`: in training mode (dropout from `rng`) with an `rng`, deterministic without."""
     deterministic = rng is None
-    logits = model.apply(
+    return model.apply(
         {"params": params},
         batch["input_ids"],
         positions=batch["positions"],
@@ -59,7 +65,6 @@ def model_token_log_probs(
         deterministic=deterministic,
         rngs=None if deterministic else {"dropout": rng},
     )
-    return token_log_probs(logits, batch["targets"], temperature)
 
 
 def sequence_log_probs(token_logps: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:

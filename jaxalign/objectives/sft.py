@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.errors import JaxalignError
-from jaxalign.objectives.logprobs import token_log_probs
+from jaxalign.objectives.logprobs import model_logits, token_log_probs
 from jaxalign.train.algorithm import Algorithm, DataSource, Mean, Trainable
 
 
@@ -29,15 +29,7 @@ def make_loss_fn(model) -> Callable:
     """
 
     def loss_fn(params, batch: Mapping[str, jax.Array], rng: jax.Array | None):
-        deterministic = rng is None
-        logits = model.apply(
-            {"params": params},
-            batch["input_ids"],
-            positions=batch["positions"],
-            segment_ids=batch["segment_ids"],
-            deterministic=deterministic,
-            rngs=None if deterministic else {"dropout": rng},
-        )
+        logits = model_logits(model, params, batch, rng)
         mask = batch["loss_mask"].astype(jnp.float32)
         targets = batch["targets"]
         loss_sum = -jnp.sum(token_log_probs(logits, targets) * mask)
