@@ -41,14 +41,16 @@ def compilation_cache(tmp_path_factory):
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
-@pytest.fixture(autouse=True)
-def cli_signal_handling_stays_off(monkeypatch):
-    """`jaxalign` commands called in-process (`cli.main([...])`) would route this pytest process's SIGINT / SIGTERM
-    through `jaxalign.train.stop.install()` for the rest of the session; the CLI's own signal handling is tested in
-    subprocesses."""
+@pytest.fixture(scope="session", autouse=True)
+def cli_signal_handling_stays_off():
+    """`jaxalign` commands called in-process (`cli.main([...])`, also from module-scoped fixtures) would route this
+    pytest process's SIGINT / SIGTERM through `jaxalign.train.stop.install()` for the rest of the session; the CLI's
+    own signal handling is tested in subprocesses."""
     from jaxalign.train import stop
 
-    monkeypatch.setattr(stop, "install", lambda: None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stop, "install", lambda: None)
+        yield
 
 
 @pytest.fixture(scope="session")
