@@ -224,6 +224,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 0
     eval_batches: int = 0
+    eval_at_start: bool = False  # also evaluate before the first step (a baseline eval line at step 0)
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "seq_len", "grad_accum", "log_every"):

@@ -219,6 +219,8 @@ class _Run:
         try:
             progress = _progress(jax.process_index() == 0, start, total)
             step = start
+            if config.train.eval_at_start and start == 0:
+                self.log_evaluation(state, 0, logger, progress)
             window = _Window(time.perf_counter())
             while step < total:
                 try:
@@ -246,12 +248,7 @@ class _Run:
                 elif checkpoint_pending:
                     window.check_finite()
                 if config.train.eval_every and step % config.train.eval_every == 0:
-                    eval_line = self.evaluate(state, step)
-                    if eval_line is not None:
-                        logger.write(eval_line)
-                        keys = sorted((k for k in eval_line if k != "step"), key=lambda k: (k != "eval_loss", k))
-                        shown = " ".join(f"{k} {eval_line[k]:.4f}" for k in keys)
-                        progress.write(f"jaxalign: step {step}/{total} {shown}")
+                    self.log_evaluation(state, step, logger, progress)
                 consistent = self.source.can_checkpoint()
                 if (checkpoint_pending or stopping) and consistent or step == total:
                     checkpointer.save(step, state, self.source.state_dict())
@@ -274,6 +271,16 @@ class _Run:
             return state
         finally:
             logger.close()
+
+    def log_evaluation(self, state, step: int, logger, progress) -> None:
+        """Evaluates at `step`, writes the eval line to metrics.jsonl / TensorBoard and prints it."""
+        eval_line = self.evaluate(state, step)
+        if eval_line is None:
+            return
+        logger.write(eval_line)
+        keys = sorted((k for k in eval_line if k != "step"), key=lambda k: (k != "eval_loss", k))
+        shown = " ".join(f"{k} {eval_line[k]:.4f}" for k in keys)
+        progress.write(f"jaxalign: step {step}/{self.config.train.steps} {shown}")
 
     def global_batch(self, batch: dict) -> dict:
         """Process-local numpy rows become global arrays on the mesh; arrays already global pass through."""

@@ -28,6 +28,7 @@ CHANGEABLE_KEYS = (
     "train.steps",  # extend a finished run
     "train.log_every",
     "train.eval_every",
+    "train.eval_at_start",
     "train.eval_batches",
     "train.grad_accum",  # the same global batch in more or fewer micro-batches
     "checkpoint",  # how often and how many checkpoints are saved

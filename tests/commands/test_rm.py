@@ -19,7 +19,8 @@ DEMO = Path(__file__).resolve().parents[2] / "jaxalign" / "demo_data" / "prefere
 def tiny_rm(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny-rm")
     config = load_config(RMConfig, CONFIG, [f"output_dir={out}", "train.steps=3", "train.log_every=1",
-                                            "train.eval_every=3", "checkpoint.every=0"])
+                                            "train.eval_every=3", "train.eval_at_start=true",
+                                            "checkpoint.every=0"])
     assert train_rm(config) == 0
     return out
 
@@ -29,7 +30,8 @@ def test_tiny_rm_logs_reward_metrics_overall_and_per_strength(tiny_rm):
     train = [line for line in lines if "loss" in line]
     assert [line["step"] for line in train] == [1, 2, 3]
     assert {"accuracy", "rewards/chosen", "rewards/rejected", "rewards/margins", "grad_norm"} <= set(train[0])
-    (evaluation,) = [line for line in lines if "eval_loss" in line]
+    start, evaluation = [line for line in lines if "eval_loss" in line]
+    assert (start["step"], evaluation["step"]) == (0, 3)  # train.eval_at_start: a baseline before the first step
     strengths = ("significantly_better", "better", "slightly_better", "negligibly_better")
     assert {f"eval_accuracy/{name}" for name in strengths} <= set(evaluation)
     assert 0.0 <= evaluation["eval_accuracy"] <= 1.0
