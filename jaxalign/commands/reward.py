@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from jaxalign.data.config import DataConfig
     from jaxalign.data.formats import PreferencePair
     from jaxalign.hf import load_tokenizer
+    from jaxalign.models.heads import LlamaForScore
     from jaxalign.models.loading import load_model
     from jaxalign.objectives.reward import STRENGTH_NAMES
     from jaxalign.rewards import ModelReward
@@ -67,7 +68,10 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise JaxalignError(f"--batch-size {args.batch_size}: expected a positive number")
     examples = read_examples(args.data)
-    model, params = load_model(args.model, args.dtype, head="score")
+    model, params = load_model(args.model, args.dtype)
+    if not isinstance(model, LlamaForScore):
+        raise JaxalignError(f"--model {args.model}: a language model, not a reward model (a jaxalign score "
+                            "checkpoint or a Hugging Face *ForSequenceClassification); train one with jaxalign rm")
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     data_config = from_dict(DataConfig, {"template": args.template}, prefix="--template")
     reward = ModelReward(model, params, tokenizer, data_config, args.max_length, args.batch_size)

@@ -58,6 +58,22 @@ class RMConfig(RunConfig):
             )
 
 
+def check_pad_token(config: RMConfig, tokenizer) -> None:
+    """Refuses a pad token that is also the end-of-turn or eos token: jaxalign reads each reward at the last real
+    token whatever the pad id, but the exported transformers sequence classifier reads it at the last token that is
+    not `pad_token_id`, so its scores would differ."""
+    from jaxalign.data.templates import chat_format
+
+    pad = tokenizer.pad_token
+    ends = {chat_format(config.data, tokenizer).end_of_turn, tokenizer.eos_token} - {None}
+    if pad in ends:
+        raise JaxalignError(
+            f"config key 'data.pad_token': the pad token {pad!r} also ends the answers; the exported reward model "
+            "(a transformers *ForSequenceClassification) would read its score before it. Add a pad token of its own, "
+            "e.g. data.pad_token='[PAD]' (mean-initialised)"
+        )
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, "configs/tiny/rm.yaml")
 
@@ -78,6 +94,7 @@ def train_rm(config: RMConfig, allow_config_change: bool = False) -> int:
     from jaxalign.train.loop import train
 
     tokenizer, added = run_tokenizer(config)
+    check_pad_token(config, tokenizer)
     source = model_source(config.model, tokenizer, head="score", mesh=config.mesh, seed=config.seed,
                           new_tokens=added)
     model = source.module()

@@ -137,16 +137,31 @@ class BatchSource(Protocol):
 
 class DataSource:
     """A `BatchSource` over a data iterable that does not depend on the model (SFT, reward and DPO data): the
-    iterable yields process-local batches and has `state_dict()` / `load_state_dict()`."""
+    iterable yields process-local batches and has `state_dict()` / `load_state_dict()`. When it keeps running
+    `stats` with `examples` (used) and `dropped` counts, as `jaxalign.data.DataLoader` does, the host metric
+    `data/dropped` is the share of this process's examples dropped (too long, nothing to train) since the last batch."""
 
     def __init__(self, data: Iterable[dict]):
         self.data = data
         self._iterator: Iterator[dict] | None = None
+        self._counted = self._counts()
 
     def next_batch(self, context: StepContext) -> tuple[dict, dict]:
         if self._iterator is None:
             self._iterator = iter(self.data)
-        return next(self._iterator), {}
+        batch = next(self._iterator)
+        counts = self._counts()
+        if counts is None or self._counted is None:
+            return batch, {}
+        used, dropped = (now - before for now, before in zip(counts, self._counted))
+        self._counted = counts
+        return batch, {"data/dropped": Mean(float(dropped), float(used + dropped))}
+
+    def _counts(self) -> tuple[int, int] | None:
+        stats = getattr(self.data, "stats", None)
+        if not isinstance(stats, dict) or "examples" not in stats or "dropped" not in stats:
+            return None
+        return int(stats["examples"]), int(stats["dropped"])
 
     def can_checkpoint(self) -> bool:
         return True
@@ -157,6 +172,7 @@ class DataSource:
     def load_state_dict(self, state: dict) -> None:
         self.data.load_state_dict(state)
         self._iterator = None
+        self._counted = self._counts()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -90,7 +90,13 @@ def build_loaders(data_config, tokenizer, train_config) -> tuple[Any, Callable[[
     if data_config.eval is None and data_config.eval_fraction == 0:
         return train_loader, None
     eval_loader = build_loader(data_config, tokenizer, split="eval", **loader_args)
-    return train_loader, lambda: eval_loader  # the eval loader restarts after each full pass
+
+    def eval_data():
+        """The eval split from its first batch (an evaluation may stop early at `train.eval_batches`)."""
+        eval_loader.load_state_dict({"epoch": 0, "position": 0})
+        return eval_loader
+
+    return train_loader, eval_data
 
 
 def export_model(config, save: Callable[[Path], Any]) -> Path:

@@ -12,7 +12,8 @@ with every metric pooled over the steps since the previous line by its own count
 `grad_norm`, host metrics of the batch source; a metric with a zero count in the window is left out), `lr` of the last step, and `tokens_per_s`, the real (non-padding)
 tokens of the global batches per second of wall time; eval lines `eval_<metric>`) and OUTPUT_DIR/tensorboard.
 Checkpoints go to OUTPUT_DIR/checkpoints every `checkpoint.every` steps (or at the next step where the batch source
-can checkpoint) and at the end; rerunning the same command resumes from the latest complete one with identical
+can checkpoint) and at the end (always; extending a run whose end fell inside a source iteration warns that the
+longer run is not identical to an uninterrupted one); rerunning the same command resumes from the latest complete one with identical
 metrics. OUTPUT_DIR/config.yaml keeps the run's config; a rerun whose training settings differ is refused before
 anything changes (`jaxalign.train.run_dir`). The console shows the loss of each logged step and every eval line.
 SIGTERM / Ctrl-C finish the current step, save if the batch source is at a consistent point, and raise
@@ -24,6 +25,7 @@ all hosts share (NFS, gcsfuse), since each host writes its own shards of a check
 """
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -177,6 +179,7 @@ class _Run:
         self.source = algorithm.source
         self.frozen = {name: f.load(layout.frozen_shardings[name]) for name, f in algorithm.frozen.items()}
         self.step_fn = None
+        self.eval_fn = None
 
     def context(self, step: int, state) -> StepContext:
         return StepContext(step, state, self.frozen, self.layout.mesh, self.layout.rules)
@@ -186,7 +189,11 @@ class _Run:
         restored = self.checkpointer.restore_latest(layout.abstract)
         if restored is not None:
             start, state, data_state = restored
-            self.source.load_state_dict(data_state)
+            self.source.load_state_dict(data_state["source"])
+            if not data_state["consistent"] and start < self.config.train.steps:
+                _say(f"warning: checkpoint step {start} was saved at the end of a run, inside an iteration of the "
+                     "batch source; training on restarts that iteration, so the result differs from one longer run "
+                     "(choose train.steps at the source's iteration boundaries to extend runs exactly)")
             if start >= self.config.train.steps:
                 _say(f"{self.out} already finished at step {start} (train.steps={self.config.train.steps}); nothing "
                      "to train (raise train.steps to train on)")
@@ -251,7 +258,7 @@ class _Run:
                     self.log_evaluation(state, step, logger, progress)
                 consistent = self.source.can_checkpoint()
                 if (checkpoint_pending or stopping) and consistent or step == total:
-                    checkpointer.save(step, state, self.source.state_dict())
+                    checkpointer.save(step, state, {"source": self.source.state_dict(), "consistent": consistent})
                     last_saved, checkpoint_pending = step, False
                 if stopping:
                     progress.close()
@@ -266,8 +273,6 @@ class _Run:
                     _say(message)
                     raise stop.TrainingStopped(signals.signal_number, message)
             progress.close()
-            if last_saved != step and self.source.can_checkpoint():
-                checkpointer.save(step, state, self.source.state_dict())
             return state
         finally:
             logger.close()
@@ -319,18 +324,16 @@ class _Run:
         layout = self.layout
         loss = self.algorithm.eval_loss or self.algorithm.loss
         replicated = NamedSharding(layout.mesh, PartitionSpec())
-        compiled = None
+        limit = self.config.train.eval_batches or None
         totals = None
-        for index, batch in enumerate(self.algorithm.eval_batches()):
-            if self.config.train.eval_batches and index >= self.config.train.eval_batches:
-                break
+        for batch in itertools.islice(self.algorithm.eval_batches(), limit):
             batch = self.global_batch(batch)
-            if compiled is None:
-                compiled = jax.jit(lambda p, f, b: eval_sums(loss, p, f, b),
-                                   in_shardings=(layout.shardings.params, layout.frozen_shardings,
-                                                 jax.tree.map(lambda x: x.sharding, batch)),
-                                   out_shardings=replicated)
-            sums = compiled(state.params, self.frozen, batch)
+            if self.eval_fn is None:  # compiled once per run; jit keeps one program per batch shape
+                self.eval_fn = jax.jit(lambda p, f, b: eval_sums(loss, p, f, b),
+                                       in_shardings=(layout.shardings.params, layout.frozen_shardings,
+                                                     jax.tree.map(lambda x: x.sharding, batch)),
+                                       out_shardings=replicated)
+            sums = self.eval_fn(state.params, self.frozen, batch)
             totals = sums if totals is None else add_means(totals, sums)
         if totals is None:
             raise JaxalignError("the evaluation data yielded no batches")
@@ -339,10 +342,12 @@ class _Run:
 
 
 def real_token_count(batch: dict) -> jax.Array:
-    """Non-padding tokens of a batch: `segment_ids != 0` when the batch has segment ids (padding is segment 0),
-    otherwise every position of the first array's `[batch, length]`."""
-    if "segment_ids" in batch:
-        return jnp.sum(batch["segment_ids"] != 0, dtype=jnp.int32)
+    """Non-padding tokens of a batch: `!= 0` summed over every `*segment_ids` array (padding is segment 0; a
+    preference batch has `chosen_segment_ids` and `rejected_segment_ids`), otherwise every position of the first
+    array's `[batch, length]`."""
+    segments = [value for key, value in batch.items() if key.endswith("segment_ids")]
+    if segments:
+        return sum(jnp.sum(value != 0, dtype=jnp.int32) for value in segments)
     first = jax.tree.leaves(batch)[0]
     return jnp.asarray(math.prod(first.shape[:2]), jnp.int32)
 
@@ -408,8 +413,7 @@ class _MetricsLogger:
         if not primary:
             return
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= start]
+            kept = [line for line in self.path.read_text().splitlines() if _logged_step(line, start)]
             partial = self.path.with_suffix(".jsonl.partial")
             partial.write_text("".join(line + "\n" for line in kept))
             os.replace(partial, self.path)
@@ -485,6 +489,15 @@ def _progress(primary: bool, start: int, total: int):
     bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
     bar.write = lambda line: tqdm.write(line, file=sys.stderr)
     return bar
+
+
+def _logged_step(line: str, start: int) -> bool:
+    """Whether a metrics.jsonl line is kept on resume from `start`: a complete line of a step up to `start` (a line
+    cut short by a killed process is dropped)."""
+    try:
+        return bool(line.strip()) and json.loads(line).get("step", 0) <= start
+    except json.JSONDecodeError:
+        return False
 
 
 def _say(message: str) -> None:

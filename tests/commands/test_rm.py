@@ -55,6 +55,37 @@ def test_export_is_a_sequence_classifier_that_jaxalign_reward_scores(tiny_rm, tm
     assert f"{len(pairs)} pairs: accuracy" in capsys.readouterr().err
 
 
+def test_dropped_pairs_are_logged_as_a_share(tiny_rm):
+    lines = [json.loads(line) for line in (tiny_rm / "metrics.jsonl").read_text().splitlines()]
+    dropped = [line["data/dropped"] for line in lines if "data/dropped" in line]
+    assert dropped and all(0.0 <= share < 1.0 for share in dropped)
+
+
+def test_reward_refuses_a_language_model(tmp_path, capsys):
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    import jaxalign
+    from jaxalign.data.tokenizer import load_tokenizer
+    from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig.tiny())
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    jaxalign.save_pretrained(model, params, tmp_path / "lm", tokenizer=load_tokenizer("byte"))
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"prompt": "Hi", "response": "Hello"}) + "\n")
+    assert main(["reward", "--model", str(tmp_path / "lm"), "--data", str(data)]) == 2
+    assert "a language model, not a reward model" in capsys.readouterr().err
+
+
+def test_a_pad_token_that_ends_the_answers_is_refused(tmp_path):
+    config = load_config(RMConfig, CONFIG, [f"output_dir={tmp_path}", "data.pad_token=</s>"])
+    with pytest.raises(JaxalignError, match="'data.pad_token': the pad token '</s>' also ends the answers"):
+        train_rm(config)
+    assert not (tmp_path / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["data.margin=small"], "'data.margin': set the reward model's margin with loss.margin"),
     (["data.truncation.overlong=truncate"], "'data.truncation.overlong': 'truncate' would score"),

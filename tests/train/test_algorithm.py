@@ -151,3 +151,30 @@ def test_mean_of_ignores_nan_in_masked_slots():
     assert (Mean.scalar(2.0) + Mean.scalar(4.0)).value() == 3.0
     assert Mean(0.0, 0.0).value() == 0.0
 
+
+
+def test_a_batch_of_pairs_counts_the_real_tokens_of_both_halves():
+    from jaxalign.train.loop import real_token_count
+
+    chosen = np.array([[1, 1, 1, 0], [1, 1, 0, 0]])
+    rejected = np.array([[1, 1, 1, 1], [0, 1, 1, 1]])
+    assert int(real_token_count({"chosen_segment_ids": jnp.asarray(chosen),
+                                 "rejected_segment_ids": jnp.asarray(rejected),
+                                 "margin": jnp.zeros(2)})) == 12
+    assert int(real_token_count({"input_ids": jnp.zeros((2, 5), jnp.int32)})) == 10
+
+
+def test_extending_a_run_that_ended_inside_a_source_iteration_warns(driver, tmp_path):
+    short = driver.run(tmp_path, *TOY, "train.steps=4")  # iterations of 3 minibatches: step 4 is inside one
+    assert short.returncode == 0, short.stderr[-3000:]
+    longer = driver.run(tmp_path, *TOY)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "checkpoint step 4 was saved at the end of a run, inside an iteration of the batch source" in longer.stderr
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped_on_resume(tmp_path):
+    from jaxalign.train.loop import _MetricsLogger
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    _MetricsLogger(tmp_path, start=2, primary=True).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
