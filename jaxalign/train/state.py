@@ -29,8 +29,21 @@ def param_shardings(abstract_boxed_params, mesh: Mesh, rules):
     parameters without names are replicated."""
     logical = nn.get_partition_spec(abstract_boxed_params)
     shardings = shd.logical_shardings(logical, mesh, rules)
-    shd.check_divisible(nn.meta.unbox(abstract_boxed_params), shardings, mesh, logical)
+    shd.check_divisible(shapes_of(abstract_boxed_params), shardings, mesh, logical)
     return shardings
+
+
+def shapes_of(abstract_boxed_params):
+    """The abstract values inside flax's axis-metadata boxes. Unlike `nn.meta.unbox` this adds no sharding
+    constraint, so it also works inside `jax.set_mesh` and logical-axis rules (where the loop builds its state)."""
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)  # noqa: E731
+
+    def value(x):
+        if isinstance(x, nn.Partitioned):
+            return x.value
+        return x.unbox() if is_box(x) else x
+
+    return jax.tree.map(value, abstract_boxed_params, is_leaf=is_box)
 
 
 def opt_state_shardings(abstract_opt_state, abstract_params, params_shardings, mesh: Mesh):

@@ -55,6 +55,30 @@ def test_export_is_a_sequence_classifier_that_jaxalign_reward_scores(tiny_rm, tm
     assert f"{len(pairs)} pairs: accuracy" in capsys.readouterr().err
 
 
+def test_a_reward_model_starts_from_a_language_model_whose_vocabulary_grows(tmp_path):
+    """A causal-LM export as `model.path` with a token the data config adds: the LM head is dropped, a score head
+    put on the trunk, the embeddings grown (mean row) — all inside the loop's mesh."""
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    import jaxalign
+    from jaxalign.data.tokenizer import load_tokenizer
+    from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM
+    from jaxalign.models.loading import load_model
+
+    tokenizer = load_tokenizer("byte")
+    lm = LlamaForCausalLM(LlamaConfig.tiny(vocab_size=len(tokenizer), max_position_embeddings=320))
+    params = nn.meta.unbox(lm.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    jaxalign.save_pretrained(lm, params, tmp_path / "sft", tokenizer=tokenizer)
+    config = load_config(RMConfig, CONFIG, [f"output_dir={tmp_path / 'rm'}", f"model.path={tmp_path / 'sft'}",
+                                            "model.config={}", "data.tokenizer=null", "data.added_tokens=['<x>']",
+                                            "train.steps=1", "train.eval_every=0", "checkpoint.every=0"])
+    assert train_rm(config) == 0
+    model, rm_params = load_model(tmp_path / "rm" / "hf")
+    assert type(model).__name__ == "LlamaForScore" and model.config.vocab_size == len(tokenizer) + 1
+
+
 def test_dropped_pairs_are_logged_as_a_share(tiny_rm):
     lines = [json.loads(line) for line in (tiny_rm / "metrics.jsonl").read_text().splitlines()]
     dropped = [line["data/dropped"] for line in lines if "data/dropped" in line]
