@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -83,20 +84,26 @@ def smollm2_dir() -> Path:
     return out
 
 
+LLAMAFACTORY_FILES = ("alpaca_en_demo.json", "dpo_en_demo.json", "kto_en_demo.json")
+
+
 @pytest.fixture(scope="session")
 def llamafactory_data() -> Path:
-    """The `data/` folder of the llamafactory 0.9.5 source distribution (alpaca_en_demo.json, dpo_en_demo.json)."""
+    """The `data/` folder of the llamafactory 0.9.5 source distribution (alpaca_en_demo.json, dpo_en_demo.json,
+    kto_en_demo.json); extracted again when a cached folder lacks one of them."""
     out = CACHE_DIR / "llamafactory-data"
-    if (out / "alpaca_en_demo.json").is_file():
+    if all((out / name).is_file() for name in LLAMAFACTORY_FILES):
         return out
     sdist = _pip_download("llamafactory==0.9.5", CACHE_DIR / "downloads" / "llamafactory", source=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="llamafactory-data.", dir=CACHE_DIR))
     with tarfile.open(sdist) as archive:
         for member in archive.getmembers():
             parts = Path(member.name).parts
-            if len(parts) == 3 and parts[1] == "data" and parts[2] in ("alpaca_en_demo.json", "dpo_en_demo.json"):
+            if len(parts) == 3 and parts[1] == "data" and parts[2] in LLAMAFACTORY_FILES:
                 (tmp / parts[2]).write_bytes(archive.extractfile(member).read())
-    json.loads((tmp / "alpaca_en_demo.json").read_text())
-    tmp.rename(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in LLAMAFACTORY_FILES:
+        json.loads((tmp / name).read_text())
+        (tmp / name).replace(out / name)
+    tmp.rmdir()
     return out

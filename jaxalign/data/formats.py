@@ -8,6 +8,8 @@ Every record becomes one of:
   1 better, 2 slightly better, 3 negligibly better / unsure, -1 not given) and `safety` (1 safety prompt, 0 not,
   -1 not given).
 - `Prompt` (RL): prompt messages and an optional reference answer (`answer` / `reference` field).
+- `UnpairedExample` (KTO): a prompt, one completion and whether it is desirable (`label`); the loader gives each
+  example a `mismatched` completion, another example's, for KTO's reference point.
 
 Formats: alpaca `{instruction, input?, output}`; dolly `{instruction, context?, response}`; sharegpt
 `{conversations: [{from, value}], system?}` (from: human/user, gpt/assistant/chatgpt/bing/bard, system); messages
@@ -15,14 +17,18 @@ Formats: alpaca `{instruction, input?, output}`; dolly `{instruction, context?, 
 the first three is a string or a message list, or LLaMA-Factory style `{conversations, chosen: {from, value},
 rejected: {from, value}}` (strength and safety may also be text, as CSV cells are: "2", "true"; an empty string is
 "not given"); hh `{chosen, rejected}` full Anthropic-HH texts ("\\n\\nHuman: ...\\n\\nAssistant: ..."); prompt
-`{prompt}` or `{messages}` ending in a user turn; text `{text}`. Other fields are ignored. A pair may carry its own
-numeric `margin` (reward models use it instead of the table by strength); a pair whose chosen and rejected answers
-are identical raises `IdenticalPair`, which the source reader always skips and counts.
+`{prompt}` or `{messages}` ending in a user turn; unpaired `{prompt, completion, label}` (TRL's unpaired
+preference; prompt and completion each a string or a message list) or LLaMA-Factory's KTO shape `{messages,
+label}` / `{conversations, label, system?}`, where the last (assistant) message is the completion and everything
+before it the prompt (`label`: true / false, or text as CSV cells are: "true", "false", "1", "0"); text `{text}`.
+Other fields are ignored. A pair may carry its own numeric `margin` (reward models use it instead of the table by
+strength); a pair whose chosen and rejected answers are identical raises `IdenticalPair`, which the source reader
+always skips and counts.
 
 Errors name the record's origin (`file:line`) and the field. A blank response (empty or whitespace only) raises
 `BlankResponse` in every format: alpaca `output`, dolly `response`, every assistant turn of a sharegpt or messages
-conversation, chosen / rejected answers, the final answers of an hh pair, and `text`; the source reader skips such
-records or stops at them (`data.blank_responses`).
+conversation, chosen / rejected answers, the final answers of an hh pair, an unpaired completion, and `text`; the
+source reader skips such records or stops at them (`data.blank_responses`).
 """
 
 import math
@@ -123,9 +129,18 @@ class Prompt:
     origin: str
 
 
-Example = Union[Conversation, Text, PreferencePair, Prompt]
+@dataclass(frozen=True)
+class UnpairedExample:
+    prompt: tuple[Message, ...]
+    completion: tuple[Message, ...]
+    desirable: bool
+    origin: str
+    mismatched: tuple[Message, ...] = ()  # another example's completion (KTO's reference point), set by the loader
 
-FORMATS = ("alpaca", "dolly", "sharegpt", "messages", "preference", "hh", "prompt", "text")
+
+Example = Union[Conversation, Text, PreferencePair, Prompt, UnpairedExample]
+
+FORMATS = ("alpaca", "dolly", "sharegpt", "messages", "preference", "hh", "prompt", "unpaired", "text")
 
 
 def detect_format(record, origin: str) -> str:
@@ -137,6 +152,8 @@ def detect_format(record, origin: str) -> str:
         if "prompt" in keys or "conversations" in keys or "messages" in keys:
             return "preference"
         return "hh"
+    if "label" in keys and ("messages" in keys or "conversations" in keys or {"prompt", "completion"} <= keys):
+        return "unpaired"
     if "conversations" in keys:
         return "sharegpt"
     if "messages" in keys:
@@ -152,7 +169,8 @@ def detect_format(record, origin: str) -> str:
     raise JaxalignError(
         f"{origin}: cannot detect the record format from its fields {sorted(keys)}; expected alpaca "
         "(instruction, output), dolly (instruction, response), sharegpt (conversations), messages, preference "
-        "(prompt, chosen, rejected), hh (chosen, rejected), prompt or text; or set data.format"
+        "(prompt, chosen, rejected), hh (chosen, rejected), unpaired (prompt, completion, label), prompt or text; "
+        "or set data.format"
     )
 
 
@@ -372,6 +390,38 @@ def _margin(record: dict, origin: str) -> float | None:
     return margin
 
 
+def _label(record: dict, origin: str) -> bool:
+    if "label" not in record or record["label"] is None:
+        raise JaxalignError(f"{origin}: missing field 'label' (true for a desirable completion, false if not)")
+    value = record["label"]
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
+        value = value.strip().lower() in ("true", "1")
+    if isinstance(value, bool):
+        return value
+    raise JaxalignError(f"{origin}: field 'label' must be true or false (or \"true\", \"false\", \"1\", \"0\"), "
+                        f"got {value!r}")
+
+
+def _unpaired(record: dict, origin: str) -> UnpairedExample:
+    desirable = _label(record, origin)
+    if "prompt" in record and "completion" in record:
+        prompt = _prompt_messages(record, origin)
+        completion = _response(record["completion"], "completion", origin)
+        return UnpairedExample(prompt, completion, desirable, origin)
+    if "messages" in record:
+        name, role_key, content_key = "messages", "role", "content"
+    elif "conversations" in record:
+        name, role_key, content_key = "conversations", "from", "value"
+    else:
+        raise JaxalignError(f"{origin}: missing field 'completion' (or 'messages' ending with the completion)")
+    turns = _messages(_field(record, name, origin, kind=list), name, origin, role_key, content_key)
+    dialogue = _check_dialogue(_with_system(record, turns, origin), name, origin, "assistant")
+    if turns[-1].role != "assistant":
+        raise JaxalignError(f"{origin}: field '{name}' must end with an assistant turn, the completion 'label' judges")
+    _answer(turns[-1].content, f"{name}[{len(turns) - 1}].{content_key}", origin)
+    return UnpairedExample(dialogue[:-1], dialogue[-1:], desirable, origin)
+
+
 def _hh_dialogue(text: str, name: str, origin: str) -> list[Message]:
     """Splits "\\n\\nHuman: a\\n\\nAssistant: b..." into messages."""
     markers = {"\n\nHuman:": "user", "\n\nAssistant:": "assistant"}
@@ -427,5 +477,6 @@ _PARSERS = {
     "preference": _preference,
     "hh": _hh,
     "prompt": _prompt,
+    "unpaired": _unpaired,
     "text": _text,
 }

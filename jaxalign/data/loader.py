@@ -6,6 +6,8 @@ order, so the processes' examples together are exactly the epoch, without overla
 tokenised as they are reached (in chunks, batched through the tokenizer), cut to `seq_len` (dropped ones counted),
 and placed into fixed-shape rows: one per row, or packed first-come (`data.pack`). Train loaders run forever over
 epochs; eval loaders make one pass (every process the same number of batches, padded) and restart on next use.
+An unpaired split (KTO) sets each example's `mismatched` completion to the next example's (`mismatch`), so that
+every row also carries its prompt with another example's completion, for KTO's reference point.
 
 `state_dict()` is JSON-able `{epoch, position, part, stats}`: `position` is the next example of this process's share
 not yet (wholly) in a returned batch and `part` its next block (`truncation.overlong: split`), so `load_state_dict` in
@@ -33,10 +35,10 @@ import numpy as np
 
 from jaxalign.data import packing
 from jaxalign.data.config import DataConfig
-from jaxalign.data.formats import Conversation, PreferencePair, Prompt, Text, parse_record
+from jaxalign.data.formats import Conversation, PreferencePair, Prompt, Text, UnpairedExample, parse_record
 from jaxalign.data.masking import Fitted, fit, split_blocks, tokenize_segments, trained_flags
 from jaxalign.data.sources import SourceData, load_source
-from jaxalign.data.templates import render, render_pair, special_tokens
+from jaxalign.data.templates import render, render_pair, render_unpaired, special_tokens
 from jaxalign.data.tokenizer import SegmentEncoder
 from jaxalign.errors import JaxalignError
 
@@ -46,12 +48,13 @@ STAT_KEYS = ("examples", "tokens", "trained_tokens", "truncated", "dropped", "ro
 
 @dataclass(frozen=True)
 class Item:
-    """A processed example: one `Fitted` part (LM, prompt) or two (chosen, rejected)."""
+    """A processed example: one `Fitted` part (LM, prompt) or two (chosen, rejected; completion, mismatched)."""
 
     parts: tuple[Fitted, ...]
     strength: int = -1
     safety: int = -1
     margin: float | None = None  # a pair's own margin
+    desirable: bool = False  # an unpaired example's label
     index: int = -1  # the example's index in `DataLoader.examples`, set when the loader reads it
 
     @property
@@ -70,6 +73,8 @@ def example_kind(example) -> str:
         return "preference"
     if isinstance(example, Prompt):
         return "prompt"
+    if isinstance(example, UnpairedExample):
+        return "unpaired"
     raise TypeError(type(example).__name__)
 
 
@@ -92,10 +97,13 @@ class Preprocessor:
         self.encoder = SegmentEncoder(tokenizer)
 
     def segments(self, example):
-        """The rendered segments of an example (a pair: a tuple of chosen and rejected segments)."""
+        """The rendered segments of an example (a pair: a tuple of chosen and rejected segments; an unpaired example:
+        of its completion and its mismatched completion)."""
         c = self.config
         if isinstance(example, PreferencePair):
             return render_pair(example, c.template, self.tokens, c.system_message, self.tokenizer)
+        if isinstance(example, UnpairedExample):
+            return render_unpaired(example, c.template, self.tokens, c.system_message, self.tokenizer)
         return render(example, c.template, self.tokens, c.system_message, self.tokenizer)
 
     def prompt_ids(self, messages: list[dict], origin: str = "prompt") -> np.ndarray:
@@ -109,7 +117,7 @@ class Preprocessor:
         flat, shapes = [], []
         for example in examples:
             rendered = self.segments(example)
-            parts = list(rendered) if isinstance(example, PreferencePair) else [rendered]
+            parts = list(rendered) if isinstance(example, (PreferencePair, UnpairedExample)) else [rendered]
             shapes.append(len(parts))
             flat.extend(parts)
         tokens = tokenize_segments(flat, self.encoder)
@@ -127,12 +135,14 @@ class Preprocessor:
             cut = ids.size > self.seq_len
             ids = ids[-self.seq_len :]
             return [Item((Fitted(ids, np.zeros(ids.size, bool), cut, None),))]
-        if isinstance(example, PreferencePair):
+        if isinstance(example, (PreferencePair, UnpairedExample)):
             overlong = "truncate" if trunc.overlong == "split" else trunc.overlong
             fitted = tuple(
                 fit(p.ids, trained_flags(p, "assistant"), self.seq_len, trunc.max_prompt_fraction, overlong)
                 for p in parts
             )
+            if isinstance(example, UnpairedExample):
+                return [Item(fitted, desirable=example.desirable)]
             return [Item(fitted, example.strength, example.safety, margin=example.margin)]
         trained = trained_flags(parts[0], self.config.mask)
         if trunc.overlong == "split":
@@ -208,6 +218,8 @@ class DataLoader:
             formats = ", ".join(f"{s.spec.path}: {s.format}" for s in sources)
             raise JaxalignError(f"data.{split} mixes examples of different kinds ({formats}); use one kind per split")
         self.kind = kinds.pop()
+        if self.kind == "unpaired":
+            self.examples = mismatch(self.examples, split)
         self._offsets = np.cumsum([0] + [len(s.examples) for s in sources])
         self._eval_batches = self._count_eval_batches() if split == "eval" else None
         self.load_state_dict({"epoch": 0, "position": 0})
@@ -306,10 +318,19 @@ class DataLoader:
             ]
             batch = packing.preference_batch(pairs, self.seq_len, pad, self.config.margin)
             real = np.concatenate([batch["chosen_segment_ids"], batch["rejected_segment_ids"]]) > 0
+        elif self.kind == "unpaired":
+            examples = [
+                ((r[0].parts[0].ids, r[0].parts[0].trained), (r[0].parts[1].ids, r[0].parts[1].trained),
+                 r[0].desirable) if r else None
+                for r in rows
+            ]
+            batch = packing.unpaired_batch(examples, self.seq_len, pad)
+            real = np.concatenate([batch["completion_segment_ids"], batch["kl_segment_ids"]]) > 0
         else:
             batch = packing.prompt_batch([r[0].parts[0].ids if r else None for r in rows], self.seq_len, pad)
-            batch["example_index"] = np.asarray([r[0].index if r else -1 for r in rows], np.int32)
             real = batch["segment_ids"] > 0
+        if self.kind != "lm":
+            batch["example_index"] = np.asarray([r[0].index if r else -1 for r in rows], np.int32)
         self.stats["rows"] += real.shape[0]
         self.stats["tokens"] += int(real.sum())
         self.stats["padding_tokens"] += int(real.size - real.sum())
@@ -388,6 +409,19 @@ class DataLoader:
         return _pass_stats(items, self)
 
 
+def mismatch(examples: list[UnpairedExample], split: str = "train") -> list[UnpairedExample]:
+    """`examples` with each one's `mismatched` set to the completion of the next example (the last: the first's):
+    every prompt paired with another example's completion for KTO's reference point, a fixed partner per example,
+    so that everything stays keyed by example index."""
+    n = len(examples)
+    if n < 2:
+        raise JaxalignError(
+            f"data.{split} has {n} unpaired example; KTO needs at least 2 (each prompt is paired with another "
+            "example's completion for its reference point)"
+        )
+    return [dataclasses.replace(e, mismatched=examples[(i + 1) % n].completion) for i, e in enumerate(examples)]
+
+
 def skipped_summary(split: str, skipped: list[str], blank: int, identical: int = 0) -> str:
     """One line: how many records of `split` were skipped, why, and the first of them."""
     reasons = []
@@ -434,7 +468,7 @@ def _pass_stats(items: list[Item], loader: DataLoader) -> dict:
     if any(used):
         stats["batches"] += 1
         stats["rows"] += sum(1 for filled in used if filled)
-    capacity = stats["rows"] * loader.seq_len * (2 if loader.kind == "preference" else 1)
+    capacity = stats["rows"] * loader.seq_len * (2 if loader.kind in ("preference", "unpaired") else 1)
     stats["packing_efficiency"] = stats["tokens"] / capacity if capacity else 0.0
     return stats
 

@@ -1,4 +1,5 @@
-"""Fixed-shape numpy batches: padded or packed LM rows, preference pairs, left-padded RL prompts.
+"""Fixed-shape numpy batches: padded or packed LM rows, preference pairs, unpaired (KTO) examples, left-padded RL
+prompts.
 
 LM batch (all int32 `[B, L]`):
 - `input_ids`: the tokens; pad id on padding.
@@ -12,8 +13,15 @@ LM batch (all int32 `[B, L]`):
 Preference batch, one pair per row (never packed): `chosen_{input_ids,targets,loss_mask,segment_ids,positions}`
 and the same with `rejected_`, all `[B, L]` int32 as above; `[B]` arrays `strength` int32 (0 significantly
 better .. 3 negligibly better / unsure, -1 unknown), `safety` int32 (1 / 0, -1 unknown), `margin` float32 (from
-strength with `data.margin`, or the record's own `margin`; 0 when unknown or `none`) and `pair_mask` float32 (1 for a real pair, 0 for a padding
-row at the end of an eval set).
+strength with `data.margin`, or the record's own `margin`; 0 when unknown or `none`) and `pair_mask` float32 (1 for
+a real pair, 0 for a padding row at the end of an eval set). The loader adds `example_index` `[B]` int32: the row's
+index in `loader.examples` (-1 for padding), to key per-example values such as precomputed reference log-probs.
+
+Unpaired batch (KTO), one example per row (never packed): `completion_{input_ids,targets,loss_mask,segment_ids,
+positions}` (the prompt and the example's own completion, only the completion trained) and the same with `kl_`
+(the prompt and the `mismatched` completion, another example's: KTO's reference point), all `[B, L]` int32 as
+above; `[B]` arrays `desirable` float32 (1 desirable, 0 undesirable and on padding rows) and `example_mask` float32
+(1 for a real example, 0 for a padding row). The loader adds `example_index` `[B]` int32 as for preference batches.
 
 Prompt batch (RL), left-padded so generation continues every row at the same slot: `input_ids`, `segment_ids`
 (1 on tokens, 0 on padding), `positions` (0... from the first real token), all `[B, L]` int32; `prompt_length`
@@ -69,6 +77,17 @@ def preference_batch(pairs: list, seq_len: int, pad_id: int, margin: str = "none
         if pair is not None and len(pair) > 4 and pair[4] is not None:
             batch["margin"][b] = pair[4]
     batch["pair_mask"] = np.asarray([pair is not None for pair in pairs], np.float32)
+    return batch
+
+
+def unpaired_batch(examples: list, seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """`examples[b]` = `(completion (ids, trained), kl (ids, trained), desirable)` or None for a padding row."""
+    batch = {}
+    for index, name in ((0, "completion"), (1, "kl")):
+        rows = [[example[index]] if example is not None else [] for example in examples]
+        batch.update({f"{name}_{k}": v for k, v in lm_batch(rows, seq_len, pad_id).items()})
+    batch["desirable"] = np.asarray([bool(e[2]) if e is not None else False for e in examples], np.float32)
+    batch["example_mask"] = np.asarray([e is not None for e in examples], np.float32)
     return batch
 
 

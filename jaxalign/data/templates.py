@@ -39,7 +39,7 @@ render dialogue prefixes as prefixes of the whole dialogue (all common chat temp
 
 from dataclasses import dataclass
 
-from jaxalign.data.formats import Conversation, Message, PreferencePair, Prompt, Text
+from jaxalign.data.formats import Conversation, Message, PreferencePair, Prompt, Text, UnpairedExample
 from jaxalign.errors import JaxalignError
 
 ALPACA_SYSTEM = (
@@ -148,6 +148,8 @@ def render(example, template: str, tokens: SpecialTokens, system_message: str | 
         messages = example.messages
     elif isinstance(example, PreferencePair):
         raise JaxalignError(f"{example.origin}: render a preference pair with render_pair")
+    elif isinstance(example, UnpairedExample):
+        raise JaxalignError(f"{example.origin}: render an unpaired example with render_unpaired")
     else:
         raise TypeError(f"cannot render {type(example).__name__}")
     system, dialogue = _split_system(messages, system_message)
@@ -158,13 +160,28 @@ def render(example, template: str, tokens: SpecialTokens, system_message: str | 
 
 def render_pair(pair: PreferencePair, template: str, tokens: SpecialTokens, system_message=None, tokenizer=None):
     """(chosen segments, rejected segments); only the continuation after the shared prompt is `response`."""
-    prompt_turns = sum(m.role == "assistant" for m in pair.prompt)
+    return _continuations(pair.prompt, (pair.chosen, pair.rejected), pair.origin, template, tokens, system_message,
+                          tokenizer)
+
+
+def render_unpaired(example: UnpairedExample, template: str, tokens: SpecialTokens, system_message=None,
+                    tokenizer=None):
+    """(completion segments, mismatched segments): the prompt continued by its own completion and by the
+    `mismatched` one (KTO's reference point), as `render_pair` renders a pair."""
+    if not example.mismatched:
+        raise JaxalignError(f"{example.origin}: the unpaired example has no mismatched completion (the loader sets it)")
+    return _continuations(example.prompt, (example.completion, example.mismatched), example.origin, template, tokens,
+                          system_message, tokenizer)
+
+
+def _continuations(prompt, continuations, origin, template, tokens, system_message, tokenizer):
+    """The segments of `prompt` + each continuation; only the continuation after the prompt is `response`."""
+    prompt_turns = sum(m.role == "assistant" for m in prompt)
     out = []
-    for continuation in (pair.chosen, pair.rejected):
-        conversation = Conversation(pair.prompt + continuation, pair.origin)
-        segments = render(conversation, template, tokens, system_message, tokenizer)
+    for continuation in continuations:
+        segments = render(Conversation(prompt + continuation, origin), template, tokens, system_message, tokenizer)
         out.append([Segment(s.text, s.response and s.turn >= prompt_turns, s.turn, s.special) for s in segments])
-    return out[0], out[1]
+    return tuple(out)
 
 
 def _split_system(messages: tuple[Message, ...], system_message: str | None):

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -9,12 +10,13 @@ from jaxalign.data.formats import (
     PreferencePair,
     Prompt,
     Text,
+    UnpairedExample,
     detect_format,
     parse_record,
 )
 from jaxalign.data.sources import load_source
 from jaxalign.data.config import SourceSpec
-from jaxalign.data.templates import SpecialTokens, render, render_pair, render_text
+from jaxalign.data.templates import SpecialTokens, render, render_pair, render_text, render_unpaired
 from jaxalign.errors import JaxalignError
 
 ORIGIN = "data.jsonl:7"
@@ -31,6 +33,14 @@ ORIGIN = "data.jsonl:7"
         ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}, "hh"),
         ({"prompt": "a"}, "prompt"),
         ({"text": "a"}, "text"),
+        ({"prompt": "a", "completion": "b", "label": True}, "unpaired"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "label": False},
+         "unpaired"),
+        ({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}], "label": "true"},
+         "unpaired"),
+        ({"prompt": "a", "label": True}, "prompt"),  # no completion: a prompt that carries a label field
+        ({"prompt": "a", "completion": "b"}, "prompt"),
+        ({"prompt": "a", "chosen": "b", "rejected": "c", "label": True}, "preference"),
     ],
 )
 def test_detect_format(record, fmt):
@@ -102,6 +112,58 @@ def test_text():
     assert parse_record({"text": "abc"}, "text", ORIGIN) == Text("abc", ORIGIN)
 
 
+def test_unpaired_trl_shape_with_strings_and_message_lists():
+    example = parse_record({"prompt": "q", "completion": "a", "label": False}, "unpaired", ORIGIN)
+    assert example == UnpairedExample((Message("user", "q"),), (Message("assistant", "a"),), False, ORIGIN)
+    assert example.mismatched == ()
+    record = {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}],
+              "completion": [{"role": "assistant", "content": "a"}], "label": True}
+    example = parse_record(record, "unpaired", ORIGIN)
+    assert example.prompt == (Message("system", "S"), Message("user", "q"))
+    assert example.completion == (Message("assistant", "a"),) and example.desirable
+
+
+def test_unpaired_llamafactory_shape_splits_off_the_last_answer():
+    record = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "u1"},
+                           {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
+                           {"role": "assistant", "content": "a2"}], "label": True}
+    example = parse_record(record, "unpaired", ORIGIN)
+    assert [(m.role, m.content) for m in example.prompt] == [
+        ("system", "S"), ("user", "u1"), ("assistant", "a1"), ("user", "u2")
+    ]
+    assert example.completion == (Message("assistant", "a2"),) and example.desirable
+    sharegpt = {"system": "S", "conversations": [{"from": "human", "value": "u"}, {"from": "gpt", "value": "a"}],
+                "label": "0"}
+    assert parse_record(sharegpt, "unpaired", ORIGIN) == UnpairedExample(
+        (Message("system", "S"), Message("user", "u")), (Message("assistant", "a"),), False, ORIGIN
+    )
+
+
+@pytest.mark.parametrize("label, desirable", [(True, True), (False, False), ("true", True), (" False ", False),
+                                              ("TRUE", True), ("1", True), ("0", False)])
+def test_unpaired_label_as_bool_or_text(label, desirable):
+    assert parse_record({"prompt": "q", "completion": "a", "label": label}, "unpaired", ORIGIN).desirable is desirable
+
+
+def test_render_unpaired_continues_the_prompt_with_both_completions():
+    example = parse_record({"messages": [{"role": "user", "content": "u1"}, {"role": "assistant", "content": "a1"},
+                                         {"role": "user", "content": "u2"}, {"role": "assistant", "content": "a2"}],
+                            "label": True}, "unpaired", ORIGIN)
+    tokens = SpecialTokens("<s>", "</s>", "<|eot|>")
+    with pytest.raises(JaxalignError, match=f"{ORIGIN}: the unpaired example has no mismatched completion"):
+        render_unpaired(example, "gpt4all", tokens)
+    with pytest.raises(JaxalignError, match="render_unpaired"):
+        render(example, "gpt4all", tokens)
+    example = dataclasses.replace(example, mismatched=(Message("assistant", "other"),))
+    completion, kl = render_unpaired(example, "gpt4all", tokens)
+    assert render_text(completion) == "<s>u1\na1</s>u2\na2</s>"
+    assert render_text(kl) == "<s>u1\na1</s>u2\nother</s>"
+    assert render_text([s for s in completion if s.response]) == "a2</s>"
+    assert render_text([s for s in kl if s.response]) == "other</s>"
+    pair = PreferencePair(example.prompt, example.completion, example.mismatched, -1, -1, ORIGIN)
+    assert render_pair(pair, "gpt4all", tokens) == (completion, kl)
+
+
 def test_unknown_fields_are_ignored():
     assert parse_record({"instruction": "a", "output": "b", "id": 3, "source": "x"}, "alpaca", ORIGIN)
 
@@ -143,6 +205,23 @@ BAD = [
     ({"prompt": ""}, "prompt", "field 'prompt' is empty"),
     ({"prompt": "q", "answer": 4}, "prompt", "field 'answer' must be a string"),
     ({"text": None}, "text", "missing field 'text'"),
+    ({"prompt": "q", "completion": "a"}, "unpaired", "missing field 'label'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "unpaired",
+     "missing field 'label'"),
+    ({"prompt": "q", "completion": "a", "label": None}, "unpaired", "missing field 'label'"),
+    ({"prompt": "q", "completion": "a", "label": "yes"}, "unpaired", "field 'label' must be true or false"),
+    ({"prompt": "q", "completion": "a", "label": 1}, "unpaired", "field 'label' must be true or false"),
+    ({"prompt": "q", "completion": "a", "label": ""}, "unpaired", "field 'label' must be true or false"),
+    ({"prompt": "q", "label": True}, "unpaired", "missing field 'completion'"),
+    ({"prompt": "q", "completion": 3, "label": True}, "unpaired", "field 'completion' must be a string or messages"),
+    ({"prompt": "q", "completion": [{"role": "user", "content": "a"}], "label": True}, "unpaired",
+     "field 'completion' must end with an assistant message"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                   {"role": "user", "content": "more?"}], "label": True}, "unpaired",
+     "field 'messages' must end with an assistant turn"),
+    ({"messages": [{"role": "user", "content": "q"}], "label": True}, "unpaired", "has no assistant turn"),
+    ({"conversations": [{"from": "gpt", "value": "a"}], "label": True}, "unpaired",
+     "turn 1 is 'assistant', expected 'user'"),
     (["not", "a", "record"], "alpaca", "expected a JSON object"),
 ]
 
@@ -178,6 +257,14 @@ BLANK = [
       "rejected": {"from": "gpt", "value": ""}}, "preference", "rejected[0].value"),
     ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant:  "}, "hh", "rejected"),
     ({"text": " \n "}, "text", "text"),
+    ({"prompt": "q", "completion": " ", "label": True}, "unpaired", "completion"),
+    ({"prompt": "q", "completion": [{"role": "assistant", "content": ""}], "label": False}, "unpaired",
+     "completion[0].content"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+                   {"role": "user", "content": "r"}, {"role": "assistant", "content": "\n"}], "label": True},
+     "unpaired", "messages[3].content"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": ""}], "label": "1"}, "unpaired",
+     "conversations[1].value"),
 ]
 
 
@@ -250,3 +337,15 @@ def test_llamafactory_dpo_demo_loads_and_renders(llamafactory_data):
         assert "".join(s.text for s in rejected if s.response) == pair.rejected[-1].content + "<|im_end|>"
         prompt_text = "".join(s.text for s in chosen if not s.response).rstrip("\n")
         assert pair.prompt[-1].content in prompt_text
+
+
+def test_llamafactory_kto_demo_loads_as_unpaired_examples(llamafactory_data):
+    records = json.loads((llamafactory_data / "kto_en_demo.json").read_text())
+    data = load_source(SourceSpec(str(llamafactory_data / "kto_en_demo.json")))
+    assert data.format == "unpaired" and len(data.examples) == 300 and not data.skipped
+    assert sum(e.desirable for e in data.examples) == 150
+    for record, example in zip(records, data.examples):
+        assert example.desirable is record["label"]
+        assert example.completion == (Message("assistant", record["messages"][-1]["content"]),)
+        assert [m.content for m in example.prompt] == [m["content"] for m in record["messages"][:-1]]
+    assert any(len(e.prompt) > 1 for e in data.examples)

@@ -144,6 +144,116 @@ def test_preference_loader(byte_tok):
         prompt_len = int(np.argmax(batch["chosen_loss_mask"][b]))
         assert (chosen[:prompt_len] == rejected[:prompt_len]).all()
         assert batch["chosen_loss_mask"][b].sum() > 0 and batch["rejected_loss_mask"][b].sum() > 0
+    assert batch["example_index"].dtype == np.int32 and batch["example_index"].shape == (8,)
+    for b, index in enumerate(batch["example_index"]):
+        pair = loader.examples[index]
+        chosen = byte_tok.decode(batch["chosen_input_ids"][b][batch["chosen_segment_ids"][b] > 0].tolist())
+        assert chosen.endswith(f" {pair.chosen[-1].content}</s>")
+
+
+def test_preference_eval_padding_rows_have_example_index_minus_one(byte_tok):
+    config = from_dict(DataConfig, {"train": "demo:preferences", "eval": "demo:preferences", "template": "plain"})
+    loader = build_loader(config, byte_tok, batch_size=8, seq_len=512, split="eval")
+    indices = np.concatenate([b["example_index"] for b in loader])
+    masks = np.concatenate([b["pair_mask"] for b in loader])
+    n = len(loader.examples)
+    assert n % 8, "the eval set should end with padding rows"
+    assert sorted(indices[masks == 1].tolist()) == list(range(n)) and (indices[masks == 0] == -1).all()
+
+
+def _unpaired_records(n: int) -> list[dict]:
+    """TRL-style unpaired records, every third a two-turn LLaMA-Factory one; even numbers desirable."""
+    records = []
+    for i in range(n):
+        if i % 3 == 2:
+            messages = [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"},
+                        {"role": "user", "content": f"more {i}?"}, {"role": "assistant", "content": f"b{i}"}]
+            records.append({"messages": messages, "label": i % 2 == 0})
+        else:
+            records.append({"prompt": f"q{i}", "completion": f"c{i}" + "!" * (i % 4), "label": str(i % 2 == 0)})
+    return records
+
+
+def _unpaired_text(byte_tok, batch, prefix, b, trained=False):
+    ids = batch[f"{prefix}input_ids"][b][batch[f"{prefix}segment_ids"][b] > 0]
+    if trained:  # the tokens predicted where the loss mask is on
+        ids = batch[f"{prefix}targets"][b][batch[f"{prefix}loss_mask"][b] == 1]
+    return byte_tok.decode(ids.tolist())
+
+
+def test_unpaired_loader_pairs_each_prompt_with_the_next_examples_completion(byte_tok, tmp_path):
+    path = _write_jsonl(tmp_path / "kto.jsonl", _unpaired_records(7))
+    config = _config(train=str(path), shuffle=False)
+    loader = build_loader(config, byte_tok, batch_size=4, seq_len=64)
+    assert loader.kind == "unpaired" and loader.sources[0].format == "unpaired"
+    n = len(loader.examples)
+    for i, example in enumerate(loader.examples):
+        assert example.mismatched == loader.examples[(i + 1) % n].completion
+    first, second = next(loader), next(loader)
+    for key in ("input_ids", "targets", "loss_mask", "segment_ids", "positions"):
+        for prefix in ("completion_", "kl_"):
+            assert first[prefix + key].shape == (4, 64) and first[prefix + key].dtype == np.int32
+    assert first["desirable"].dtype == first["example_mask"].dtype == np.float32
+    assert first["example_index"].dtype == np.int32
+    assert first["example_index"].tolist() == [0, 1, 2, 3] and second["example_index"].tolist() == [4, 5, 6, 0]
+    assert first["desirable"].tolist() == [1.0, 0.0, 1.0, 0.0] and second["desirable"].tolist() == [1, 0, 1, 1]
+    assert first["example_mask"].tolist() == [1.0] * 4
+    records = _unpaired_records(7)
+
+    def prompt_and_answer(i):
+        record = records[i]
+        if "messages" in record:
+            return f"<s>q{i}\na{i}</s>more {i}?\n", f"b{i}"
+        return f"<s>q{i}\n", record["completion"]
+
+    for batch in (first, second):
+        for b, i in enumerate(batch["example_index"].tolist()):
+            prompt, answer = prompt_and_answer(i)
+            _, other = prompt_and_answer((i + 1) % n)
+            assert _unpaired_text(byte_tok, batch, "completion_", b) == f"{prompt}{answer}</s>"
+            assert _unpaired_text(byte_tok, batch, "kl_", b) == f"{prompt}{other}</s>"
+            # only the continuation after the prompt is trained, in both halves
+            assert _unpaired_text(byte_tok, batch, "completion_", b, trained=True) == f"{answer}</s>"
+            assert _unpaired_text(byte_tok, batch, "kl_", b, trained=True) == f"{other}</s>"
+            ids = batch["kl_input_ids"][b][batch["kl_segment_ids"][b] > 0]
+            expected = byte_tok.encode(f"{prompt}{other}</s>", add_special_tokens=False)
+            assert ids.tolist() == expected
+
+
+def test_unpaired_loader_resumes_and_pads_the_eval_pass(byte_tok, tmp_path):
+    path = _write_jsonl(tmp_path / "kto.jsonl", _unpaired_records(11))
+    config = _config(train=str(path), eval=str(path), seed=4)
+    loader = build_loader(config, byte_tok, batch_size=4, seq_len=64)
+    reference = [next(loader) for _ in range(6)]
+    for k in (1, 3):
+        first = build_loader(config, byte_tok, batch_size=4, seq_len=64)
+        for _ in range(k):
+            next(first)
+        resumed = build_loader(config, byte_tok, batch_size=4, seq_len=64)
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        assert _equal_batches(next(resumed), reference[k])
+    stats = loader.state_dict()["stats"]
+    assert stats["examples"] == 24
+    tokens = sum(int((b["completion_segment_ids"] > 0).sum() + (b["kl_segment_ids"] > 0).sum()) for b in reference)
+    trained = sum(int(b["completion_loss_mask"].sum() + b["kl_loss_mask"].sum()) for b in reference)
+    assert (stats["tokens"], stats["trained_tokens"]) == (tokens, trained)
+    counts = loader.pass_stats()
+    assert counts["examples"] == 11 and counts["packing_efficiency"] < 0.5
+    evaluation = build_loader(config, byte_tok, batch_size=4, seq_len=64, split="eval")
+    batches = list(evaluation)
+    assert len(batches) == 3
+    last = batches[-1]
+    assert last["example_mask"].tolist() == [1, 1, 1, 0] and last["example_index"].tolist() == [8, 9, 10, -1]
+    assert last["desirable"][3] == 0 and not last["kl_segment_ids"][3].any()
+
+
+def test_unpaired_split_of_one_example_is_an_error(byte_tok, tmp_path):
+    path = _write_jsonl(tmp_path / "one.jsonl", _unpaired_records(1))
+    with pytest.raises(JaxalignError, match="data.train has 1 unpaired example; KTO needs at least 2"):
+        build_loader(_config(train=str(path)), byte_tok, batch_size=4, seq_len=64)
+    two = _write_jsonl(tmp_path / "two.jsonl", _unpaired_records(2))
+    loader = build_loader(_config(train=str(two), format="unpaired"), byte_tok, batch_size=2, seq_len=64)
+    assert loader.kind == "unpaired" and loader.examples[1].mismatched == loader.examples[0].completion
 
 
 def test_prompt_loader_for_rl(byte_tok):

@@ -3,7 +3,7 @@ import pytest
 
 from jaxalign.config import from_dict
 from jaxalign.data import DataConfig, build_loader
-from jaxalign.data.packing import lm_batch, preference_batch, prompt_batch
+from jaxalign.data.packing import lm_batch, preference_batch, prompt_batch, unpaired_batch
 
 
 def _example(ids, trained):
@@ -42,6 +42,21 @@ def test_preference_batch_margins_by_strength():
     assert batch["rejected_targets"][0].tolist() == [5, 7, 8, 0, 0]
     small = preference_batch([pair + (1, 0)], seq_len=5, pad_id=0, margin="small")
     np.testing.assert_allclose(small["margin"], [2.0 / 3.0])
+
+
+def test_unpaired_batch_has_completion_and_kl_halves_one_example_per_row():
+    completion = _example([1, 5, 6], [0, 0, 1])
+    kl = _example([1, 5, 7, 8], [0, 0, 1, 1])
+    batch = unpaired_batch([(completion, kl, True), (kl, completion, False), None], seq_len=5, pad_id=0)
+    assert batch["completion_input_ids"].tolist() == [[1, 5, 6, 0, 0], [1, 5, 7, 8, 0], [0] * 5]
+    assert batch["completion_loss_mask"][0].tolist() == [0, 1, 0, 0, 0]
+    assert batch["kl_targets"][0].tolist() == [5, 7, 8, 0, 0]
+    assert batch["kl_loss_mask"][0].tolist() == [0, 1, 1, 0, 0]
+    assert batch["kl_segment_ids"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [0] * 5]
+    assert batch["desirable"].tolist() == [1.0, 0.0, 0.0] and batch["desirable"].dtype == np.float32
+    assert batch["example_mask"].tolist() == [1.0, 1.0, 0.0] and batch["example_mask"].dtype == np.float32
+    assert all(batch[f"{p}_{k}"].shape == (3, 5) and batch[f"{p}_{k}"].dtype == np.int32
+               for p in ("completion", "kl") for k in ("input_ids", "targets", "loss_mask", "segment_ids", "positions"))
 
 
 def test_prompt_batch_is_left_padded():
