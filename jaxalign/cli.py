@@ -20,6 +20,7 @@ COMMANDS = {
     "check-parity": ("jaxalign.commands.check_parity", "compare jaxalign logits with transformers on an HF folder"),
     "sft": ("jaxalign.commands.sft", "supervised fine-tuning (or training from scratch) on instruction / dialogue data"),
     "rm": ("jaxalign.commands.rm", "train a reward model on preference pairs (LLaMA-2 margins by strength)"),
+    "dpo": ("jaxalign.commands.dpo", "align a policy on preference pairs: DPO, cDPO, IPO, hinge, robust, SimPO, ORPO, KTO"),
     "reward": ("jaxalign.commands.reward", "a reward model's score for each response or preference pair of a JSONL file"),
     "plot": ("jaxalign.commands.plot", "PNG curves (loss, eval loss, learning rate) from a run's metrics.jsonl"),
     "data": ("jaxalign.commands.data", "inspect a config's data: rendered examples, loss masks, token counts"),

@@ -20,9 +20,11 @@ reports under the same names. At initialisation (policy = reference) sigmoid DPO
 
 import dataclasses
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxalign.errors import JaxalignError
 from jaxalign.objectives.logprobs import model_token_log_probs, sequence_log_probs
@@ -249,3 +251,89 @@ def make_algorithm(model, optimizer, train_source, settings: LossSettings, *, ki
         frozen={"reference": reference} if reference is not None else {},
         eval_batches=eval_data,
     )
+
+
+def precompute_reference(config, reference: Frozen, loader, kind: str) -> dict[str, np.ndarray]:
+    """The reference model's summed response log-probs of every example of `loader` (one pass over
+    `loader.examples` in index order, sharded over the processes): `{key: float32 [N]}` for the keys
+    `REFERENCE_KEYS[kind]`, NaN for the examples the data pipeline drops. Runs on `config.mesh`; the reference
+    weights are loaded for this pass only and released when it returns."""
+    from flax import linen as nn
+    from jax.experimental import multihost_utils
+
+    from jaxalign.data.loader import DataLoader, make_global_batch
+    from jaxalign.train.loop import plan
+
+    layout = plan(config, {}, {"reference": reference})
+    one_pass = DataLoader(loader.config, loader.preprocessor.tokenizer, batch_size=loader.batch_size,
+                          seq_len=loader.seq_len, split="eval", process_index=loader.process_index,
+                          process_count=loader.process_count, sources=loader.sources)
+    tables = {key: np.full(len(one_pass.examples), np.nan, np.float32) for key in REFERENCE_KEYS[kind]}
+    with jax.set_mesh(layout.mesh), nn.logical_axis_rules(layout.rules):
+        params = reference.load(layout.frozen_shardings["reference"])
+        compute = jax.jit(lambda p, b: reference_log_probs(reference.model, p, b, kind))
+        for batch in one_pass:
+            global_batch = make_global_batch(batch, layout.mesh)
+            values = compute(params, global_batch)
+            index = np.asarray(multihost_utils.process_allgather(global_batch["example_index"], tiled=True))
+            real = index >= 0
+            for key, value in values.items():
+                tables[key][index[real]] = np.asarray(multihost_utils.process_allgather(value, tiled=True))[real]
+        del params
+    return tables
+
+
+def with_reference(batch: dict, tables: Mapping[str, np.ndarray], origin: str) -> dict:
+    """`batch` with its rows' precomputed reference log-probs (`tables[key][example_index]`, 0 on padding rows).
+    Raises JaxalignError when a real row has no stored value (the stored file does not match the data)."""
+    index = batch["example_index"]
+    real = index >= 0
+    out = dict(batch)
+    for key, table in tables.items():
+        if np.any(index[real] >= table.size) or np.isnan(table[index[real]]).any():
+            raise JaxalignError(f"{origin}: no stored reference log-probs for some examples of this batch; the file "
+                                "was made for other data; delete it to recompute")
+        out[key] = np.where(real, table[np.maximum(index, 0)], 0.0).astype(np.float32)
+    return out
+
+
+class ReferenceSource(DataSource):
+    """The loop's batch source over a loader whose batches gain their precomputed reference log-probs."""
+
+    def __init__(self, data, tables: Mapping[str, np.ndarray], origin: str):
+        super().__init__(data)
+        self.tables, self.origin = tables, origin
+
+    def next_batch(self, context):
+        batch, host_metrics = super().next_batch(context)
+        return with_reference(batch, self.tables, self.origin), host_metrics
+
+
+def stored_reference(path, splits: Mapping[str, Callable[[], dict[str, np.ndarray]]],
+                     sizes: Mapping[str, int]) -> dict[str, dict[str, np.ndarray]]:
+    """Per split, the reference tables stored in `path` (an `.npz` of `<split>/<key>` arrays) when they are there
+    with `sizes[split]` entries; otherwise computes them with `splits[split]()` and stores them (process 0 writes
+    to a temporary file renamed into place, so an interrupted write leaves no partial file)."""
+    path = Path(path)
+    stored = {}
+    if path.is_file():
+        with np.load(path) as archive:
+            for name in archive.files:
+                split, key = name.split("/", 1)
+                stored.setdefault(split, {})[key] = archive[name]
+    tables, computed = {}, False
+    for split, compute in splits.items():
+        have = stored.get(split)
+        if have and all(t.size == sizes[split] for t in have.values()):
+            tables[split] = have
+        else:
+            tables[split] = compute()
+            computed = True
+    if computed and jax.process_index() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".partial")
+        with open(partial, "wb") as handle:
+            np.savez(handle, **{f"{split}/{key}": t for split, split_tables in tables.items()
+                                for key, t in split_tables.items()})
+        partial.replace(path)
+    return tables
