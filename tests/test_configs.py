@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from jaxalign.cli import main
+from jaxalign.commands.dpo import DPOConfig
 from jaxalign.commands.rm import RMConfig
 from jaxalign.commands.sft import SFTConfig, train_sft
 from jaxalign.config import load_config
@@ -20,8 +21,13 @@ RM_RECIPES = {
     "llama2_chat_rm_helpful": (1e-5, 512, 4096),
     "llama2_chat_rm_safety": (1e-5, 512, 4096),
 }
+# preference-optimisation recipes run with `jaxalign dpo`
+DPO_RECIPES = {
+    "dpo": (5e-7, 64, 1024),
+}
 RECIPES = {
     **RM_RECIPES,
+    **DPO_RECIPES,
     "alpaca": (2e-5, 128, 512),
     "vicuna": (2e-5, 128, 2048),
     "koala": (2e-5, 64, 2048),
@@ -35,8 +41,16 @@ RECIPES = {
 }
 
 
+def command(recipe: str) -> str:
+    return "rm" if recipe in RM_RECIPES else "dpo" if recipe in DPO_RECIPES else "sft"
+
+
+def config_class(recipe: str) -> type:
+    return {"rm": RMConfig, "dpo": DPOConfig, "sft": SFTConfig}[command(recipe)]
+
+
 def readme_tiny_commands() -> dict[str, list[str]]:
-    """The README's tiny-scale block: `tiny="..."` then one `jaxalign sft|rm configs/NAME.yaml $tiny ...` line per
+    """The README's tiny-scale block: `tiny="..."` then one `jaxalign sft|rm|dpo configs/NAME.yaml $tiny ...` line per
     recipe, as argv lists (after `jaxalign`) keyed by recipe name, with `$tiny` expanded as the shell splits it."""
     readme = (REPO / "README.md").read_text()
     block = readme[readme.index('```bash\ntiny="') + len("```bash\n"):]
@@ -45,7 +59,7 @@ def readme_tiny_commands() -> dict[str, list[str]]:
     commands = {}
     for line in lines[1:]:
         words = shlex.split(line)
-        assert words[:2] == ["jaxalign", "rm" if Path(words[2]).stem in RM_RECIPES else "sft"], line
+        assert words[:2] == ["jaxalign", command(Path(words[2]).stem)], line
         argv = [word for part in words[1:] for word in (tiny if part == "$tiny" else [part])]
         commands[Path(argv[1]).stem] = argv
     return commands
@@ -89,7 +103,7 @@ def test_every_recipe_config_is_listed_and_has_a_documented_tiny_run():
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
 def test_recipe_loads_with_published_hyperparameters(name):
-    config = load_config(RMConfig if name in RM_RECIPES else SFTConfig, CONFIGS / f"{name}.yaml")
+    config = load_config(config_class(name), CONFIGS / f"{name}.yaml")
     lr, batch_size, seq_len = RECIPES[name]
     assert config.optimizer.lr == lr
     assert config.train.batch_size == batch_size
@@ -123,6 +137,10 @@ def test_recipe_specifics():
     stage1 = load_config(SFTConfig, CONFIGS / "orca_stage1.yaml")
     stage2 = load_config(SFTConfig, CONFIGS / "orca_stage2.yaml")
     assert stage2.model.path == f"{stage1.output_dir}/hf"
+    dpo = load_config(DPOConfig, CONFIGS / "dpo.yaml")
+    assert (dpo.loss.type, dpo.loss.beta, dpo.optimizer.schedule, dpo.optimizer.warmup_ratio) == (
+        "sigmoid", 0.1, "linear", 0.1)
+    assert dpo.optimizer.weight_decay == 0.0 and dpo.reference.precompute
 
 
 @pytest.mark.parametrize("name", sorted(RECIPES))
