@@ -139,3 +139,19 @@ def test_reference_free_losses_load_no_reference(policy_dir, tmp_path, monkeypat
 def test_bad_configs_name_their_key(policy_dir, tmp_path, overrides, message):
     with pytest.raises(JaxalignError, match=message):
         run(policy_dir, tmp_path, *overrides)
+
+
+def test_bad_pairs_name_their_line_and_identical_pairs_are_skipped(policy_dir, tmp_path, capsys):
+    good = {"prompt": "What is 2 + 2?", "chosen": "4", "rejected": "5"}
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "Hi", "chosen": "Hello"}) + "\n")
+    with pytest.raises(JaxalignError, match=r"pairs\.jsonl:2.*'rejected'"):
+        run(policy_dir, tmp_path / "a", f"data.train={data}", "data.eval_fraction=0")
+    data.write_text(json.dumps(good) + "\n" + json.dumps({**good, "chosen": "  "}) + "\n")
+    with pytest.raises(JaxalignError, match=r"pairs\.jsonl:2: field 'chosen' is a blank response"):
+        run(policy_dir, tmp_path / "b", f"data.train={data}", "data.eval_fraction=0")
+    data.write_text(json.dumps(good) + "\n" + json.dumps({**good, "rejected": "4"}) + "\n")
+    lines = run(policy_dir, tmp_path / "c", f"data.train={data}", "data.eval_fraction=0", "train.steps=1",
+                "train.eval_every=0", "train.eval_at_start=false")
+    assert "pairs.jsonl:2: chosen and rejected are identical" in capsys.readouterr().err
+    assert lines[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
