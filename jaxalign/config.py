@@ -6,6 +6,7 @@ the full key and what was expected.
 """
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -135,6 +136,9 @@ def _convert(tp: Any, value: Any, where: str, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        alternatives = [arg for arg in args if arg is not type(None)]
+        if len(alternatives) == 1:  # Optional[X]: X's own error says what is wrong
+            return _convert(alternatives[0], value, where, key)
         for arg in args:
             if arg is type(None):
                 continue
@@ -204,15 +208,67 @@ def _deep_copy(data: Any) -> Any:
     return data
 
 
+LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_ALL_LINEAR = "all-linear"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """`model.lora`: `rank` r, `alpha` α (the update is scaled by α / r), `dropout` on the adapter's input, and
+    `targets`: projection names (`q_proj` ... `down_proj`), regular expressions matched against them (`.*_proj`),
+    or `all-linear` for all seven."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise JaxalignError(f"config key 'model.lora.rank': expected a positive integer, got {self.rank}")
+        if not self.alpha > 0:
+            raise JaxalignError(f"config key 'model.lora.alpha': expected > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise JaxalignError(f"config key 'model.lora.dropout': expected 0 <= p < 1, got {self.dropout}")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        self.projections()
+
+    def projections(self) -> tuple[str, ...]:
+        """The projection names the targets select, in model order; raises JaxalignError for a target that selects
+        none."""
+        chosen = set()
+        for target in self.targets:
+            if target == LORA_ALL_LINEAR:
+                chosen.update(LORA_PROJECTIONS)
+                continue
+            try:
+                matched = {p for p in LORA_PROJECTIONS if re.fullmatch(target, p)}
+            except re.error as err:
+                raise JaxalignError(f"config key 'model.lora.targets': {target!r} is not a valid regex ({err})") from None
+            if not matched:
+                raise JaxalignError(f"config key 'model.lora.targets': {target!r} matches no projection; expected "
+                                    f"names or regexes over {', '.join(LORA_PROJECTIONS)}, or {LORA_ALL_LINEAR!r}")
+            chosen.update(matched)
+        if not chosen:
+            raise JaxalignError("config key 'model.lora.targets': no projection selected")
+        return tuple(p for p in LORA_PROJECTIONS if p in chosen)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     """Where the weights come from: `path` (a Hugging Face folder or a jaxalign model checkpoint) or, without a
-    path, random weights from `config` (LlamaConfig fields; `preset: tiny` gives `LlamaConfig.tiny`)."""
+    path, random weights from `config` (LlamaConfig fields; `preset: tiny` gives `LlamaConfig.tiny`); `lora`:
+    train low-rank adapters on the frozen weights instead of the weights themselves."""
 
     path: str | None = None
     config: dict = dataclasses.field(default_factory=dict)
     dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
+    lora: LoraConfig | None = None  # low-rank adapters: only they (and a score head) train
 
 
 @dataclasses.dataclass(frozen=True)

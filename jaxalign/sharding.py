@@ -31,6 +31,7 @@ DEFAULT_RULES = {
     "head_dim": None,
     "vocab": "tensor",
     "layers": None,
+    "lora_rank": None,
 }
 
 

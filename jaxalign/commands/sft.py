@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from jaxalign.config import ModelSection, RunConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.train.command import (add_run_arguments, already_finished, build_loaders, export_model,
-                                    report_finished, run_tokenizer, run_training_command, say)
+                                    lora_module, report_finished, run_tokenizer, run_training_command, say,
+                                    with_lora)
 
 
 @dataclass(frozen=True)
@@ -60,9 +61,11 @@ def train_sft(config: SFTConfig, allow_config_change: bool = False) -> int:
     train_loader, eval_data = build_loaders(config.data, tokenizer, config.train)
     if added:
         say("sft", f"added tokens {added} to the tokenizer; the model's vocabulary has {model_config.vocab_size} rows")
-    algorithm = make_algorithm(model, config.optimizer, train_loader, init=source.load, eval_data=eval_data)
+    algorithm = make_algorithm(lora_module(config, model), config.optimizer, train_loader, init=source.load,
+                               eval_data=eval_data)
+    algorithm, export_params = with_lora(config, algorithm, source)
     state = train(config, algorithm, allow_config_change=allow_config_change)
     hf_dir = export_model(config, lambda folder: save_pretrained(
-        model, state.params["model"], folder, tokenizer=tokenizer, chat_format=chat_format(config.data, tokenizer)))
+        model, export_params(state.params), folder, tokenizer=tokenizer, chat_format=chat_format(config.data, tokenizer)))
     report_finished("sft", config, int(state.step), f"the fine-tuned model with its tokenizer ({hf_dir})")
     return 0

@@ -71,6 +71,11 @@ class LlamaConfig:
     remat: Literal["none", "full", "dots", "dots_no_batch", "nothing_saveable"] = "none"
     scan_layers: bool = True
     residual_dropout: tuple[float, float] = (0.0, 0.0)
+    # Low-rank adapters (`jaxalign.models.lora`): rank 0 = none; set them with `lora.apply_to`.
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.head_dim is None:
@@ -84,6 +89,7 @@ class LlamaConfig:
             raise JaxalignError(
                 f"model config: num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         if self.rope_scaling is not None:
@@ -269,6 +275,48 @@ def _dense(config: LlamaConfig, features, names, name, axis=-1, bias=False):
     )
 
 
+class LoraAdapter(nn.Module):
+    """The low-rank update `(α / r) · dropout(x) A B` of one projection (see `jaxalign.models.lora`): `x` is
+    `[N, *in_shape]`, the result `[N, *out_shape]` in the compute dtype."""
+
+    config: LlamaConfig
+    in_names: tuple[str, ...]
+    out_names: tuple[str, ...]
+    out_shape: tuple[int, ...]
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        in_shape = x.shape[1:]
+        in_axes = tuple(range(len(in_shape)))
+        a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=in_axes, out_axis=-1)
+        a = self.param("lora_a", _param_init(a_init, self.in_names + ("lora_rank",)), in_shape + (cfg.lora_rank,),
+                       cfg.params_dtype)
+        b = self.param("lora_b", _param_init(nn.initializers.zeros, ("lora_rank",) + self.out_names),
+                       (cfg.lora_rank,) + self.out_shape, cfg.params_dtype)
+        if cfg.lora_dropout and not self.deterministic:
+            keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - cfg.lora_dropout, x.shape)
+            x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0.0).astype(x.dtype)
+        dtype = cfg.compute_dtype
+        low = jnp.tensordot(x.astype(dtype), a.astype(dtype), axes=(tuple(range(1, x.ndim)), in_axes))
+        update = jnp.tensordot(low, b.astype(dtype), axes=((1,), (0,)))
+        return update * jnp.asarray(cfg.lora_alpha / cfg.lora_rank, dtype)
+
+
+def _project(module: nn.Module, x, features, names, name, axis=-1, bias=False, deterministic=True):
+    """`x [N, ...]` through the projection `name` (a DenseGeneral over `axis`), plus its low-rank adapter when the
+    config targets it."""
+    cfg = module.config
+    out = _dense(cfg, features, names, name, axis=axis, bias=bias)(x)
+    if cfg.lora_rank and name in cfg.lora_targets:
+        out_shape = features if isinstance(features, tuple) else (features,)
+        n_in = len(names) - len(out_shape)
+        out = out + LoraAdapter(cfg, tuple(names[:n_in]), tuple(names[n_in:]), out_shape, deterministic,
+                                name=f"{name}_lora")(x)
+    return out
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped key/value heads, RoPE, segment masks and an optional KV-cache layer.
 
@@ -278,6 +326,7 @@ class Attention(nn.Module):
     """
 
     config: LlamaConfig
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
@@ -285,10 +334,13 @@ class Attention(nn.Module):
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         batch, length = x.shape[:2]
         tokens = x.reshape(batch * length, x.shape[-1])
-        bias = cfg.attention_bias
-        q = _dense(cfg, (heads, head_dim), ("embed", "heads", "head_dim"), "q_proj", bias=bias)(tokens)
-        k = _dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), "k_proj", bias=bias)(tokens)
-        v = _dense(cfg, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), "v_proj", bias=bias)(tokens)
+        bias, det = cfg.attention_bias, self.deterministic
+        q = _project(self, tokens, (heads, head_dim), ("embed", "heads", "head_dim"), "q_proj", bias=bias,
+                     deterministic=det)
+        k = _project(self, tokens, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), "k_proj", bias=bias,
+                     deterministic=det)
+        v = _project(self, tokens, (kv_heads, head_dim), ("embed", "kv_heads", "head_dim"), "v_proj", bias=bias,
+                     deterministic=det)
         q = q.reshape(batch, length, heads, head_dim)
         k = k.reshape(batch, length, kv_heads, head_dim)
         v = v.reshape(batch, length, kv_heads, head_dim)
@@ -315,7 +367,8 @@ class Attention(nn.Module):
         probs = jnp.where(jnp.any(valid, axis=-1, keepdims=True), probs, 0.0).astype(v.dtype)
         out = jnp.einsum("bkgls,bksd->lbkgd", probs, v)
         out = out.transpose(1, 0, 2, 3, 4).reshape(batch * length, heads, head_dim)
-        out = _dense(cfg, cfg.hidden_size, ("heads", "head_dim", "embed"), "o_proj", axis=(-2, -1))(out)
+        out = _project(self, out, cfg.hidden_size, ("heads", "head_dim", "embed"), "o_proj", axis=(-2, -1),
+                       deterministic=det)
         out = out.reshape(batch, length, cfg.hidden_size)
         return out, new_kv
 
@@ -324,16 +377,19 @@ class MLP(nn.Module):
     """SwiGLU feed-forward block."""
 
     config: LlamaConfig
+    deterministic: bool = True
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
+        det = self.deterministic
         tokens = x.reshape(-1, x.shape[-1])
-        gate = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "gate_proj")(tokens)
-        up = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "up_proj")(tokens)
+        gate = _project(self, tokens, cfg.intermediate_size, ("embed", "mlp"), "gate_proj", deterministic=det)
+        up = _project(self, tokens, cfg.intermediate_size, ("embed", "mlp"), "up_proj", deterministic=det)
         hidden = (nn.silu(gate) * up).reshape(x.shape[:-1] + (cfg.intermediate_size,))
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        out = _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "down_proj")(hidden.reshape(tokens.shape[0], -1))
+        out = _project(self, hidden.reshape(tokens.shape[0], -1), cfg.hidden_size, ("mlp", "embed"), "down_proj",
+                       deterministic=det)
         return out.reshape(x.shape[:-1] + (cfg.hidden_size,))
 
 
@@ -355,11 +411,11 @@ class DecoderLayer(nn.Module):
     def __call__(self, hidden, per_layer, cos, sin, mask, cache_index):
         dropout_rate, cache_kv = per_layer
         residual = hidden
-        attn_out, new_kv = Attention(self.config, name="self_attn")(
+        attn_out, new_kv = Attention(self.config, self.deterministic, name="self_attn")(
             RMSNorm(self.config, name="input_layernorm")(hidden), cos, sin, mask, cache_kv, cache_index
         )
         hidden = residual + _residual_dropout(self, attn_out, dropout_rate, self.deterministic)
-        mlp_out = MLP(self.config, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(hidden))
+        mlp_out = MLP(self.config, self.deterministic, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(hidden))
         hidden = hidden + _residual_dropout(self, mlp_out, dropout_rate, self.deterministic)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
         return hidden, new_kv

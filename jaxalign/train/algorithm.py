@@ -88,23 +88,27 @@ LossFn = Callable[[dict, dict, dict, jax.Array | None], tuple[Mean, dict[str, Me
 
 @dataclasses.dataclass(frozen=True)
 class Trainable:
-    """A trained parameter tree: `model.init(rng, int32[1, 1])` gives its shapes and logical axes; `init(shardings)`
-    returns starting weights placed on those shardings (default: `model.init` directly on them); `optimizer` its
-    own optimiser and schedule, read from the config section `optimizer_key` (named in messages)."""
+    """A trained parameter tree: `model.init(rng, int32[1, 1])` gives its shapes and logical axes, `part(tree)` (if
+    given) the subtree that is trained (e.g. LoRA adapters, `jaxalign.models.lora.split`); `init(shardings)`
+    returns starting weights placed on those shardings (default: random, from `model.init`); `optimizer` its own
+    optimiser and schedule, read from the config section `optimizer_key` (named in messages)."""
 
     model: nn.Module
     optimizer: OptimizerConfig
     init: Callable[[Any], Any] | None = None
     optimizer_key: str = "optimizer"
+    part: Callable[[Any], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Frozen:
     """A model that is read but not trained: `load(shardings)` places its weights on the shardings of the model's
-    logical axes (called once per run, also on resume)."""
+    logical axes (called once per run, also on resume); `part(tree)` (if given) selects the subtree it holds of
+    `model`'s parameters (e.g. the base under LoRA adapters)."""
 
     model: nn.Module
     load: Callable[[Any], Any]
+    part: Callable[[Any], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

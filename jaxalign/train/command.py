@@ -99,6 +99,28 @@ def build_loaders(data_config, tokenizer, train_config) -> tuple[Any, Callable[[
     return train_loader, eval_data
 
 
+def lora_module(config, module):
+    """`module` with the adapters of `model.lora` (unchanged without)."""
+    if config.model.lora is None:
+        return module
+    from jaxalign.models.lora import apply_to
+
+    return type(module)(apply_to(module.config, config.model.lora))
+
+
+def with_lora(config, algorithm, source, trained_modules: tuple[str, ...] = ()):
+    """(the algorithm to train, `export_params(state.params)` giving the parameters of the model without adapters
+    to export). With `model.lora` (the algorithm's model built by `lora_module`) only the adapters and
+    `trained_modules` train (`jaxalign.train.adapters.adapt`) and the export folds the adapters into the base
+    weights; without, both are unchanged."""
+    if config.model.lora is None:
+        return algorithm, lambda params: params["model"]
+    from jaxalign.train.adapters import adapt
+
+    adapted = adapt(algorithm, source, trained_modules=trained_modules, mesh_config=config.mesh, seed=config.seed)
+    return adapted.algorithm, adapted.merged
+
+
 def export_model(config, save: Callable[[Path], Any]) -> Path:
     """Runs `save(folder)` into OUTPUT_DIR/hf.partial, then replaces OUTPUT_DIR/hf with it in one step (process 0),
     so a failed or interrupted export never leaves a half-written `hf/`. Returns OUTPUT_DIR/hf."""

@@ -70,9 +70,11 @@ class Layout:
     frozen_shardings: dict[str, Any]
 
 
-def model_init_fn(model) -> Callable[[jax.Array], Any]:
-    """`rng -> boxed params` for a model whose `__call__` takes int32 token ids `[batch, length]`."""
-    return lambda rng: model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+def model_init_fn(model, part: Callable[[Any], Any] | None = None) -> Callable[[jax.Array], Any]:
+    """`rng -> boxed params` for a model whose `__call__` takes int32 token ids `[batch, length]`; with `part`, only
+    the subtree `part(params)`."""
+    select = part or (lambda tree: tree)
+    return lambda rng: select(model.init(rng, jnp.zeros((1, 1), jnp.int32))["params"])
 
 
 def plan(config: RunConfig, trainables: Mapping[str, Trainable], frozen: Mapping[str, Frozen] | None = None,
@@ -101,8 +103,8 @@ def _layout(config: RunConfig, trainables: Mapping[str, Trainable], frozen: Mapp
     schedules = {name: make_schedule(t.optimizer, config.train.steps) for name, t in trainables.items()}
     params_shardings, abstract_params = {}, {}
     for name, trainable in trainables.items():
-        params_shardings[name], abstract_params[name] = _model_layout(trainable.model, mesh, rules)
-    frozen_shardings = {name: _model_layout(f.model, mesh, rules)[0] for name, f in frozen.items()}
+        params_shardings[name], abstract_params[name] = _model_layout(trainable.model, mesh, rules, trainable.part)
+    frozen_shardings = {name: _model_layout(f.model, mesh, rules, f.part)[0] for name, f in frozen.items()}
     shardings = st.state_shardings(abstract_params, params_shardings, txs, mesh)
     return Layout(mesh, rules, txs, schedules, shardings, st.abstract_state(abstract_params, txs, shardings),
                   frozen_shardings)
@@ -118,12 +120,12 @@ def fresh_state(layout: Layout, trainables: Mapping[str, Trainable], seed: int) 
         if trainable.init is not None:
             params[name] = trainable.init(shardings)
         else:
-            params[name] = st.init_params(model_init_fn(trainable.model), keys[name], shardings)
+            params[name] = st.init_params(model_init_fn(trainable.model, trainable.part), keys[name], shardings)
     return st.state_from_params(params, layout.txs, state_rng, layout.shardings)
 
 
-def _model_layout(model, mesh, rules):
-    boxed = jax.eval_shape(model_init_fn(model), jax.random.PRNGKey(0))
+def _model_layout(model, mesh, rules, part=None):
+    boxed = jax.eval_shape(model_init_fn(model, part), jax.random.PRNGKey(0))
     return st.param_shardings(boxed, mesh, rules), nn.meta.unbox(boxed)
 
 
