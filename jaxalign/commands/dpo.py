@@ -6,7 +6,8 @@ weights from `model.config` only for tests). The reference is the starting polic
 `reference.path`; it is either live (a frozen copy on the mesh, one extra forward pass per step) or, with
 `reference.precompute: true`, run once over the train and eval examples before training, its log-probs stored in
 `OUTPUT_DIR/reference_logps.npz` (reused on resume) so that no reference weights are in memory while training.
-SimPO and ORPO use no reference.
+With `model.lora` the reference is the base model under the adapters, with no second copy. SimPO and ORPO use no
+reference.
 
 `loss.type`: `sigmoid` (DPO; `loss.label_smoothing` > 0 gives cDPO), `robust`, `hinge`, `ipo`, `simpo`
 (`loss.simpo_gamma`), `orpo` or `kto` (unpaired examples with a desirable / undesirable label; `loss.desirable_weight`,
@@ -28,7 +29,8 @@ from jaxalign.config import ModelSection, RunConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.errors import JaxalignError
 from jaxalign.train.command import (add_run_arguments, already_finished, build_loaders, export_model,
-                                    report_finished, run_tokenizer, run_training_command, say)
+                                    lora_module, report_finished, run_tokenizer, run_training_command, say,
+                                    with_lora)
 
 REFERENCE_FILE = "reference_logps.npz"
 
@@ -125,11 +127,16 @@ def train_dpo(config: DPOConfig, allow_config_change: bool = False) -> int:
         source, eval_data = precomputed_sources(config, reference, train_loader, eval_data, kind)
         reference = None
     model = policy.module()
-    algorithm = make_algorithm(model, config.optimizer, source, config.loss.settings(), kind=kind, init=policy.load,
-                               reference=reference, eval_data=eval_data)
+    base_reference = None
+    if reference is not None and config.model.lora is not None and config.reference.path is None:
+        reference, base_reference = None, model  # the base under the adapters: no second copy
+    algorithm = make_algorithm(lora_module(config, model), config.optimizer, source, config.loss.settings(), kind=kind,
+                               init=policy.load, reference=reference, base_reference=base_reference,
+                               eval_data=eval_data)
+    algorithm, export_params = with_lora(config, algorithm, policy)
     state = train(config, algorithm, allow_config_change=allow_config_change)
     hf_dir = export_model(config, lambda folder: save_pretrained(
-        model, state.params["model"], folder, tokenizer=tokenizer, chat_format=chat_format(config.data, tokenizer)))
+        model, export_params(state.params), folder, tokenizer=tokenizer, chat_format=chat_format(config.data, tokenizer)))
     report_finished("dpo", config, int(state.step), f"the aligned policy with its tokenizer ({hf_dir})")
     return 0
 

@@ -22,7 +22,7 @@ from jaxalign.config import ModelSection, RunConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.errors import JaxalignError
 from jaxalign.train.command import (add_run_arguments, already_finished, build_loaders, export_model,
-                                    report_finished, run_tokenizer, run_training_command)
+                                    lora_module, report_finished, run_tokenizer, run_training_command, with_lora)
 
 
 @dataclass(frozen=True)
@@ -103,11 +103,12 @@ def train_rm(config: RMConfig, allow_config_change: bool = False) -> int:
     if train_loader.kind != "preference":
         raise JaxalignError(f"config key 'data.train': a reward model trains on preference pairs (prompt, chosen, "
                             f"rejected), but the data holds {train_loader.kind} examples")
-    algorithm = make_algorithm(model, config.optimizer, train_loader, init=source.load, eval_data=eval_data,
-                               center_coefficient=config.loss.center_coefficient)
+    algorithm = make_algorithm(lora_module(config, model), config.optimizer, train_loader, init=source.load,
+                               eval_data=eval_data, center_coefficient=config.loss.center_coefficient)
+    algorithm, export_params = with_lora(config, algorithm, source, trained_modules=("score",))
     state = train(config, algorithm, allow_config_change=allow_config_change)
     hf_dir = export_model(config, lambda folder: save_pretrained(
-        model, state.params["model"], folder, tokenizer=tokenizer, chat_format=chat_format(config.data, tokenizer)))
+        model, export_params(state.params), folder, tokenizer=tokenizer, chat_format=chat_format(config.data, tokenizer)))
     report_finished("rm", config, int(state.step), f"the reward model with its tokenizer ({hf_dir}); score with "
                                                    f"jaxalign reward --model {hf_dir} --data FILE.jsonl")
     return 0

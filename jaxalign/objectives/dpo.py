@@ -238,15 +238,21 @@ def make_loss_fn(model, settings: LossSettings, kind: str = "preference", refere
 
 
 def make_algorithm(model, optimizer, train_source, settings: LossSettings, *, kind: str = "preference", init=None,
-                   reference: Frozen | None = None, eval_data=None) -> Algorithm:
+                   reference: Frozen | None = None, base_reference=None, eval_data=None) -> Algorithm:
     """DPO-family training as the loop runs it: one trainable policy `model` starting from `init(shardings)`,
     a frozen `reference` (live reference log-probs) or none (reference log-probs in the batches, or a
-    reference-free loss), batches from `train_source` (a `BatchSource`, or a loader wrapped in `DataSource`)."""
-    loss_fn = make_loss_fn(model, settings, kind, reference.model if reference is not None else None)
+    reference-free loss), batches from `train_source` (a `BatchSource`, or a loader wrapped in `DataSource`).
+    `base_reference`: with LoRA (`jaxalign.train.adapters.adapt`), the module without adapters whose forward pass
+    on the frozen base weights gives the reference log-probs (no second copy of the weights)."""
+    from jaxalign.train.adapters import BASE
+
+    reference_model = reference.model if reference is not None else base_reference
+    reference_key = "reference" if reference is not None else BASE
+    loss_fn = make_loss_fn(model, settings, kind, reference_model)
     source = train_source if hasattr(train_source, "next_batch") else DataSource(train_source)
     return Algorithm(
         trainables={"model": Trainable(model, optimizer, init)},
-        loss=lambda params, frozen, batch, rng: loss_fn(params["model"], frozen.get("reference"), batch, rng),
+        loss=lambda params, frozen, batch, rng: loss_fn(params["model"], frozen.get(reference_key), batch, rng),
         source=source,
         frozen={"reference": reference} if reference is not None else {},
         eval_batches=eval_data,
