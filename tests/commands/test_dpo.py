@@ -155,3 +155,24 @@ def test_bad_pairs_name_their_line_and_identical_pairs_are_skipped(policy_dir, t
                 "train.eval_every=0", "train.eval_at_start=false")
     assert "pairs.jsonl:2: chosen and rejected are identical" in capsys.readouterr().err
     assert lines[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
+
+
+def test_lora_reference_is_the_base_and_equals_an_explicit_frozen_copy(policy_dir, tmp_path, monkeypatch):
+    from jaxalign.train import loop
+
+    frozen_models = []
+    original = loop.train
+    monkeypatch.setattr(loop, "train", lambda config, algorithm, **kw: (frozen_models.append(sorted(algorithm.frozen)),
+                                                                        original(config, algorithm, **kw))[1])
+    lora = "model.lora={rank: 4, alpha: 8, targets: [all-linear]}"
+    shared = (lora, "optimizer.lr=1e-2", "train.eval_every=3")
+    base_reference = run(policy_dir, tmp_path / "base", *shared)
+    explicit_copy = run(policy_dir, tmp_path / "copy", *shared, f"reference.path={policy_dir}")
+    assert frozen_models == [["base"], ["base", "reference"]]
+    assert base_reference[0]["eval_loss"] == pytest.approx(math.log(2.0), abs=1e-6)
+    assert len(base_reference) == len(explicit_copy)
+    for ours, theirs in zip(base_reference, explicit_copy):
+        for key, value in theirs.items():
+            if key.startswith(("eval_", "loss", "rewards/", "logps/")):
+                assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert train_lines(base_reference)[-1]["rewards/margins"] != 0.0  # the adapters did move the policy

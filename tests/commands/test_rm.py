@@ -125,3 +125,32 @@ def test_rm_refuses_data_without_preference_pairs(tmp_path):
     config = load_config(RMConfig, CONFIG, [f"output_dir={tmp_path}", "data.train=demo:instructions"])
     with pytest.raises(JaxalignError, match="'data.train': a reward model trains on preference pairs"):
         train_rm(config)
+
+
+def test_a_lora_reward_model_trains_its_adapters_and_its_whole_score_head(tmp_path):
+    """model.lora on a causal-LM export: the trunk stays frozen under adapters, the fresh score head trains fully,
+    and the export folds the adapters into a plain sequence classifier."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import linen as nn
+
+    import jaxalign
+    from jaxalign.data.tokenizer import load_tokenizer
+    from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM
+    from jaxalign.models.loading import load_model
+
+    tokenizer = load_tokenizer("byte")
+    lm = LlamaForCausalLM(LlamaConfig.tiny(vocab_size=len(tokenizer), max_position_embeddings=320))
+    params = nn.meta.unbox(lm.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    jaxalign.save_pretrained(lm, params, tmp_path / "sft", tokenizer=tokenizer)
+    config = load_config(RMConfig, CONFIG, [f"output_dir={tmp_path / 'rm'}", f"model.path={tmp_path / 'sft'}",
+                                            "model.config={}", "data.tokenizer=null", "train.steps=2",
+                                            "train.eval_every=0", "checkpoint.every=0",
+                                            "model.lora={rank: 4, alpha: 8, targets: [q_proj, v_proj]}"])
+    assert train_rm(config) == 0
+    model, exported = load_model(tmp_path / "rm" / "hf")
+    assert type(model).__name__ == "LlamaForScore" and model.config.lora_rank == 0
+    trunk, start = exported["model"]["layers"], params["model"]["layers"]
+    np.testing.assert_array_equal(trunk["mlp"]["up_proj"]["kernel"], start["mlp"]["up_proj"]["kernel"])
+    assert not np.array_equal(trunk["self_attn"]["q_proj"]["kernel"], start["self_attn"]["q_proj"]["kernel"])
