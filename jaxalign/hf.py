@@ -5,12 +5,17 @@ safetensors file(s) one tensor at a time; each parameter kind of the scanned lay
 cast, placed (optionally straight onto a target sharding) and its host copy dropped, so the model is never held
 twice in host memory. Export writes safetensors shards plus a `config.json` that
 `transformers.AutoModelForCausalLM.from_pretrained` loads with identical weights.
+
+LoRA adapters (`jaxalign.models.lora`) go out and come in as PEFT adapter folders (`adapter_config.json` +
+`adapter_model.safetensors`, what `peft.PeftModel.from_pretrained` loads onto the transformers base model):
+`save_peft_adapter` and `read_peft_adapter`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +23,9 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxalign.config import LORA_ALL_LINEAR, LORA_PROJECTIONS, LoraConfig
 from jaxalign.errors import JaxalignError
+from jaxalign.models import lora
 from jaxalign.models.heads import LlamaForScore
 from jaxalign.models.llama import DTYPES, ROPE_TYPES, LlamaConfig, LlamaForCausalLM
 
@@ -235,6 +242,7 @@ class ParamSpec:
     shape: tuple[int, ...]  # one layer's jaxalign shape
     to_jax: Callable[[np.ndarray], np.ndarray]
     to_hf: Callable[[np.ndarray], np.ndarray]
+    in_dims: int = 1  # a kernel's leading jaxalign axes that are its input (o_proj: heads, head_dim)
 
 
 def _same(x: np.ndarray) -> np.ndarray:
@@ -274,6 +282,7 @@ def param_specs(config: LlamaConfig, head: str | None = "causal_lm") -> list[Par
         ("self_attn", "o_proj", "kernel"), f"{layer}self_attn.o_proj.weight", True, (e, h * d), (h, d, e),
         to_jax=lambda w: w.T.reshape(h, d, e),
         to_hf=lambda k: k.reshape(h * d, e).T,
+        in_dims=2,
     ))
     for name, hf_shape in (("gate_proj", (m, e)), ("up_proj", (m, e)), ("down_proj", (e, m))):
         specs.append(ParamSpec(("mlp", name, "kernel"), f"{layer}mlp.{name}.weight", True, hf_shape, hf_shape[::-1],
@@ -316,13 +325,18 @@ def _get(tree: Any, path: tuple[str, ...], where: str = "params") -> Any:
 
 
 class _TensorReader:
-    """Opens the safetensors files of a folder lazily and reads one named tensor at a time."""
+    """Opens the safetensors files of a folder (or only its file `only`) lazily and reads one named tensor at a
+    time."""
 
-    def __init__(self, folder: Path, allow_pickle: bool):
+    def __init__(self, folder: Path, allow_pickle: bool, only: str | None = None):
         self.folder = folder
         self.files: dict[str, Path] = {}
         self._handles: dict[Path, Any] = {}
         self._pickled: dict[str, np.ndarray] | None = None
+        self._source = folder if only is None else folder / only
+        if only is not None:
+            self._open_safetensors([self._source])
+            return
         index = folder / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -337,12 +351,7 @@ class _TensorReader:
             return
         shards = sorted(folder.glob("*.safetensors"))
         if shards:
-            from safetensors import safe_open
-
-            for path in shards:
-                with safe_open(path, framework="numpy") as handle:
-                    for name in handle.keys():
-                        self.files[name] = path
+            self._open_safetensors(shards)
             return
         bins = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth"))
         if not bins:
@@ -354,6 +363,19 @@ class _TensorReader:
                 "(--allow-pickle) if you trust the source"
             )
         self._load_pickled(bins)
+
+    def _open_safetensors(self, paths: list[Path]) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        for path in paths:
+            if not path.is_file():
+                raise JaxalignError(f"{path}: missing")
+            try:
+                with safe_open(path, framework="numpy") as handle:
+                    for name in handle.keys():
+                        self.files[name] = path
+            except SafetensorError as err:
+                raise JaxalignError(f"{path}: not a readable safetensors file ({err})") from None
 
     def _load_pickled(self, bins: list[Path]) -> None:
         try:
@@ -384,7 +406,7 @@ class _TensorReader:
         return self._handle(self.files[name]).get_tensor(name)
 
     def where(self, name: str) -> str:
-        return str(self.files.get(name, self.folder))
+        return str(self.files.get(name, self._source))
 
     def close(self) -> None:
         self._handles.clear()
@@ -444,10 +466,10 @@ def read_params(
 
 def _read_params(config: LlamaConfig, reader: _TensorReader, shardings: Any, head: str | None) -> dict:
     specs = param_specs(config, head)
-    expected = {spec.hf_name.format(i=i) for spec in specs for i in range(config.num_layers if spec.per_layer else 1)}
     ignorable = {"lm_head.weight", "score.weight"} if head is None else set()
     if config.tie_word_embeddings:
         ignorable.add("lm_head.weight")
+    expected = _hf_names(config, specs)
     unknown = sorted(
         n for n in reader.files if n not in expected and n not in ignorable and not n.endswith(_IGNORED_TENSOR_SUFFIXES)
     )
@@ -456,6 +478,17 @@ def _read_params(config: LlamaConfig, reader: _TensorReader, shardings: Any, hea
             f"{reader.where(unknown[0])}: unexpected tensor(s) {', '.join(unknown[:5])}"
             f"{' ...' if len(unknown) > 5 else ''} for a {hf_model_type(config)} model with this config.json"
         )
+    return _read_specs(config, specs, reader, shardings, "config.json")
+
+
+def _hf_names(config: LlamaConfig, specs: list[ParamSpec]) -> set[str]:
+    return {spec.hf_name.format(i=i) for spec in specs for i in range(config.num_layers if spec.per_layer else 1)}
+
+
+def _read_specs(config: LlamaConfig, specs: list[ParamSpec], reader: _TensorReader, shardings: Any,
+                shapes_from: str) -> dict:
+    """The params `specs` describe, read tensor by tensor from `reader` in `config.param_dtype` and placed onto
+    their shardings; a missing tensor or one whose shape differs from what `shapes_from` implies is an error."""
     target_dtype = DTYPES[config.param_dtype]
     params: dict = {}
     for spec in specs:
@@ -466,12 +499,12 @@ def _read_params(config: LlamaConfig, reader: _TensorReader, shardings: Any, hea
             for slot, i in enumerate(layers):
                 name = spec.hf_name.format(i=i)
                 if name not in reader.files:
-                    raise JaxalignError(f"{reader.folder}: missing tensor {name!r}")
+                    raise JaxalignError(f"{reader.where(name)}: missing tensor {name!r}")
                 got = reader.shape(name)
                 if got != spec.hf_shape:
                     raise JaxalignError(
                         f"{reader.where(name)}: tensor {name!r} has shape {list(got)}, expected "
-                        f"{list(spec.hf_shape)} from config.json"
+                        f"{list(spec.hf_shape)} from {shapes_from}"
                     )
                 host[slot] = spec.to_jax(reader.read(name)).astype(target_dtype)
             host = host if stacked else host[0]
@@ -491,9 +524,14 @@ def _place(host: np.ndarray, sharding: Any) -> jax.Array:
 
 def hf_tensors(config: LlamaConfig, params: dict, head: str = "causal_lm") -> Iterator[tuple[str, np.ndarray]]:
     """`(hf_name, numpy array)` for every HF tensor of a model with `head`, one at a time, gathered to the host."""
-    for spec in param_specs(config, head):
+    return _spec_tensors(config, params, param_specs(config, head))
+
+
+def _spec_tensors(config: LlamaConfig, params: dict, specs: list[ParamSpec],
+                  where: str = "params") -> Iterator[tuple[str, np.ndarray]]:
+    for spec in specs:
         for path, layer in _layer_paths(config, spec):
-            value = _to_host(_get(params, path))
+            value = _to_host(_get(params, path, where))
             if spec.per_layer and layer is None:
                 for i in range(config.num_layers):
                     yield spec.hf_name.format(i=i), np.ascontiguousarray(spec.to_hf(value[i]))
@@ -621,3 +659,212 @@ def load_tokenizer(path: str | Path):
         return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as err:
         raise JaxalignError(f"{folder}: could not load the tokenizer: {err}") from None
+
+
+# ---------------------------------------------------------------------------------------------- PEFT adapters
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."  # PeftModel -> the transformers model's own module names
+# adapter_config.json settings that change what an adapter computes beyond x W + (alpha / r) x A B; any value but
+# unset / false / empty / "none" is refused.
+_PEFT_UNSUPPORTED = {
+    "use_rslora": "rank-stabilised scaling alpha / sqrt(r)",
+    "use_dora": "DoRA, weight-decomposed adapters",
+    "bias": "trained biases",
+    "lora_bias": "a bias on lora_B",
+    "modules_to_save": "modules trained in full and saved with the adapter",
+    "fan_in_fan_out": "transposed (Conv1D) weights",
+    "layers_to_transform": "adapters on some layers only",
+    "rank_pattern": "per-module ranks",
+    "alpha_pattern": "per-module alphas",
+    "exclude_modules": "modules excluded from the targets",
+    "layer_replication": "replicated layers",
+    "trainable_token_indices": "trained token embeddings",
+    "target_parameters": "adapters on parameters",
+    "use_qalora": "QA-LoRA, pooled adapter inputs",
+}
+
+
+def lora_specs(config: LlamaConfig) -> list[ParamSpec]:
+    """The name/shape mapping between PEFT's adapter tensors and the adapters of `config` (adapted with
+    `lora.apply_to`), in model order: for each targeted projection `P` with HF module `M`, `P_lora/lora_a`
+    `[*in, r]` <-> `base_model.model.M.lora_A.weight [r, in_features]` and `P_lora/lora_b` `[r, *out]` <->
+    `base_model.model.M.lora_B.weight [out_features, r]`."""
+    r = config.lora_rank
+    specs = []
+    for spec in param_specs(config, head=None):
+        *group, name, leaf = spec.path
+        if leaf != "kernel" or name not in config.lora_targets:
+            continue
+        module = _PEFT_PREFIX + spec.hf_name.removesuffix(".weight")
+        in_shape, out_shape = spec.shape[:spec.in_dims], spec.shape[spec.in_dims:]
+        out_features, in_features = spec.hf_shape
+        adapter = (*group, f"{name}{lora.SUFFIX}")
+        specs.append(ParamSpec(
+            (*adapter, "lora_a"), f"{module}.lora_A.weight", True, (r, in_features), (*in_shape, r),
+            to_jax=lambda w, s=in_shape: w.T.reshape(*s, r),
+            to_hf=lambda a, n=in_features: a.reshape(n, r).T,
+        ))
+        specs.append(ParamSpec(
+            (*adapter, "lora_b"), f"{module}.lora_B.weight", True, (out_features, r), (r, *out_shape),
+            to_jax=lambda w, s=out_shape: w.T.reshape(r, *s),
+            to_hf=lambda b, n=out_features: b.reshape(r, n).T,
+        ))
+    return specs
+
+
+def save_peft_adapter(config: LlamaConfig, adapter_params: dict, out_dir: str | Path,
+                      base_model_name_or_path: str | Path | None = None) -> Path:
+    """Write the adapters of `config` (the adapted `LlamaConfig`, see `lora.apply_to`) as a PEFT adapter folder
+    that `peft.PeftModel.from_pretrained(base, out_dir)` loads onto the transformers base model:
+    `adapter_config.json` (LoRA, causal LM, r, lora_alpha, lora_dropout, target_modules) and
+    `adapter_model.safetensors` in the adapters' dtype. `adapter_params`: the whole adapted parameter tree or only
+    its adapters (`lora.split(params)[1]`, the `model` entry of an adapter run's `state.params`).
+    `base_model_name_or_path` is recorded for loaders that fetch the base model themselves. Only process 0
+    writes."""
+    from safetensors.numpy import save_file
+
+    if not config.lora_rank:
+        raise JaxalignError("save_peft_adapter: the config has no adapters (build it with lora.apply_to)")
+    adapters = lora.split(adapter_params)[1]
+    tensors = dict(_spec_tensors(config, adapters, lora_specs(config), "adapter_params"))
+    out = Path(out_dir)
+    if jax.process_index() != 0:
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / PEFT_WEIGHTS), metadata={"format": "pt"})
+    alpha = config.lora_alpha
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": None if base_model_name_or_path is None else str(base_model_name_or_path),
+        "revision": None,
+        "r": config.lora_rank,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": list(config.lora_targets),
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "fan_in_fan_out": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    (out / PEFT_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
+    return out
+
+
+def read_peft_adapter(path: str | Path, config: LlamaConfig, shardings: Any = None) -> tuple[LoraConfig, dict]:
+    """`(settings, adapters)` from the PEFT LoRA adapter folder `path` for the base model of `config` (its own
+    adapter fields are ignored): `settings` is the `LoraConfig` of `adapter_config.json`
+    (`lora.apply_to(config, settings)` builds the model the adapters fit), `adapters` the tree of the `*_lora`
+    modules (`lora.merge(base_params, adapters)` gives the adapted model's parameters) in `config.param_dtype`,
+    each tensor placed onto its sharding in `shardings` (a tree like `adapters`) as it is read. Settings jaxalign
+    does not compute (rsLoRA, DoRA, biases, modules_to_save, per-module ranks ...), targets other than the seven
+    projections or not the same on every layer, and missing, unexpected or misshapen tensors are errors naming the
+    file and the key."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise JaxalignError(f"{folder}: not a directory (expected a PEFT adapter folder)")
+    config_path = folder / PEFT_CONFIG
+    if not config_path.is_file():
+        hint = " (this is a model folder, not an adapter folder)" if (folder / "config.json").is_file() else ""
+        raise JaxalignError(f"{config_path}: missing; a PEFT adapter folder needs {PEFT_CONFIG}{hint}")
+    try:
+        peft_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise JaxalignError(f"{config_path}: not valid JSON: {err}") from None
+    if not isinstance(peft_config, dict):
+        raise JaxalignError(f"{config_path}: expected a JSON object")
+    settings = _lora_from_peft(peft_config, config, str(config_path))
+    adapted = lora.apply_to(config, settings)
+    weights = folder / PEFT_WEIGHTS
+    if not weights.is_file():
+        hint = ""
+        if (folder / "adapter_model.bin").is_file():
+            hint = " (adapter_model.bin holds pickle weights, which are not read: save the adapter as safetensors)"
+        raise JaxalignError(f"{weights}: missing; a PEFT adapter folder needs {PEFT_WEIGHTS}{hint}")
+    specs = lora_specs(adapted)
+    reader = _TensorReader(folder, allow_pickle=False, only=PEFT_WEIGHTS)
+    try:
+        unknown = sorted(set(reader.files) - _hf_names(adapted, specs))
+        if unknown:
+            raise JaxalignError(
+                f"{weights}: unexpected tensor(s) {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; "
+                f"{PEFT_CONFIG} targets {', '.join(settings.targets)} on {config.num_layers} layers"
+            )
+        adapters = _read_specs(adapted, specs, reader, shardings, f"{PEFT_CONFIG} and the model config")
+    finally:
+        reader.close()
+    return settings, adapters
+
+
+def _lora_from_peft(peft_config: dict, config: LlamaConfig, where: str) -> LoraConfig:
+    """The `LoraConfig` of a PEFT `adapter_config.json` dict; settings jaxalign does not compute are errors."""
+    peft_type = peft_config.get("peft_type")
+    if peft_type != "LORA":
+        raise JaxalignError(f"{where}: peft_type {peft_type!r} is not supported; only LoRA adapters (peft_type "
+                            "\"LORA\") are read")
+    for key, feature in _PEFT_UNSUPPORTED.items():
+        value = peft_config.get(key)
+        if value and value != "none":
+            raise JaxalignError(f"{where}: {key}={json.dumps(value)} ({feature}) is not supported")
+    rank, alpha = peft_config.get("r", 8), peft_config.get("lora_alpha", 8)  # PEFT's defaults
+    dropout = peft_config.get("lora_dropout", 0.0) or 0.0
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise JaxalignError(f"{where}: r={rank!r}: expected a positive integer")
+    for key, value in (("lora_alpha", alpha), ("lora_dropout", dropout)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise JaxalignError(f"{where}: {key}={value!r}: expected a number")
+    if not alpha > 0 or not 0.0 <= dropout < 1.0:
+        raise JaxalignError(f"{where}: lora_alpha={alpha!r}, lora_dropout={dropout!r}: expected alpha > 0 and "
+                            "0 <= dropout < 1")
+    targets = _peft_targets(peft_config.get("target_modules"), config, where)
+    return LoraConfig(rank=rank, alpha=float(alpha), dropout=float(dropout), targets=targets)
+
+
+def _peft_targets(targets: Any, config: LlamaConfig, where: str) -> tuple[str, ...]:
+    """The projections PEFT's `target_modules` selects (a list of module names or name suffixes, a regular
+    expression matched against whole module names, or "all-linear"), in model order. Every selected module must be
+    one of the projections and each layer must have the same ones."""
+    modules = {}  # the transformers name of every linear module -> (layer, projection); the LM head has no layer
+    for spec in param_specs(config, head=None):
+        if spec.per_layer and spec.path[-1] == "kernel":
+            for i in range(config.num_layers):
+                modules[spec.hf_name.format(i=i).removesuffix(".weight")] = (i, spec.path[-2])
+    modules["lm_head"] = (None, "lm_head")
+    if targets == LORA_ALL_LINEAR:  # PEFT leaves the output layer out
+        return LORA_PROJECTIONS
+    if isinstance(targets, str):
+        try:
+            entries = [(targets, {n for n in modules if re.fullmatch(targets, n)})]
+        except re.error as err:
+            raise JaxalignError(
+                f"{where}: target_modules {targets!r} is not a valid regular expression ({err})"
+            ) from None
+    elif isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets):
+        entries = [(t, {n for n in modules if n == t or n.endswith(f".{t}")}) for t in targets]
+    else:
+        raise JaxalignError(f"{where}: target_modules={json.dumps(targets)}: expected a list of module names or a "
+                            "regular expression")
+    for target, matched in entries:
+        if not matched or any(modules[n][0] is None for n in matched):
+            raise JaxalignError(
+                f"{where}: target module {target!r} is not supported; jaxalign adapts the projections "
+                f"{', '.join(LORA_PROJECTIONS)} of layers 0-{config.num_layers - 1} "
+                "(model.layers.{i}.self_attn.q_proj ...)"
+            )
+    chosen = [modules[n] for _, matched in entries for n in matched]
+    per_layer = [{p for layer, p in chosen if layer == i} for i in range(config.num_layers)]
+    if any(layer != per_layer[0] for layer in per_layer):
+        raise JaxalignError(
+            f"{where}: target_modules={json.dumps(targets)} adapts different projections on different layers "
+            "(adapters on some layers only), which is not supported"
+        )
+    return tuple(p for p in LORA_PROJECTIONS if p in per_layer[0])

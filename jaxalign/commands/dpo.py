@@ -51,7 +51,8 @@ class PreferenceLossConfig:
         if self.beta is not None and not self.beta > 0:
             raise JaxalignError(f"config key 'loss.beta': expected > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
-            raise JaxalignError(f"config key 'loss.label_smoothing': expected 0 <= ε < 0.5, got {self.label_smoothing}")
+            raise JaxalignError(
+                f"config key 'loss.label_smoothing': expected 0 <= ε < 0.5, got {self.label_smoothing}")
         if self.label_smoothing and self.type not in ("sigmoid", "robust"):
             raise JaxalignError(f"config key 'loss.label_smoothing': only loss types 'sigmoid' (cDPO) and 'robust' "
                                 f"use it, not {self.type!r}")
@@ -89,7 +90,8 @@ class DPOConfig(RunConfig):
         from jaxalign.objectives.dpo import needs_reference
 
         if self.data.margin != "none":
-            raise JaxalignError("config key 'data.margin': preference margins are a reward-model setting; DPO uses none")
+            raise JaxalignError(
+                "config key 'data.margin': preference margins are a reward-model setting; DPO uses none")
         if not needs_reference(self.loss.type) and self.reference.path is not None:
             raise JaxalignError(f"config key 'reference.path': loss type {self.loss.type!r} uses no reference model")
 
@@ -118,8 +120,8 @@ def train_dpo(config: DPOConfig, allow_config_change: bool = False) -> int:
     kind = train_loader.kind
     expected = "unpaired" if config.loss.type == "kto" else "preference"
     if kind != expected:
-        what = ("unpaired examples (a prompt, a completion and a desirable / undesirable label)" if expected == "unpaired"
-                else "preference pairs (prompt, chosen, rejected)")
+        what = ("unpaired examples (a prompt, a completion and a desirable / undesirable label)"
+                if expected == "unpaired" else "preference pairs (prompt, chosen, rejected)")
         raise JaxalignError(f"config key 'data.train': loss type {config.loss.type!r} trains on {what}, but the data "
                             f"holds {kind} examples")
     source = train_loader
@@ -136,7 +138,8 @@ def train_dpo(config: DPOConfig, allow_config_change: bool = False) -> int:
     algorithm, export_params = with_lora(config, algorithm, policy)
     state = train(config, algorithm, allow_config_change=allow_config_change)
     hf_dir = export_model(config, lambda folder: save_pretrained(
-        model, export_params(state.params), folder, tokenizer=tokenizer, chat_format=chat_format(config.data, tokenizer)))
+        model, export_params(state.params), folder, tokenizer=tokenizer,
+        chat_format=chat_format(config.data, tokenizer)))
     report_finished("dpo", config, int(state.step), f"the aligned policy with its tokenizer ({hf_dir})")
     return 0
 

@@ -108,7 +108,8 @@ def train_rm(config: RMConfig, allow_config_change: bool = False) -> int:
     algorithm, export_params = with_lora(config, algorithm, source, trained_modules=("score",))
     state = train(config, algorithm, allow_config_change=allow_config_change)
     hf_dir = export_model(config, lambda folder: save_pretrained(
-        model, export_params(state.params), folder, tokenizer=tokenizer, chat_format=chat_format(config.data, tokenizer)))
+        model, export_params(state.params), folder, tokenizer=tokenizer,
+        chat_format=chat_format(config.data, tokenizer)))
     report_finished("rm", config, int(state.step), f"the reward model with its tokenizer ({hf_dir}); score with "
                                                    f"jaxalign reward --model {hf_dir} --data FILE.jsonl")
     return 0

@@ -66,6 +66,7 @@ def train_sft(config: SFTConfig, allow_config_change: bool = False) -> int:
     algorithm, export_params = with_lora(config, algorithm, source)
     state = train(config, algorithm, allow_config_change=allow_config_change)
     hf_dir = export_model(config, lambda folder: save_pretrained(
-        model, export_params(state.params), folder, tokenizer=tokenizer, chat_format=chat_format(config.data, tokenizer)))
+        model, export_params(state.params), folder, tokenizer=tokenizer,
+        chat_format=chat_format(config.data, tokenizer)))
     report_finished("sft", config, int(state.step), f"the fine-tuned model with its tokenizer ({hf_dir})")
     return 0

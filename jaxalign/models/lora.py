@@ -6,8 +6,8 @@ so a fresh adapter leaves the model's outputs exactly unchanged. The adapter of 
 the parameters `P_lora/lora_a` and `P_lora/lora_b`, stacked over layers like every layer weight, with the logical
 axes of the dimensions they adapt (`lora_rank` is replicated): they shard with the mesh like the weights.
 
-`LoraConfig` (in `jaxalign.config`) is the `model.lora` section; `apply_to(config, lora)` gives the `LlamaConfig` that builds
-adapters; `split` / `merge` separate the adapter parameters (the trained part) from the base; `merged_params` folds
+`LoraConfig` (in `jaxalign.config`) is the `model.lora` section; `apply_to(config, lora)` gives the `LlamaConfig`
+that builds adapters; `split` / `merge` separate the adapter parameters (the trained part) from the base; `merged_params` folds
 the adapters into the base weights (`W + (α / r) A B`) for a plain export.
 """
 

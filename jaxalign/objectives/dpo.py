@@ -6,12 +6,12 @@ prompt and response tokenized as separate segments, so no token straddles the bo
 
 | `loss_type` | per-pair loss | source |
 |---|---|---|
-| `sigmoid` | `(1-ε)·(-log σ(βz)) + ε·(-log σ(-βz))`; ε = `label_smoothing` (0: DPO, > 0: cDPO) | Rafailov et al. 2023; Mitchell 2023 |
+| `sigmoid` | `(1-ε)·(-log σ(βz)) + ε·(-log σ(-βz))`, ε = `label_smoothing` (> 0: cDPO) | Rafailov 2023; Mitchell 2023 |
 | `robust` | `[(1-ε)·(-log σ(βz)) - ε·(-log σ(-βz))] / (1-2ε)` | Chowdhury et al. 2024 |
 | `hinge` | `relu(1 - βz)` | SLiC, Zhao et al. 2023 |
 | `ipo` | `(z - 1/(2β))²` with per-token average log-probs in z | Azar et al. 2023 |
 | `simpo` | `-log σ(β(π̄_c - π̄_r) - γ)`, π̄ = average log-prob per token, no reference | Meng et al. 2024 |
-| `orpo` | `-π̄_c + β·(-log σ(lo_c - lo_r))`, lo = π̄ - log(1 - exp π̄), no reference (β is λ) | Hong et al. 2024 |
+| `orpo` | `-π̄_c + β·(-log σ(lo_c - lo_r))`, lo = π̄ - log(1 - exp π̄), no reference; β is λ | Hong et al. 2024 |
 
 KTO (Ethayarajh et al. 2024) trains on unpaired examples: `kto_loss`. Implicit rewards are `β(π - ref)` (for the
 reference-free losses `β·π̄`): `rewards/chosen`, `rewards/rejected`, their margin and accuracy are the metrics TRL
@@ -73,7 +73,8 @@ def preference_loss(
     if loss_type not in PAIR_LOSSES:
         raise JaxalignError(f"unknown preference loss type {loss_type!r}; expected one of {', '.join(PAIR_LOSSES)}")
     if loss_type in PER_TOKEN_AVERAGE and (chosen_count is None or rejected_count is None):
-        raise JaxalignError(f"loss type {loss_type!r} averages log-probs per token: pass chosen_count and rejected_count")
+        raise JaxalignError(
+            f"loss type {loss_type!r} averages log-probs per token: pass chosen_count and rejected_count")
     if needs_reference(loss_type) and (ref_chosen is None or ref_rejected is None):
         raise JaxalignError(f"loss type {loss_type!r} needs the reference log-probs ref_chosen and ref_rejected")
     f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
