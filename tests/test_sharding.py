@@ -98,3 +98,22 @@ def test_distributed_flags_and_environment(monkeypatch):
     monkeypatch.setenv("JAXALIGN_PROCESS_ID", "2")
     with pytest.raises(JaxalignError, match="outside 0..1"):
         shd.initialize_distributed()
+
+
+def test_memory_report_counts_lora_adapters_apart_from_the_frozen_base():
+    from jaxalign.config import LoraConfig
+    from jaxalign.models import lora
+    from jaxalign.train.algorithm import Frozen
+
+    config = RunConfig(mesh=MeshConfig(data=1, fsdp=-1, tensor=1), train=TrainConfig(batch_size=256))
+    base = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                       num_kv_heads=32, param_dtype="bfloat16")
+    adapted = LlamaForCausalLM(lora.apply_to(base, LoraConfig(rank=16, alpha=32, targets=("q_proj", "v_proj"))))
+    report = memory_report(config, {"model": Trainable(adapted, config.optimizer, part=lambda t: lora.split(t)[1])},
+                           device_count=8, frozen={"base": Frozen(adapted, None, part=lambda t: lora.split(t)[0])})
+    n_adapter = 32 * 2 * (4096 * 16 + 16 * 4096)  # q and v in every layer: A [4096, 16] and B [16, 4096]
+    assert f"trainable parameters: {n_adapter:,}; frozen parameters: 6,738,415,616" in report
+    # bf16 A shards its embed axis over fsdp like the kernel (1 MiB per device); B's output axes (heads) follow
+    # mesh.tensor, 1 here, so B is whole on every device (8 MiB); Adam's two moments double that
+    assert "params 9.00 MiB, optimizer state 18.00 MiB" in report
+    assert f"frozen params {2 * 6_738_415_616 / 8 / 2**30:.2f} GiB" in report

@@ -1,5 +1,6 @@
 """`jaxalign memory CONFIG [key.sub=value ...] [--devices N]`: predicted per-device memory of parameters and
 optimiser state for the config's model, optimiser and mesh, on any number of devices, without allocating them.
+With `model.lora` the trained adapters (with their optimiser state) and the frozen base are counted apart.
 
 Reads only the run-config sections the prediction needs (`model`, `train`, `optimizer`, `mesh`); other sections of
 a command's config are ignored, so the same YAML file works for every training command.
@@ -31,8 +32,9 @@ class MemoryConfig(RunConfig):
 
 def run(args: argparse.Namespace) -> int:
     from jaxalign.config import apply_overrides, from_dict, load_yaml
+    from jaxalign.models import lora
     from jaxalign.models.loading import model_source
-    from jaxalign.train.algorithm import Trainable
+    from jaxalign.train.algorithm import Frozen, Trainable
     from jaxalign.train.loop import memory_report
 
     if args.devices is not None and args.devices < 1:
@@ -40,5 +42,11 @@ def run(args: argparse.Namespace) -> int:
     data = apply_overrides(load_yaml(args.config), args.overrides)
     config = from_dict(MemoryConfig, {k: v for k, v in data.items() if k in USED_SECTIONS}, where=f"{args.config}: ")
     model = model_source(config.model).module()
-    print(memory_report(config, {"model": Trainable(model, config.optimizer)}, device_count=args.devices))
+    if config.model.lora is None:
+        print(memory_report(config, {"model": Trainable(model, config.optimizer)}, device_count=args.devices))
+        return 0
+    adapted = type(model)(lora.apply_to(model.config, config.model.lora))
+    trainable = Trainable(adapted, config.optimizer, part=lambda tree: lora.split(tree)[1])
+    base = Frozen(adapted, load=None, part=lambda tree: lora.split(tree)[0])
+    print(memory_report(config, {"model": trainable}, device_count=args.devices, frozen={"base": base}))
     return 0

@@ -83,7 +83,8 @@ def plan(config: RunConfig, trainables: Mapping[str, Trainable], frozen: Mapping
     return _layout(config, trainables, frozen or {}, shd.make_mesh(config.mesh, devices))
 
 
-def memory_report(config: RunConfig, trainables: Mapping[str, Trainable], device_count: int | None = None) -> str:
+def memory_report(config: RunConfig, trainables: Mapping[str, Trainable], device_count: int | None = None,
+                  frozen: Mapping[str, Frozen] | None = None) -> str:
     """Predicted per-device bytes of params + optimiser state for `config.mesh` over `device_count` devices
     (default: the devices present). Nothing is allocated, so any device count can be planned from one CPU:
 
@@ -91,9 +92,12 @@ def memory_report(config: RunConfig, trainables: Mapping[str, Trainable], device
     """
     shape = shd.mesh_shape(config.mesh, jax.device_count() if device_count is None else device_count)
     mesh = jax.sharding.AbstractMesh(shape, shd.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    layout = _layout(config, trainables, {}, mesh)
+    layout = _layout(config, trainables, frozen or {}, mesh)
+    frozen_abstract = {name: _model_layout(f.model, mesh, layout.rules, f.part)[1]
+                       for name, f in (frozen or {}).items()}
     sizes = ", ".join(f"{k}={v}" for k, v in zip(shd.MESH_AXES, shape))
-    return f"mesh {sizes} ({int(np.prod(shape))} devices)\n" + st.memory_report(layout.abstract, layout.shardings)
+    return f"mesh {sizes} ({int(np.prod(shape))} devices)\n" + st.memory_report(
+        layout.abstract, layout.shardings, frozen_abstract, layout.frozen_shardings)
 
 
 def _layout(config: RunConfig, trainables: Mapping[str, Trainable], frozen: Mapping[str, Frozen], mesh) -> Layout:
