@@ -134,6 +134,7 @@ def test_recipe_specifics():
     assert (imitation.b1, imitation.decay, imitation.clip, imitation.warmup_steps) == (0.9, 0.95, 1.0, 1000)
     gpt4all = load_config(SFTConfig, CONFIGS / "gpt4all.yaml")
     assert gpt4all.data.truncation.max_prompt_fraction == 0.5 and gpt4all.optimizer.warmup_steps == 100
+    assert gpt4all.model.lora.projections() == ("q_proj", "v_proj") and gpt4all.model.param_dtype == "bfloat16"
     stage1 = load_config(SFTConfig, CONFIGS / "orca_stage1.yaml")
     stage2 = load_config(SFTConfig, CONFIGS / "orca_stage2.yaml")
     assert stage2.model.path == f"{stage1.output_dir}/hf"

@@ -28,9 +28,9 @@ from typing import Literal, Optional
 from jaxalign.config import ModelSection, RunConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.errors import JaxalignError
-from jaxalign.train.command import (add_run_arguments, already_finished, build_loaders, export_model,
-                                    lora_module, report_finished, run_tokenizer, run_training_command, say,
-                                    with_lora)
+from jaxalign.train.command import (add_run_arguments, already_finished, build_loaders, export_adapter,
+                                    export_model, lora_module, report_finished, run_tokenizer,
+                                    run_training_command, say, with_lora)
 
 REFERENCE_FILE = "reference_logps.npz"
 
@@ -140,6 +140,7 @@ def train_dpo(config: DPOConfig, allow_config_change: bool = False) -> int:
     hf_dir = export_model(config, lambda folder: save_pretrained(
         model, export_params(state.params), folder, tokenizer=tokenizer,
         chat_format=chat_format(config.data, tokenizer)))
+    export_adapter(config, model, state.params)
     report_finished("dpo", config, int(state.step), f"the aligned policy with its tokenizer ({hf_dir})")
     return 0
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 
 from jaxalign.config import ModelSection, RunConfig
 from jaxalign.data.config import DataConfig
-from jaxalign.train.command import (add_run_arguments, already_finished, build_loaders, export_model,
-                                    lora_module, report_finished, run_tokenizer, run_training_command, say,
-                                    with_lora)
+from jaxalign.train.command import (add_run_arguments, already_finished, build_loaders, export_adapter,
+                                    export_model, lora_module, report_finished, run_tokenizer,
+                                    run_training_command, say, with_lora)
 
 
 @dataclass(frozen=True)
@@ -68,5 +68,6 @@ def train_sft(config: SFTConfig, allow_config_change: bool = False) -> int:
     hf_dir = export_model(config, lambda folder: save_pretrained(
         model, export_params(state.params), folder, tokenizer=tokenizer,
         chat_format=chat_format(config.data, tokenizer)))
+    export_adapter(config, model, state.params)
     report_finished("sft", config, int(state.step), f"the fine-tuned model with its tokenizer ({hf_dir})")
     return 0

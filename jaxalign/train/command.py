@@ -121,13 +121,13 @@ def with_lora(config, algorithm, source, trained_modules: tuple[str, ...] = ()):
     return adapted.algorithm, adapted.merged
 
 
-def export_model(config, save: Callable[[Path], Any]) -> Path:
-    """Runs `save(folder)` into OUTPUT_DIR/hf.partial, then replaces OUTPUT_DIR/hf with it in one step (process 0),
-    so a failed or interrupted export never leaves a half-written `hf/`. Returns OUTPUT_DIR/hf."""
+def export_model(config, save: Callable[[Path], Any], name: str = "hf") -> Path:
+    """Runs `save(folder)` into OUTPUT_DIR/<name>.partial, then replaces OUTPUT_DIR/<name> with it in one step
+    (process 0), so a failed or interrupted export never leaves a half-written folder. Returns OUTPUT_DIR/<name>."""
     import jax
 
     out = Path(config.output_dir)
-    partial, final = out / "hf.partial", out / "hf"
+    partial, final = out / f"{name}.partial", out / name
     primary = jax.process_index() == 0
     if primary:
         shutil.rmtree(partial, ignore_errors=True)
@@ -136,6 +136,19 @@ def export_model(config, save: Callable[[Path], Any]) -> Path:
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
     return final
+
+
+def export_adapter(config, model, state_params) -> Path | None:
+    """With `model.lora`, writes the trained adapters of `model` (the module without adapters) as a PEFT adapter
+    folder OUTPUT_DIR/adapter (`peft.PeftModel.from_pretrained(base, folder)` loads it; `model.path` records the
+    base) and returns it; None without adapters."""
+    if config.model.lora is None:
+        return None
+    from jaxalign.hf import save_peft_adapter
+
+    adapted = lora_module(config, model)
+    return export_model(config, lambda folder: save_peft_adapter(
+        adapted.config, state_params["model"], folder, base_model_name_or_path=config.model.path), name="adapter")
 
 
 def report_finished(command: str, config, steps: int, model_line: str) -> None:

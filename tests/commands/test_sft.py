@@ -270,3 +270,33 @@ def test_sft_run_returns_the_exit_status_of_a_stop(tmp_path, monkeypatch):
     config_file = tmp_path / "run.yaml"
     config_file.write_text(json.dumps(TINY_RUN))
     assert main(["sft", str(config_file), f"output_dir={tmp_path}"]) == 130
+
+
+def test_tiny_lora_config_trains_adapters_only_and_exports_merged_and_peft(memorised_run, tmp_path):
+    """configs/tiny/sft_lora.yaml on a tiny export: the loss falls, the checkpoint holds the adapters only, hf/ is
+    the merged model and adapter/ a PEFT folder whose adapters, read back, give hf/'s weights."""
+    import jax
+
+    from jaxalign.config import load_config
+    from jaxalign.hf import read_peft_adapter
+    from jaxalign.models import lora
+    from jaxalign.models.loading import load_model
+
+    config = load_config(SFTConfig, Path(__file__).resolve().parents[2] / "configs" / "tiny" / "sft_lora.yaml",
+                         [f"output_dir={tmp_path}", f"model.path={memorised_run / 'hf'}", "data.template=plain",
+                          "train.steps=20", "train.eval_every=20", "train.seq_len=128", "checkpoint.every=0"])
+    assert train_sft(config) == 0
+    lines = metrics(tmp_path)
+    losses = [line["loss"] for line in lines if "loss" in line]
+    assert losses[-1] < losses[0]
+    assert lines[-1]["eval_loss"] < lines[0]["eval_loss"]
+    checkpoint_bytes = sum(p.stat().st_size for p in (tmp_path / "checkpoints").rglob("*") if p.is_file())
+    model_bytes = (memorised_run / "hf" / "model.safetensors").stat().st_size
+    assert checkpoint_bytes < model_bytes
+    base_model, base = load_model(memorised_run / "hf")
+    merged_model, merged = load_model(tmp_path / "hf")
+    settings, adapters = read_peft_adapter(tmp_path / "adapter", base_model.config)
+    assert settings.projections() == lora.PROJECTIONS and settings.rank == 8
+    folded = lora.merged_params(lora.merge(base, adapters), lora.apply_to(base_model.config, settings))
+    for a, b in zip(jax.tree.leaves(folded), jax.tree.leaves(merged)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
