@@ -140,7 +140,7 @@ def train_dpo(config: DPOConfig, allow_config_change: bool = False) -> int:
     hf_dir = export_model(config, lambda folder: save_pretrained(
         model, export_params(state.params), folder, tokenizer=tokenizer,
         chat_format=chat_format(config.data, tokenizer)))
-    export_adapter(config, model, state.params)
+    export_adapter(config, model, state.params, tokenizer)
     report_finished("dpo", config, int(state.step), f"the aligned policy with its tokenizer ({hf_dir})")
     return 0
 

@@ -68,6 +68,6 @@ def train_sft(config: SFTConfig, allow_config_change: bool = False) -> int:
     hf_dir = export_model(config, lambda folder: save_pretrained(
         model, export_params(state.params), folder, tokenizer=tokenizer,
         chat_format=chat_format(config.data, tokenizer)))
-    export_adapter(config, model, state.params)
+    export_adapter(config, model, state.params, tokenizer)
     report_finished("sft", config, int(state.step), f"the fine-tuned model with its tokenizer ({hf_dir})")
     return 0

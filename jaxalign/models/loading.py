@@ -51,6 +51,8 @@ class ModelSource:
     config: LlamaConfig
     head: str = "causal_lm"
     load: ParamsLoader | None = None
+    adapter: Path | None = None  # a PEFT adapter folder whose adapters `load` folds into the base weights
+    base_load: ParamsLoader | None = None  # with `adapter`: the base weights without it
 
     def module(self):
         """`LlamaForCausalLM(config)` or `LlamaForScore(config)`, as `head` says."""
@@ -82,7 +84,11 @@ def model_source(section: ModelSection, tokenizer=None, head: str = "causal_lm",
     config = dataclasses.replace(base.config, vocab_size=vocab_size)
     if tokenizer.pad_token_id is not None:
         config = dataclasses.replace(config, pad_token_id=tokenizer.pad_token_id)
-    return ModelSource(config, head, params_initializer(base, len(tokenizer), new_ids, mesh or MeshConfig()))
+    mesh = mesh or MeshConfig()
+    base_load = None
+    if base.adapter is not None:
+        base_load = params_initializer(dataclasses.replace(base, load=base.base_load), len(tokenizer), new_ids, mesh)
+    return ModelSource(config, head, params_initializer(base, len(tokenizer), new_ids, mesh), base.adapter, base_load)
 
 
 def split_preset(section: ModelSection) -> tuple[dict, dict]:
@@ -119,6 +125,10 @@ def pretrained_source(section: ModelSection, head: str = "causal_lm", seed: int 
     with `model.config`'s overrides; no weights are read."""
     path = Path(section.path)
     where = "config key 'model.path': "
+    if is_peft_adapter(path):
+        base = pretrained_source(dataclasses.replace(section, path=str(peft_base_path(path))), head, seed)
+        return dataclasses.replace(base, load=adapter_folder_loader(base.load, base.config, path), adapter=path,
+                                   base_load=base.load)
     if not is_pretrained(path):
         raise JaxalignError(
             f"{where}{path} is neither a Hugging Face folder (config.json) nor a jaxalign model checkpoint "
@@ -135,6 +145,45 @@ def pretrained_source(section: ModelSection, head: str = "causal_lm", seed: int 
               "param_dtype": section.param_dtype}
     config = from_dict(LlamaConfig, values, prefix="model.config")
     return ModelSource(config, head, params_loader(path, config, stored_head, head, seed, where))
+
+
+def is_peft_adapter(path: Path) -> bool:
+    """Whether `path` is a PEFT adapter folder (adapter_config.json, no model config)."""
+    return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
+
+
+def peft_base_path(path: Path) -> Path:
+    """The local base model folder an adapter folder names (`base_model_name_or_path` of adapter_config.json)."""
+    import json
+
+    config_file = path / "adapter_config.json"
+    try:
+        base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as err:
+        raise JaxalignError(f"{config_file}: cannot read it ({err})") from None
+    if not base or not is_pretrained(Path(base)):
+        raise JaxalignError(
+            f"{config_file}: 'base_model_name_or_path' is {base!r}, not a local model folder; the adapter loads onto "
+            "its base model, so point it at the base's Hugging Face folder or jaxalign checkpoint"
+        )
+    return Path(base)
+
+
+def adapter_folder_loader(base_load: ParamsLoader, config: LlamaConfig, path: Path) -> ParamsLoader:
+    """`load(shardings)`: the base weights with the adapters of the PEFT folder `path` folded in (`W + (α/r) A B`),
+    each result placed on its sharding."""
+
+    def load(shardings):
+        from jaxalign.hf import read_peft_adapter
+        from jaxalign.models import lora
+
+        settings, adapters = read_peft_adapter(path, config)
+        adapted = lora.apply_to(config, settings)
+        fold = jax.jit(lambda base, extra: lora.merged_params(lora.merge(base, extra), adapted),
+                       out_shardings=shardings, donate_argnums=0)
+        return fold(base_load(shardings), adapters)
+
+    return load
 
 
 def is_pretrained(path: Path) -> bool:
@@ -229,8 +278,9 @@ def with_stop_token(config: LlamaConfig, token_id: int) -> LlamaConfig:
 
 def load_model(path: str | Path, dtype: str | None = None, head: str | None = None, seed: int = 0,
                allow_pickle: bool = False) -> tuple[Any, Any]:
-    """`(model, params)` on the first local device from a Hugging Face folder (config.json) or a jaxalign model
-    checkpoint (`jaxalign_model.json`).
+    """`(model, params)` on the first local device from a Hugging Face folder (config.json), a jaxalign model
+    checkpoint (`jaxalign_model.json`) or a PEFT adapter folder (its adapters folded into the base model that
+    `base_model_name_or_path` names).
 
     `dtype` ("float32" | "bfloat16") sets parameter and compute dtype; None keeps the stored parameter dtype.
     `head` ("causal_lm" | "score"; None: as stored) picks `LlamaForCausalLM` or `LlamaForScore`; a causal LM loaded
@@ -241,6 +291,11 @@ def load_model(path: str | Path, dtype: str | None = None, head: str | None = No
     path = Path(path)
     if not path.is_dir():
         raise JaxalignError(f"model folder {path} does not exist")
+    if is_peft_adapter(path):
+        model, base = load_model(peft_base_path(path), dtype, head, seed, allow_pickle)
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        load = adapter_folder_loader(lambda shardings: base, model.config, path)
+        return model, load(jax.tree.map(lambda _: device, base))
     if not is_pretrained(path):
         raise JaxalignError(
             f"{path} is neither a Hugging Face model folder (config.json) nor a jaxalign model checkpoint "

@@ -38,8 +38,9 @@ def adapt(algorithm: Algorithm, source, *, trained_modules: tuple[str, ...] = ()
           seed: int = 0) -> Adapted:
     """`algorithm`, whose trainable `model` is a module with adapters (`lora.apply_to`) over the weights of
     `source` (a `ModelSource`), training only the adapters and the top-level modules `trained_modules`. The
-    adapters start at zero effect (random A from `seed`, zero B); the base weights and `trained_modules` come from
-    `source.load` (random from `seed` without one). `mesh_config` gives the logical rules that place the base
+    adapters start at zero effect (random A from `seed`, zero B), or from the PEFT folder `source.adapter` (training
+    it further); the base weights and `trained_modules` come from `source.load` (`source.base_load` under an adapter
+    folder; random from `seed` without either). `mesh_config` gives the logical rules that place the base
     weights."""
     from jaxalign import sharding as shd
     from jaxalign.config import MeshConfig
@@ -67,8 +68,9 @@ def adapt(algorithm: Algorithm, source, *, trained_modules: tuple[str, ...] = ()
             mesh = jax.tree.leaves(any_shardings)[0].mesh
             boxed = jax.eval_shape(model_init_fn(base_model), key)
             shardings = param_shardings(boxed, mesh, rules)
-            if source.load is not None:
-                loaded["params"] = source.load(shardings)
+            load = source.base_load if source.adapter is not None else source.load
+            if load is not None:
+                loaded["params"] = load(shardings)
             else:
                 loaded["params"] = init_params(model_init_fn(base_model), key, shardings)
         return loaded["params"]
@@ -80,7 +82,10 @@ def adapt(algorithm: Algorithm, source, *, trained_modules: tuple[str, ...] = ()
         return loaded["base"]
 
     def init_trained(shardings):
-        params = init_params(model_init_fn(adapted, trained_part), key, shardings)
+        if source.adapter is not None:
+            params = continued_adapters(source.adapter, adapted.config, shardings)
+        else:
+            params = init_params(model_init_fn(adapted, trained_part), key, shardings)
         if trained_modules:
             modules = {name: full_base(shardings)[name] for name in trained_modules}
             params = lora.merge(params, jax.device_put(modules, {name: shardings[name] for name in modules}))
@@ -107,6 +112,25 @@ def adapt(algorithm: Algorithm, source, *, trained_modules: tuple[str, ...] = ()
         eval_loss=with_base(algorithm.eval_loss) if algorithm.eval_loss is not None else None,
     )
     return Adapted(adapted_algorithm, adapted, merged)
+
+
+def continued_adapters(folder, config, shardings) -> dict:
+    """The adapters of the PEFT folder `folder` (`model.path`) to train on, placed on the part of `shardings` they
+    fill; raises JaxalignError when `model.lora` (in `config`, the adapted model's config) differs from the folder's
+    settings."""
+    from jaxalign.errors import JaxalignError
+    from jaxalign.hf import read_peft_adapter
+
+    settings, adapters = read_peft_adapter(folder, config)
+    stored = (settings.rank, float(settings.alpha), settings.projections())
+    wanted = (config.lora_rank, config.lora_alpha, config.lora_targets)
+    if stored != wanted:
+        raise JaxalignError(
+            f"config key 'model.lora': the adapter in {folder} has rank {stored[0]}, alpha {stored[1]:g} on "
+            f"{', '.join(stored[2])}; model.lora asks for rank {wanted[0]}, alpha {wanted[1]:g} on "
+            f"{', '.join(wanted[2])}. Set model.lora to the adapter's settings to train it further"
+        )
+    return jax.device_put(adapters, {key: shardings[key] for key in adapters})
 
 
 def whole_params(state_params, frozen) -> dict:

@@ -138,17 +138,24 @@ def export_model(config, save: Callable[[Path], Any], name: str = "hf") -> Path:
     return final
 
 
-def export_adapter(config, model, state_params) -> Path | None:
+def export_adapter(config, model, state_params, tokenizer=None) -> Path | None:
     """With `model.lora`, writes the trained adapters of `model` (the module without adapters) as a PEFT adapter
-    folder OUTPUT_DIR/adapter (`peft.PeftModel.from_pretrained(base, folder)` loads it; `model.path` records the
-    base) and returns it; None without adapters."""
+    folder OUTPUT_DIR/adapter with the tokenizer (`peft.PeftModel.from_pretrained(base, folder)` loads it;
+    `model.path` is recorded as its base) and returns it; None without adapters."""
     if config.model.lora is None:
         return None
     from jaxalign.hf import save_peft_adapter
 
+    import jax
+
     adapted = lora_module(config, model)
-    return export_model(config, lambda folder: save_peft_adapter(
-        adapted.config, state_params["model"], folder, base_model_name_or_path=config.model.path), name="adapter")
+
+    def save(folder):
+        save_peft_adapter(adapted.config, state_params["model"], folder, base_model_name_or_path=config.model.path)
+        if tokenizer is not None and jax.process_index() == 0:
+            tokenizer.save_pretrained(folder)
+
+    return export_model(config, save, name="adapter")
 
 
 def report_finished(command: str, config, steps: int, model_line: str) -> None:
