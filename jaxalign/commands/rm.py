@@ -9,7 +9,8 @@ run in one forward pass and the reward is the score at the last token of each. T
 field takes precedence; `loss.center_coefficient`: c). Metrics, train and eval: `loss`, `accuracy`,
 `rewards/chosen`, `rewards/rejected`, `rewards/margins`, and per strength bucket `accuracy/<strength>`,
 `loss/<strength>`, `rewards/margins/<strength>`. A finished run is exported to `OUTPUT_DIR/hf/` as a Hugging Face
-`LlamaForSequenceClassification` with the tokenizer and the chat template of `data.template`. Reruns, stop signals
+`LlamaForSequenceClassification` with the tokenizer and the chat template of `data.template`. With `model.lora` the
+trunk stays frozen under low-rank adapters and the score head trains fully; the export folds the adapters in. Reruns, stop signals
 and exit statuses are those of every training command (`jaxalign.train.command`).
 """
 

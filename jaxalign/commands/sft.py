@@ -6,6 +6,8 @@ the embeddings with mean-initialised rows. The loss is the mean cross-entropy ov
 batch; with eval data (`data.eval` or `data.eval_fraction`) every `train.eval_every` steps the run logs `eval_loss`,
 `eval_perplexity` and `eval_correct` (next-token accuracy). A finished run is exported to `OUTPUT_DIR/hf/`, a
 Hugging Face folder with the tokenizer; rerunning a finished run says so and exports only if `hf/` is missing.
+With `model.lora` only low-rank adapters train (`jaxalign.train.adapters`); `hf/` then holds them folded into the
+base and `OUTPUT_DIR/adapter/` is a PEFT adapter folder.
 
 OUTPUT_DIR/config.yaml records the run's config; a rerun into the same OUTPUT_DIR with other training settings is
 refused before anything there changes, unless `--allow-config-change` (see `jaxalign.train.run_dir`). SIGTERM and
