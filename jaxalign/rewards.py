@@ -21,6 +21,7 @@ import numpy as np
 from jaxalign.data.formats import parse_record
 from jaxalign.data.loader import Preprocessor
 from jaxalign.errors import JaxalignError
+from jaxalign.objectives import ppo
 from jaxalign.objectives.reward import sequence_rewards
 from jaxalign.sampling import bucket_size
 
@@ -28,9 +29,9 @@ RewardFn = Callable[[Sequence, Sequence[str], Sequence[dict]], np.ndarray]
 
 
 def whiten(values, eps: float = 1e-8) -> np.ndarray:
-    """`(x - mean) / sqrt(var + eps)` over all of `values` (float32); a batch of one becomes 0."""
-    values = np.asarray(values, np.float32)
-    return ((values - values.mean()) / np.sqrt(values.var() + eps)).astype(np.float32)
+    """`(x - mean) / sqrt(var + eps)` over all of `values` (float32 numpy; `jaxalign.objectives.ppo.whiten` without
+    a mask); a batch of one becomes 0."""
+    return np.asarray(ppo.whiten(np.asarray(values, np.float32), eps=eps))
 
 
 def combine_llama2(score_helpful, score_safety, is_safety, threshold: float = 0.15) -> np.ndarray:
