@@ -764,7 +764,7 @@ def read_peft_adapter(path: str | Path, config: LlamaConfig, shardings: Any = No
     """`(settings, adapters)` from the PEFT LoRA adapter folder `path` for the base model of `config` (its own
     adapter fields are ignored): `settings` is the `LoraConfig` of `adapter_config.json`
     (`lora.apply_to(config, settings)` builds the model the adapters fit), `adapters` the tree of the `*_lora`
-    modules (`lora.merge(base_params, adapters)` gives the adapted model's parameters) in `config.param_dtype`,
+    modules (`lora.merge(base_params, adapters)` gives the adapted model's parameters) in float32 (as adapters train),
     each tensor placed onto its sharding in `shardings` (a tree like `adapters`) as it is read. Settings jaxalign
     does not compute (rsLoRA, DoRA, biases, modules_to_save, per-module ranks ...), targets other than the seven
     projections or not the same on every layer, and missing, unexpected or misshapen tensors are errors naming the
@@ -799,7 +799,8 @@ def read_peft_adapter(path: str | Path, config: LlamaConfig, shardings: Any = No
                 f"{weights}: unexpected tensor(s) {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; "
                 f"{PEFT_CONFIG} targets {', '.join(settings.targets)} on {config.num_layers} layers"
             )
-        adapters = _read_specs(adapted, specs, reader, shardings, f"{PEFT_CONFIG} and the model config")
+        adapters = _read_specs(dataclasses.replace(adapted, param_dtype="float32"), specs, reader, shardings,
+                               f"{PEFT_CONFIG} and the model config")
     finally:
         reader.close()
     return settings, adapters

@@ -113,7 +113,7 @@ def test_memory_report_counts_lora_adapters_apart_from_the_frozen_base():
                            device_count=8, frozen={"base": Frozen(adapted, None, part=lambda t: lora.split(t)[0])})
     n_adapter = 32 * 2 * (4096 * 16 + 16 * 4096)  # q and v in every layer: A [4096, 16] and B [16, 4096]
     assert f"trainable parameters: {n_adapter:,}; frozen parameters: 6,738,415,616" in report
-    # bf16 A shards its embed axis over fsdp like the kernel (1 MiB per device); B's output axes (heads) follow
-    # mesh.tensor, 1 here, so B is whole on every device (8 MiB); Adam's two moments double that
-    assert "params 9.00 MiB, optimizer state 18.00 MiB" in report
+    # float32 A shards its embed axis over fsdp like the kernel (2 MiB per device); B's output axes (heads) follow
+    # mesh.tensor, 1 here, so B is whole on every device (16 MiB); Adam's two moments double that
+    assert "params 18.00 MiB, optimizer state 36.00 MiB" in report
     assert f"frozen params {2 * 6_738_415_616 / 8 / 2**30:.2f} GiB" in report

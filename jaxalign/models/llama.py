@@ -277,7 +277,7 @@ def _dense(config: LlamaConfig, features, names, name, axis=-1, bias=False):
 
 class LoraAdapter(nn.Module):
     """The low-rank update `(α / r) · dropout(x) A B` of one projection (see `jaxalign.models.lora`): `x` is
-    `[N, *in_shape]`, the result `[N, *out_shape]` in the compute dtype."""
+    `[N, *in_shape]`, the result `[N, *out_shape]` in the compute dtype; A and B are float32 parameters."""
 
     config: LlamaConfig
     in_names: tuple[str, ...]
@@ -291,10 +291,11 @@ class LoraAdapter(nn.Module):
         in_shape = x.shape[1:]
         in_axes = tuple(range(len(in_shape)))
         a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform", in_axis=in_axes, out_axis=-1)
+        # float32 whatever the base's dtype: the adapters are what trains
         a = self.param("lora_a", _param_init(a_init, self.in_names + ("lora_rank",)), in_shape + (cfg.lora_rank,),
-                       cfg.params_dtype)
+                       jnp.float32)
         b = self.param("lora_b", _param_init(nn.initializers.zeros, ("lora_rank",) + self.out_names),
-                       (cfg.lora_rank,) + self.out_shape, cfg.params_dtype)
+                       (cfg.lora_rank,) + self.out_shape, jnp.float32)
         if cfg.lora_dropout and not self.deterministic:
             keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - cfg.lora_dropout, x.shape)
             x = jnp.where(keep, x / (1.0 - cfg.lora_dropout), 0.0).astype(x.dtype)
