@@ -150,19 +150,11 @@ def policy_and_reference(config: DPOConfig, tokenizer, added):
     Random weights (no `model.path`) are drawn from `seed`, the same for the policy and its reference."""
     import dataclasses
 
-    import jax
-
-    from jaxalign.models.loading import model_source
+    from jaxalign.models.loading import model_source, seeded
     from jaxalign.objectives.dpo import needs_reference
     from jaxalign.train.algorithm import Frozen
-    from jaxalign.train.loop import model_init_fn
-    from jaxalign.train.state import init_params
 
-    policy = model_source(config.model, tokenizer, mesh=config.mesh, new_tokens=added)
-    if policy.load is None:
-        module = policy.module()
-        policy = dataclasses.replace(policy, load=lambda shardings: init_params(
-            model_init_fn(module), jax.random.PRNGKey(config.seed), shardings))
+    policy = seeded(model_source(config.model, tokenizer, mesh=config.mesh, new_tokens=added), config.seed)
     if not needs_reference(config.loss.type):
         return policy, None
     if config.reference.path is None:

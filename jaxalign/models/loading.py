@@ -91,6 +91,19 @@ def model_source(section: ModelSection, tokenizer=None, head: str = "causal_lm",
     return ModelSource(config, head, params_initializer(base, len(tokenizer), new_ids, mesh), base.adapter, base_load)
 
 
+def seeded(source: ModelSource, seed: int) -> ModelSource:
+    """`source` with a `load` in every case: random weights (no `model.path`) drawn from `seed`, the same on every
+    call (e.g. for a policy and its reference)."""
+    if source.load is not None:
+        return source
+    from jaxalign.train.loop import model_init_fn
+    from jaxalign.train.state import init_params
+
+    module = source.module()
+    return dataclasses.replace(source, load=lambda shardings: init_params(
+        model_init_fn(module), jax.random.PRNGKey(seed), shardings))
+
+
 def split_preset(section: ModelSection) -> tuple[dict, dict]:
     """(defaults of `model.config.preset`, the other `model.config` values); `preset: tiny` is `LlamaConfig.tiny`,
     whose head_dim is left to derive from the final sizes."""

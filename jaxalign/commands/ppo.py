@@ -1,0 +1,271 @@
+"""`jaxalign ppo CONFIG.yaml [key.sub=value ...]`: PPO-RLHF with generation inside the one training loop.
+
+Four models on one mesh: the policy (`model.path`, an SFT export), the frozen reference (the starting policy), the
+critic (`value.path`, by default the reward model's weights; or the policy's trunk under a fresh value head) and the
+reward: one reward model (`reward.model`), LLaMA-2's helpfulness and safety models (`reward.helpful` and
+`reward.safety`, combined as in `jaxalign.rewards.Llama2Reward`) or a Python function (`reward.function`,
+`module:function` taking `(prompts, responses, metadata)`). Prompts come from `data.train` (prompt records, e.g.
+`demo:prompts`), `train.seq_len` is the whole sequence (prompt + `generation.max_new_tokens`).
+
+Each iteration samples `ppo.rollout_size` responses with the jitted KV-cache sampler on the current params, scores
+them, and trains `ppo.epochs` passes of minibatches of `train.batch_size` (see
+`jaxalign.objectives.ppo_algorithm`); `train.steps` counts minibatch steps and must be a whole number of
+iterations. Metrics per iteration: `reward_mean`, `reward_std`, `kl`, `kl_beta`, `response_length`,
+`eos_fraction`, `explained_variance`, `generation_s`, `scoring_s`, `training_s`; per step `policy_loss`,
+`value_loss`, `entropy`, `clipfrac`, `approx_kl`. Every `train.eval_every` steps: greedy responses to the eval
+prompts, their `eval_reward_mean` and `eval_kl`, and a few written to `OUTPUT_DIR/eval_samples.jsonl`. The policy
+is exported to `OUTPUT_DIR/hf/`.
+"""
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from jaxalign.config import ModelSection, OptimizerConfig, RunConfig
+from jaxalign.data.config import DataConfig
+from jaxalign.errors import JaxalignError
+from jaxalign.objectives.ppo_algorithm import PPOSettings
+from jaxalign.rollouts import GenerationConfig
+from jaxalign.train.command import (add_run_arguments, already_finished, build_loaders, export_model,
+                                    report_finished, run_tokenizer, run_training_command, say)
+
+
+@dataclass(frozen=True)
+class RewardSection:
+    """Exactly one of `model` (a reward model folder), `helpful` + `safety` (LLaMA-2's pair; `safety_threshold`) or
+    `function` (`module:function`). `template`: how the reward models render prompt + response (default:
+    `data.template`); `max_length`: their longest input (default: their context)."""
+
+    model: Optional[str] = None
+    helpful: Optional[str] = None
+    safety: Optional[str] = None
+    safety_threshold: float = 0.15
+    function: Optional[str] = None
+    template: Optional[str] = None
+    max_length: Optional[int] = None
+
+    def check(self):
+        chosen = [bool(self.model), bool(self.helpful or self.safety), bool(self.function)]
+        if sum(chosen) != 1:
+            raise JaxalignError("config section 'reward': set exactly one of reward.model, reward.helpful + "
+                                "reward.safety, or reward.function")
+        if bool(self.helpful) != bool(self.safety):
+            raise JaxalignError("config keys 'reward.helpful' and 'reward.safety': LLaMA-2's combination needs both")
+
+
+@dataclass(frozen=True)
+class ValueSection:
+    """The critic: `path` (a score model or a causal LM whose trunk gets a fresh value head; default: the reward
+    model of `reward.model` / `reward.helpful`, else the policy), in `dtype` / `param_dtype`."""
+
+    path: Optional[str] = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class PPOConfig(RunConfig):
+    """The loop's sections plus `model` (the policy), `value`, `reward`, `data` (prompts), `generation`, `ppo` and
+    `value_optimizer` (the critic's optimiser)."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    value: ValueSection = field(default_factory=ValueSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    ppo: PPOSettings = field(default_factory=PPOSettings)
+    value_optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+
+    def __post_init__(self):
+        self.reward.check()
+        p = self.ppo
+        if p.rollout_size % self.train.batch_size:
+            raise JaxalignError(f"config key 'ppo.rollout_size': {p.rollout_size} samples do not split into "
+                                f"minibatches of train.batch_size={self.train.batch_size}")
+        per_iteration = p.epochs * p.rollout_size // self.train.batch_size
+        if self.train.steps % per_iteration:
+            raise JaxalignError(
+                f"config key 'train.steps': {self.train.steps} is not a whole number of iterations of "
+                f"{per_iteration} minibatch steps (ppo.epochs x ppo.rollout_size / train.batch_size); e.g. "
+                f"train.steps={per_iteration * max(1, self.train.steps // per_iteration)}")
+        if self.train.seq_len <= self.generation.max_new_tokens:
+            raise JaxalignError(f"config key 'train.seq_len': {self.train.seq_len} leaves no room for a prompt "
+                                f"before generation.max_new_tokens={self.generation.max_new_tokens} new tokens")
+        if p.kl_kind not in ("k1", "k2", "k3"):
+            raise JaxalignError(f"config key 'ppo.kl_kind': expected one of k1, k2, k3, got {p.kl_kind!r}")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run_arguments(parser, "configs/tiny/ppo.yaml")
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_training_command(args, PPOConfig, train_ppo)
+
+
+def train_ppo(config: PPOConfig, allow_config_change: bool = False) -> int:
+    """Trains and exports the policy; 0 when OUTPUT_DIR holds the finished run with its export."""
+    if already_finished(config, "ppo", allow_config_change):
+        return 0
+    from jaxalign.data.templates import chat_format
+    from jaxalign.hf import save_pretrained
+    from jaxalign.models.loading import model_source, seeded
+    from jaxalign.objectives.ppo_algorithm import PPOSource, experience, make_algorithm
+    from jaxalign.rollouts import Sampler
+    from jaxalign.train.loop import train
+
+    tokenizer, added = run_tokenizer(config)
+    policy_source = seeded(model_source(config.model, tokenizer, mesh=config.mesh, new_tokens=added), config.seed)
+    policy = policy_source.module()
+    value_source = seeded(critic_source(config, tokenizer, added), config.seed + 1)
+    value_model = value_source.module()
+    if value_model.config.vocab_size != policy.config.vocab_size:
+        raise JaxalignError(f"config key 'value.path': the critic has a vocabulary of {value_model.config.vocab_size} "
+                            f"tokens, the policy {policy.config.vocab_size}; it must read the policy's tokens")
+    prompt_length = config.train.seq_len - config.generation.max_new_tokens
+    loader_config = dataclasses.replace(config.train, batch_size=config.ppo.rollout_size, seq_len=prompt_length)
+    train_loader, eval_data = build_loaders(config.data, tokenizer, loader_config)
+    if train_loader.kind != "prompt":
+        raise JaxalignError(f"config key 'data.train': PPO samples responses to prompts, but the data holds "
+                            f"{train_loader.kind} examples (use prompt records: {{prompt}} or {{messages}} ending "
+                            "with a user turn)")
+    stop_ids = stop_token_ids(config, tokenizer)
+    sampler = Sampler(policy, config.generation, stop_ids, tokenizer.pad_token_id)
+    reward, reward_frozen = build_reward(config)
+    source = PPOSource(train_loader, sampler, reward, tokenizer, config.ppo, config.train.batch_size,
+                       experience(policy, value_model, policy, config.ppo, config.generation.temperature),
+                       config.seed)
+    evaluate = None
+    if eval_data is not None:
+        evaluate = evaluator(config, source, eval_data, tokenizer)
+    algorithm = make_algorithm(policy, value_model, policy, optimizer=config.optimizer,
+                               value_optimizer=config.value_optimizer, source=source, settings=config.ppo,
+                               temperature=config.generation.temperature, policy_init=policy_source.load,
+                               value_init=value_source.load, reference_load=policy_source.load,
+                               frozen=reward_frozen, evaluate=evaluate)
+    state = train(config, algorithm, allow_config_change=allow_config_change)
+    hf_dir = export_model(config, lambda folder: save_pretrained(
+        policy, state.params["policy"], folder, tokenizer=tokenizer,
+        chat_format=chat_format(config.data, tokenizer)))
+    report_finished("ppo", config, int(state.step), f"the policy with its tokenizer ({hf_dir})")
+    return 0
+
+
+def critic_source(config: PPOConfig, tokenizer, added):
+    """The critic's `ModelSource` (head "score"): `value.path`, else the reward model, else the policy's trunk."""
+    from jaxalign.models.loading import model_source
+
+    path = config.value.path or config.reward.model or config.reward.helpful or config.model.path
+    section = ModelSection(path=path, config={} if path else dict(config.model.config), dtype=config.value.dtype,
+                           param_dtype=config.value.param_dtype)
+    return model_source(section, tokenizer, head="score", mesh=config.mesh, seed=config.seed, new_tokens=added)
+
+
+def stop_token_ids(config: PPOConfig, tokenizer) -> list[int]:
+    """The ids that end a response: `generation.stop_tokens`, else the tokenizer's eos and the template's
+    end-of-turn token."""
+    from jaxalign.data.templates import chat_format
+
+    names = list(config.generation.stop_tokens) or [tokenizer.eos_token, chat_format(config.data, tokenizer).end_of_turn]
+    ids = []
+    for name in names:
+        if name is None:
+            continue
+        token_id = tokenizer.convert_tokens_to_ids(name)
+        if token_id is None or token_id == tokenizer.unk_token_id and name != tokenizer.unk_token:
+            raise JaxalignError(f"config key 'generation.stop_tokens': {name!r} is not a token of the tokenizer")
+        ids.append(int(token_id))
+    if not ids:
+        raise JaxalignError("config key 'generation.stop_tokens': no stop token (the tokenizer has no eos token)")
+    return ids
+
+
+def build_reward(config: PPOConfig):
+    """(`reward(context, prompts, responses, metadata) -> scores`, the frozen reward models to load on the mesh)."""
+    import numpy as np
+
+    from jaxalign.data.tokenizer import load_tokenizer
+    from jaxalign.models.loading import model_source
+    from jaxalign.rewards import Llama2Reward, ModelReward, function_reward
+    from jaxalign.train.algorithm import Frozen
+
+    section = config.reward
+    if section.function:
+        fn = function_reward(section.function)
+        return (lambda context, prompts, responses, metadata: fn(prompts, responses, metadata)), {}
+    paths = {"reward": section.model} if section.model else {"reward_helpful": section.helpful,
+                                                            "reward_safety": section.safety}
+    frozen, tokenizers = {}, {}
+    for name, path in paths.items():
+        source = model_source(ModelSection(path=path, dtype=config.value.dtype, param_dtype=config.value.param_dtype),
+                              head="score", mesh=config.mesh)
+        if source.head != "score" or source.load is None:
+            raise JaxalignError(f"config key 'reward': {path} is not a reward model")
+        frozen[name] = Frozen(source.module(), source.load)
+        tokenizers[name] = load_tokenizer(path)
+    data_config = dataclasses.replace(config.data, template=section.template or config.data.template)
+    scorers = {}
+
+    def reward(context, prompts, responses, metadata):
+        if not scorers:
+            for name, model in frozen.items():
+                scorers[name] = ModelReward(model.model, context.frozen[name], tokenizers[name], data_config,
+                                            max_length=section.max_length,
+                                            batch_size=max(1, min(len(responses), 64)))
+        if "reward" in scorers:
+            return np.asarray(scorers["reward"](prompts, responses, metadata))
+        combined = Llama2Reward(scorers["reward_helpful"], scorers["reward_safety"], section.safety_threshold)
+        return combined(prompts, responses, metadata)
+
+    return reward, frozen
+
+
+def evaluator(config: PPOConfig, source, eval_data, tokenizer):
+    """`evaluate(context)`: greedy responses to the eval prompts (`train.eval_batches` batches, all when 0), their
+    mean reward and KL to the reference; the first batch's samples appended to OUTPUT_DIR/eval_samples.jsonl."""
+    import itertools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxalign import sharding as shd
+    from jaxalign.objectives.ppo_algorithm import _gather, prompt_messages, prompt_metadata
+    from jaxalign.rollouts import decode_responses
+
+    out = Path(config.output_dir) / "eval_samples.jsonl"
+
+    def evaluate(context):
+        rewards, kls, samples = [], [], []
+        loader = eval_data()
+        for local in itertools.islice(loader, config.train.eval_batches or None):
+            index = _gather(local["example_index"], context)
+            prompts = shd.global_batch({k: local[k] for k in ("input_ids", "segment_ids", "positions")},
+                                       context.mesh, context.rules)
+            batch, tokens, lengths = source.sampler(context.state.params["policy"], prompts, jax.random.PRNGKey(0),
+                                                    context.mesh, context.rules, greedy=True)
+            tokens, lengths = _gather(tokens, context), _gather(lengths, context)
+            real = index >= 0
+            examples = [loader.examples[i] for i in index[real]]
+            texts, ended = decode_responses(tokenizer, tokens[real], lengths[real], source.sampler.stop_token_ids)
+            scores = np.asarray(source.reward(context, [prompt_messages(e) for e in examples], texts,
+                                              [prompt_metadata(e) for e in examples]), np.float32)
+            zeros = jax.device_put(np.zeros(len(index), np.float32), shd.batch_sharding(context.mesh, context.rules, 1))
+            if source._jitted is None:
+                source._jitted = jax.jit(source.experience_fn)
+            _, metrics = source._jitted(context.state.params["policy"], context.state.params["value"],
+                                        context.frozen["reference"], batch, zeros, jnp.float32(0.0))
+            rewards.append(scores)
+            kls.append(_gather(metrics["kl"], context)[real])
+            if not samples:
+                samples = [{"step": context.step, "prompt": prompt_messages(e), "response": t, "reward": float(s),
+                            "ended": bool(d)} for e, t, s, d in list(zip(examples, texts, scores, ended))[:4]]
+        if jax.process_index() == 0 and samples:
+            with open(out, "a") as handle:
+                handle.writelines(json.dumps(sample) + "\n" for sample in samples)
+        return {"reward_mean": float(np.mean(np.concatenate(rewards))), "kl": float(np.mean(np.concatenate(kls)))}
+
+    return evaluate

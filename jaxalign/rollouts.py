@@ -1,0 +1,104 @@
+"""On-policy rollouts on the training mesh: prompts from a loader, responses from the current policy with the
+device-level sampler, scores from a reward function, and the token-level layout every RL objective trains on.
+
+A rollout batch (`Rollout.batch`, global arrays `[R, L - 1]` with L = prompt length P + `max_new_tokens`) is an LM
+batch of prompt + response in the layout of `jaxalign.data.packing` (`input_ids`, `targets`, `positions`,
+`segment_ids`; `loss_mask` 1 on the response tokens up to and including the end token), so the one log-prob helper
+(`jaxalign.objectives.logprobs`) gives the policy's, the old policy's and the reference's per-token log-probs in
+the same slots. Generation and the forward passes run jitted under the training mesh on the current params, with no
+copy of the weights; only token ids go to the host, to be detokenised for the reward function.
+"""
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxalign import sharding as shd
+from jaxalign.sampling import SamplingParams, decode
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """How responses are sampled: `max_new_tokens`, `temperature` (the log-probs of every model are taken at it),
+    `top_p`, `top_k` (0 = off); `stop_tokens` end a response (default: the tokenizer's eos and the template's
+    end-of-turn token)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop_tokens: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        from jaxalign.errors import JaxalignError
+
+        if self.max_new_tokens < 1:
+            raise JaxalignError(f"config key 'generation.max_new_tokens': expected >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise JaxalignError(f"config key 'generation.temperature': RL samples from the policy, so it must be "
+                                f"> 0, got {self.temperature}")
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+
+def response_batch(prompts: dict, tokens: jax.Array, lengths: jax.Array) -> dict:
+    """The LM batch `[R, P + N - 1]` of left-padded prompts (`input_ids`, `segment_ids`, `positions` `[R, P]`)
+    followed by sampled `tokens` `[R, N]` of which the first `lengths[r]` are the response: targets are the next
+    tokens, `loss_mask` marks the response tokens as targets, segment 1 on prompt + response and 0 on padding."""
+    rows, new = tokens.shape
+    response = jnp.arange(new)[None, :] < lengths[:, None]
+    ids = jnp.concatenate([prompts["input_ids"], tokens], axis=1)
+    segments = jnp.concatenate([prompts["segment_ids"], response.astype(jnp.int32)], axis=1)
+    prompt_lengths = jnp.sum(prompts["segment_ids"], axis=1)
+    positions = jnp.concatenate([prompts["positions"], prompt_lengths[:, None] + jnp.arange(new)[None]], axis=1)
+    positions = jnp.where(segments != 0, positions, 0)
+    loss_mask = jnp.concatenate([jnp.zeros_like(prompts["input_ids"]), response.astype(jnp.int32)], axis=1)
+    return {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": segments[:, :-1],
+            "positions": positions[:, :-1], "loss_mask": loss_mask[:, 1:]}
+
+
+class Sampler:
+    """Samples responses to prompt batches from the current policy params on the training mesh (one compiled
+    program per prompt shape)."""
+
+    def __init__(self, policy, generation: GenerationConfig, stop_token_ids: Sequence[int], pad_id: int):
+        self.policy, self.generation = policy, generation
+        self.stop_token_ids = np.asarray(sorted(set(stop_token_ids)), np.int32)
+        self.pad_id = pad_id
+        self._program = {}
+
+    def __call__(self, params, prompts: dict, rng: jax.Array, mesh, rules, greedy: bool = False):
+        """`(batch, tokens [R, N], lengths [R])` for global prompt arrays; greedy for evaluation."""
+        key = ("greedy" if greedy else "sample", prompts["input_ids"].shape)
+        if key not in self._program:
+            sampling = SamplingParams(temperature=0.0) if greedy else self.generation.sampling()
+            batch_sharding = shd.batch_sharding(mesh, rules, 2)
+            row_sharding = shd.batch_sharding(mesh, rules, 1)
+
+            def program(params, prompts, rng, stop_ids):
+                tokens, _, lengths = decode(
+                    self.policy, params, prompts["input_ids"], prompts["segment_ids"], prompts["positions"], rng,
+                    max_new_tokens=self.generation.max_new_tokens, sampling=sampling, stop_token_ids=stop_ids,
+                    pad_id=self.pad_id)
+                return response_batch(prompts, tokens, lengths), tokens, lengths
+
+            self._program[key] = jax.jit(program, out_shardings=(batch_sharding, batch_sharding, row_sharding))
+        return self._program[key](params, prompts, rng, jnp.asarray(self.stop_token_ids))
+
+
+def decode_responses(tokenizer, tokens: np.ndarray, lengths: np.ndarray, stop_token_ids: np.ndarray
+                     ) -> tuple[list[str], np.ndarray]:
+    """(response texts without their end token, whether each ended with a stop token) from host arrays."""
+    texts, ended = [], np.zeros(len(lengths), bool)
+    for row, (ids, n) in enumerate(zip(tokens, lengths)):
+        ids = list(ids[:n])
+        if ids and ids[-1] in stop_token_ids:
+            ended[row] = True
+            ids = ids[:-1]
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return texts, ended
+
