@@ -145,6 +145,7 @@ class PPOSource:
         self.iteration = 0
         self.buffer: list[dict] = []
         self._jitted = None
+        self._take = None
         self._iteration_end = None
 
     @property
@@ -231,13 +232,14 @@ class PPOSource:
         """`epochs` shuffled passes over the iteration's rows in minibatches (the order from the seed and the
         iteration, the same on every process)."""
         rows = self.settings.rollout_size
-        take = jax.jit(lambda tree, index: jax.tree.map(lambda x: x[index], tree),
-                       out_shardings=shd.batch_sharding(context.mesh, context.rules, 2))
+        if self._take is None:
+            self._take = jax.jit(lambda tree, index: jax.tree.map(lambda x: x[index], tree),
+                                 out_shardings=shd.batch_sharding(context.mesh, context.rules, 2))
         out = []
         for epoch in range(self.settings.epochs):
             order = np.random.default_rng([self.seed, self.iteration, epoch]).permutation(rows)
             for start in range(0, rows, self.minibatch):
-                out.append(take(exp, jnp.asarray(order[start:start + self.minibatch])))
+                out.append(self._take(exp, jnp.asarray(order[start:start + self.minibatch])))
         return out
 
 
