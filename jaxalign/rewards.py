@@ -110,14 +110,18 @@ class ModelReward:
 
 def response_example(prompt, response: str, origin: str):
     """The `Conversation` of `prompt` (a string: one user turn; or a `[{role, content}]` chat ending with the user
-    turn) answered by `response`, as the data pipeline parses it (errors name `origin`)."""
+    turn) answered by `response`, as the data pipeline parses it (errors name `origin`). A blank response is kept
+    as it is (a policy may answer with nothing; it is scored like any other answer)."""
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
     elif isinstance(prompt, list):
         messages = list(prompt)
     else:
         raise JaxalignError(f"{origin}: the prompt must be a string or a message list, got {type(prompt).__name__}")
-    return parse_record({"messages": [*messages, {"role": "assistant", "content": response}]}, "messages", origin)
+    placeholder = response if response.strip() else "-"
+    parsed = parse_record({"messages": [*messages, {"role": "assistant", "content": placeholder}]}, "messages", origin)
+    answer = dataclasses.replace(parsed.messages[-1], content=response)
+    return dataclasses.replace(parsed, messages=parsed.messages[:-1] + (answer,))
 
 
 class Llama2Reward:
@@ -159,6 +163,20 @@ def function_reward(spec: str) -> RewardFn:
         return scores
 
     return reward
+
+
+def contains_reference(prompts, responses, metadata) -> np.ndarray:
+    """A verifiable reward for exact-answer prompts (`demo:prompts`, QA with short answers): 1.0 when the prompt's
+    reference answer (`metadata[b]["reference"]`) appears in the response, compared case-insensitively with runs of
+    whitespace collapsed; 0.0 otherwise and for prompts without one. Use as `reward.function:
+    jaxalign.rewards:contains_reference`."""
+
+    def normal(text: str) -> str:
+        return " ".join(text.lower().split())
+
+    scores = [float(bool(m.get("reference")) and normal(m["reference"]) in normal(r))
+              for r, m in zip(responses, metadata, strict=True)]
+    return np.asarray(scores, np.float32)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

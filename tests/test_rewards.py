@@ -81,3 +81,14 @@ def test_model_reward_scores_a_response_as_the_pair_pipeline_does():
     np.testing.assert_allclose(reward.score([pair])[0, 0], singles[0], rtol=1e-5)
     with pytest.raises(JaxalignError, match=r"response 0: \d+ tokens, more than the maximum length 320"):
         reward(["x" * 400], ["y"], [{}])
+
+
+def test_contains_reference_scores_exact_answers_and_blank_responses_are_scored():
+    from jaxalign.rewards import contains_reference, response_example
+
+    scores = contains_reference(["q"] * 4, ["The answer is 42.", "forty-two", "  THE   Capital is ROME", ""],
+                                [{"reference": "42"}, {"reference": "42"}, {"reference": "the capital is rome"},
+                                 {"reference": None}])
+    np.testing.assert_array_equal(scores, [1.0, 0.0, 1.0, 0.0])
+    example = response_example("Say nothing.", " ", "response 0")
+    assert example.messages[-1].content == " " and example.messages[-1].role == "assistant"

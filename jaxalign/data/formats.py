@@ -7,7 +7,7 @@ Every record becomes one of:
 - `PreferencePair`: a shared prompt, a chosen and a rejected continuation, `strength` (0 significantly better,
   1 better, 2 slightly better, 3 negligibly better / unsure, -1 not given) and `safety` (1 safety prompt, 0 not,
   -1 not given).
-- `Prompt` (RL): prompt messages and an optional reference answer (`answer` / `reference` field).
+- `Prompt` (RL): prompt messages, an optional reference answer (`answer` / `reference` field) and `safety`.
 - `UnpairedExample` (KTO): a prompt, one completion and whether it is desirable (`label`); the loader gives each
   example a `mismatched` completion, another example's, for KTO's reference point.
 
@@ -127,6 +127,7 @@ class Prompt:
     messages: tuple[Message, ...]
     reference: str | None
     origin: str
+    safety: int = -1  # 1 a safety prompt, 0 not, -1 not given (LLaMA-2's reward combination reads it)
 
 
 @dataclass(frozen=True)
@@ -462,7 +463,7 @@ def _prompt(record: dict, origin: str) -> Prompt:
     reference = record.get("answer", record.get("reference"))
     if reference is not None and not isinstance(reference, str):
         raise JaxalignError(f"{origin}: field 'answer' must be a string, got {type(reference).__name__}")
-    return Prompt(_prompt_messages(record, origin), reference, origin)
+    return Prompt(_prompt_messages(record, origin), reference, origin, _safety(record, origin))
 
 
 def _text(record: dict, origin: str) -> Text:

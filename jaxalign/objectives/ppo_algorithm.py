@@ -256,8 +256,9 @@ def prompt_messages(example) -> list[dict]:
 
 
 def prompt_metadata(example) -> dict:
-    """What a reward function may read besides the text: the prompt's `reference` answer and its origin."""
-    return {"reference": example.reference, "origin": example.origin}
+    """What a reward function may read besides the text: the prompt's `reference` answer, `safety` (True for a
+    safety prompt; LLaMA-2's reward combination reads it) and its origin."""
+    return {"reference": example.reference, "safety": example.safety == 1, "origin": example.origin}
 
 
 def make_algorithm(policy, value_model, reference_model, *, optimizer, value_optimizer, source: PPOSource,
