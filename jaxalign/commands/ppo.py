@@ -29,8 +29,9 @@ from jaxalign.data.config import DataConfig
 from jaxalign.errors import JaxalignError
 from jaxalign.objectives.ppo_algorithm import PPOSettings
 from jaxalign.rollouts import GenerationConfig
-from jaxalign.train.command import (add_run_arguments, already_finished, build_loaders, export_model,
-                                    report_finished, run_tokenizer, run_training_command, say)
+from jaxalign.train.command import (add_run_arguments, already_finished, build_loaders, export_adapter,
+                                    export_model, lora_module, report_finished, run_tokenizer,
+                                    run_training_command, with_lora)
 
 
 @dataclass(frozen=True)
@@ -133,23 +134,27 @@ def train_ppo(config: PPOConfig, allow_config_change: bool = False) -> int:
                             f"{train_loader.kind} examples (use prompt records: {{prompt}} or {{messages}} ending "
                             "with a user turn)")
     stop_ids = stop_token_ids(config, tokenizer)
-    sampler = Sampler(policy, config.generation, stop_ids, tokenizer.pad_token_id)
+    adapted = lora_module(config, policy)
+    lora = config.model.lora is not None
+    sampler = Sampler(adapted, config.generation, stop_ids, tokenizer.pad_token_id)
     reward, reward_frozen = build_reward(config)
     source = PPOSource(train_loader, sampler, reward, tokenizer, config.ppo, config.train.batch_size,
-                       experience(policy, value_model, policy, config.ppo, config.generation.temperature),
-                       config.seed)
+                       experience(adapted, value_model, policy, config.ppo, config.generation.temperature),
+                       config.seed, lora=lora)
     evaluate = None
     if eval_data is not None:
         evaluate = evaluator(config, source, eval_data, tokenizer)
-    algorithm = make_algorithm(policy, value_model, policy, optimizer=config.optimizer,
+    algorithm = make_algorithm(adapted, value_model, policy, optimizer=config.optimizer,
                                value_optimizer=config.value_optimizer, source=source, settings=config.ppo,
                                temperature=config.generation.temperature, policy_init=policy_source.load,
-                               value_init=value_source.load, reference_load=policy_source.load,
+                               value_init=value_source.load, reference_load=None if lora else policy_source.load,
                                frozen=reward_frozen, evaluate=evaluate)
+    algorithm, export_params = with_lora(config, algorithm, policy_source, name="policy")
     state = train(config, algorithm, allow_config_change=allow_config_change)
     hf_dir = export_model(config, lambda folder: save_pretrained(
-        policy, state.params["policy"], folder, tokenizer=tokenizer,
+        policy, export_params(state.params), folder, tokenizer=tokenizer,
         chat_format=chat_format(config.data, tokenizer)))
+    export_adapter(config, policy, state.params, tokenizer, name="policy")
     report_finished("ppo", config, int(state.step), f"the policy with its tokenizer ({hf_dir})")
     return 0
 
@@ -245,8 +250,9 @@ def evaluator(config: PPOConfig, source, eval_data, tokenizer):
             index = _gather(local["example_index"], context)
             prompts = shd.global_batch({k: local[k] for k in ("input_ids", "segment_ids", "positions")},
                                        context.mesh, context.rules)
-            batch, tokens, lengths = source.sampler(context.state.params["policy"], prompts, jax.random.PRNGKey(0),
-                                                    context.mesh, context.rules, greedy=True)
+            policy_params = source.policy_params(context)
+            batch, tokens, lengths = source.sampler(policy_params, prompts, jax.random.PRNGKey(0), context.mesh,
+                                                    context.rules, greedy=True)
             tokens, lengths = _gather(tokens, context), _gather(lengths, context)
             real = index >= 0
             examples = [loader.examples[i] for i in index[real]]
@@ -256,8 +262,8 @@ def evaluator(config: PPOConfig, source, eval_data, tokenizer):
             zeros = jax.device_put(np.zeros(len(index), np.float32), shd.batch_sharding(context.mesh, context.rules, 1))
             if source._jitted is None:
                 source._jitted = jax.jit(source.experience_fn)
-            _, metrics = source._jitted(context.state.params["policy"], context.state.params["value"],
-                                        context.frozen["reference"], batch, zeros, jnp.float32(0.0))
+            _, metrics = source._jitted(policy_params, context.state.params["value"],
+                                        source.reference_params(context), batch, zeros, jnp.float32(0.0))
             rewards.append(scores)
             kls.append(_gather(metrics["kl"], context)[real])
             if not samples:

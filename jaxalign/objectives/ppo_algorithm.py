@@ -135,18 +135,35 @@ class PPOSource:
     `reward(context, prompts, responses, metadata) -> scores [R]` (host numpy); tokenizer: to decode responses."""
 
     def __init__(self, loader, sampler: Sampler, reward: Callable, tokenizer, settings: PPOSettings, minibatch: int,
-                 experience_fn: Callable, seed: int):
+                 experience_fn: Callable, seed: int, lora: bool = False):
         if settings.rollout_size % minibatch:
             raise ValueError("rollout_size must be a multiple of the minibatch")
         self.loader, self.sampler, self.reward, self.tokenizer = loader, sampler, reward, tokenizer
         self.settings, self.minibatch, self.seed = settings, minibatch, seed
         self.experience_fn = experience_fn
+        self.lora = lora
         self.kl = settings.kl_controller()
         self.iteration = 0
         self.buffer: list[dict] = []
         self._jitted = None
         self._take = None
         self._iteration_end = None
+
+    def policy_params(self, context: StepContext):
+        """The policy's whole parameter tree (with LoRA: the trained adapters merged with the frozen base)."""
+        if self.lora:
+            from jaxalign.train.adapters import whole_params
+
+            return whole_params(context.state.params, context.frozen, "policy")
+        return context.state.params["policy"]
+
+    def reference_params(self, context: StepContext):
+        """The reference's parameters: its frozen copy, or with LoRA the base under the adapters."""
+        if self.lora:
+            from jaxalign.train.adapters import BASE
+
+            return context.frozen[BASE]
+        return context.frozen["reference"]
 
     @property
     def steps_per_iteration(self) -> int:
@@ -178,10 +195,10 @@ class PPOSource:
         prompts = shd.global_batch({k: local[k] for k in ("input_ids", "segment_ids", "positions")},
                                    context.mesh, context.rules)
         rng = jax.random.fold_in(context.state.rng, 1_000_000 + context.step)
-        params = context.state.params
+        policy_params = self.policy_params(context)
         start = time.perf_counter()
         batch, tokens, lengths = jax.block_until_ready(
-            self.sampler(params["policy"], prompts, rng, context.mesh, context.rules))
+            self.sampler(policy_params, prompts, rng, context.mesh, context.rules))
         generation_s = time.perf_counter() - start
         tokens, lengths = _gather(tokens, context), _gather(lengths, context)
         responses, ended = decode_responses(self.tokenizer, tokens, lengths, self.sampler.stop_token_ids)
@@ -193,8 +210,8 @@ class PPOSource:
         global_scores = jax.device_put(scores, shd.batch_sharding(context.mesh, context.rules, 1))
         if self._jitted is None:
             self._jitted = jax.jit(self.experience_fn)
-        exp, metrics = self._jitted(params["policy"], params["value"], context.frozen["reference"], batch,
-                                    global_scores, jnp.float32(self.kl.value))
+        exp, metrics = self._jitted(policy_params, context.state.params["value"], self.reference_params(context),
+                                    batch, global_scores, jnp.float32(self.kl.value))
         kl = _gather(metrics["kl"], context)
         beta = self.kl.value
         self.kl.update(float(np.mean(kl)), len(kl))
@@ -262,16 +279,18 @@ def prompt_metadata(example) -> dict:
 
 
 def make_algorithm(policy, value_model, reference_model, *, optimizer, value_optimizer, source: PPOSource,
-                   settings: PPOSettings, temperature: float, policy_init, value_init, reference_load,
+                   settings: PPOSettings, temperature: float, policy_init, value_init, reference_load=None,
                    frozen: dict | None = None, evaluate=None) -> Algorithm:
     """PPO as the loop runs it: trainables `policy` and `value` (their own optimisers; `value_optimizer` read from
-    the config section `value_optimizer`), the frozen `reference` (and any other frozen models, e.g. reward models,
-    in `frozen`), the iteration source and the minibatch loss."""
+    the config section `value_optimizer`), the frozen `reference` (none with `reference_load=None`: the LoRA base
+    serves as the reference) and any other frozen models (e.g. reward models) in `frozen`, the iteration source and
+    the minibatch loss."""
+    reference = {"reference": Frozen(reference_model, reference_load)} if reference_load is not None else {}
     return Algorithm(
         trainables={"policy": Trainable(policy, optimizer, policy_init),
                     "value": Trainable(value_model, value_optimizer, value_init, optimizer_key="value_optimizer")},
         loss=make_loss_fn(policy, value_model, settings, temperature),
         source=source,
-        frozen={"reference": Frozen(reference_model, reference_load), **(frozen or {})},
+        frozen={**reference, **(frozen or {})},
         evaluate=evaluate,
     )

@@ -35,8 +35,8 @@ class Adapted:
 
 
 def adapt(algorithm: Algorithm, source, *, trained_modules: tuple[str, ...] = (), mesh_config=None,
-          seed: int = 0) -> Adapted:
-    """`algorithm`, whose trainable `model` is a module with adapters (`lora.apply_to`) over the weights of
+          seed: int = 0, name: str = "model") -> Adapted:
+    """`algorithm`, whose trainable `name` (default `model`) is a module with adapters (`lora.apply_to`) over the weights of
     `source` (a `ModelSource`), training only the adapters and the top-level modules `trained_modules`. The
     adapters start at zero effect (random A from `seed`, zero B), or from the PEFT folder `source.adapter` (training
     it further); the base weights and `trained_modules` come from `source.load` (`source.base_load` under an adapter
@@ -47,7 +47,7 @@ def adapt(algorithm: Algorithm, source, *, trained_modules: tuple[str, ...] = ()
     from jaxalign.train.loop import model_init_fn
     from jaxalign.train.state import init_params, param_shardings
 
-    trainable = algorithm.trainables["model"]
+    trainable = algorithm.trainables[name]
     adapted = trainable.model
     if not adapted.config.lora_rank:
         raise ValueError("adapt: the trainable model has no adapters; build it with lora.apply_to")
@@ -94,18 +94,18 @@ def adapt(algorithm: Algorithm, source, *, trained_modules: tuple[str, ...] = ()
 
     def with_base(inner):
         def loss(params, frozen, batch, rng):
-            return inner({**params, "model": whole_params(params, frozen)}, frozen, batch, rng)
+            return inner({**params, name: whole_params(params, frozen, name)}, frozen, batch, rng)
 
         return loss
 
     def merged(state_params):
         """The trained adapters (`state.params`) folded into the base weights this run loaded: the parameters of
         `source.module()`, for a plain export."""
-        return lora.merged_params(lora.merge(loaded["base"], state_params["model"]), adapted.config)
+        return lora.merged_params(lora.merge(loaded["base"], state_params[name]), adapted.config)
 
     adapted_algorithm = dataclasses.replace(
         algorithm,
-        trainables={**algorithm.trainables, "model": Trainable(adapted, trainable.optimizer, init_trained,
+        trainables={**algorithm.trainables, name: Trainable(adapted, trainable.optimizer, init_trained,
                                                                  trainable.optimizer_key, trained_part)},
         frozen={**algorithm.frozen, BASE: Frozen(adapted, load_base, base_part)},
         loss=with_base(algorithm.loss),
@@ -133,7 +133,7 @@ def continued_adapters(folder, config, shardings) -> dict:
     return jax.device_put(adapters, {key: shardings[key] for key in adapters})
 
 
-def whole_params(state_params, frozen) -> dict:
-    """The adapted model's whole parameter tree from the state's trained part (`state.params`) and the frozen
-    base."""
-    return lora.merge(frozen[BASE], state_params["model"])
+def whole_params(state_params, frozen, name: str = "model") -> dict:
+    """The adapted model's whole parameter tree from the trained part of trainable `name` (in `state.params`) and
+    the frozen base."""
+    return lora.merge(frozen[BASE], state_params[name])

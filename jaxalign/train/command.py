@@ -108,16 +108,17 @@ def lora_module(config, module):
     return type(module)(apply_to(module.config, config.model.lora))
 
 
-def with_lora(config, algorithm, source, trained_modules: tuple[str, ...] = ()):
+def with_lora(config, algorithm, source, trained_modules: tuple[str, ...] = (), name: str = "model"):
     """(the algorithm to train, `export_params(state.params)` giving the parameters of the model without adapters
     to export). With `model.lora` (the algorithm's model built by `lora_module`) only the adapters and
     `trained_modules` train (`jaxalign.train.adapters.adapt`) and the export folds the adapters into the base
     weights; without, both are unchanged."""
     if config.model.lora is None:
-        return algorithm, lambda params: params["model"]
+        return algorithm, lambda params: params[name]
     from jaxalign.train.adapters import adapt
 
-    adapted = adapt(algorithm, source, trained_modules=trained_modules, mesh_config=config.mesh, seed=config.seed)
+    adapted = adapt(algorithm, source, trained_modules=trained_modules, mesh_config=config.mesh, seed=config.seed,
+                    name=name)
     return adapted.algorithm, adapted.merged
 
 
@@ -138,7 +139,7 @@ def export_model(config, save: Callable[[Path], Any], name: str = "hf") -> Path:
     return final
 
 
-def export_adapter(config, model, state_params, tokenizer=None) -> Path | None:
+def export_adapter(config, model, state_params, tokenizer=None, name: str = "model") -> Path | None:
     """With `model.lora`, writes the trained adapters of `model` (the module without adapters) as a PEFT adapter
     folder OUTPUT_DIR/adapter with the tokenizer (`peft.PeftModel.from_pretrained(base, folder)` loads it;
     `model.path` is recorded as its base) and returns it; None without adapters."""
@@ -151,7 +152,7 @@ def export_adapter(config, model, state_params, tokenizer=None) -> Path | None:
     adapted = lora_module(config, model)
 
     def save(folder):
-        save_peft_adapter(adapted.config, state_params["model"], folder, base_model_name_or_path=config.model.path)
+        save_peft_adapter(adapted.config, state_params[name], folder, base_model_name_or_path=config.model.path)
         if tokenizer is not None and jax.process_index() == 0:
             tokenizer.save_pretrained(folder)
 

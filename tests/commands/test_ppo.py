@@ -99,3 +99,18 @@ def test_a_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(learning_run, t
 def test_bad_configs_name_their_key(tmp_path, overrides, message):
     with pytest.raises(JaxalignError, match=message):
         run(tmp_path, "train.steps=4", *overrides)
+
+
+def test_lora_policy_uses_the_base_as_reference_and_exports_its_adapter(tmp_path, monkeypatch):
+    from jaxalign.train import loop
+
+    frozen_models = []
+    original = loop.train
+    monkeypatch.setattr(loop, "train", lambda config, algorithm, **kw: (frozen_models.append(sorted(algorithm.frozen)),
+                                                                        original(config, algorithm, **kw))[1])
+    lines = iterations(run(tmp_path, f"train.steps={2 * ITERATION}", "checkpoint.every=0",
+                           "model.lora={rank: 4, alpha: 8, targets: [q_proj, v_proj]}"))
+    assert frozen_models == [["base"]]  # no second copy of the policy: the reference is the base
+    assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-4) and lines[1]["kl"] != 0.0
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
