@@ -4,8 +4,9 @@ Four models on one mesh: the policy (`model.path`, an SFT export), the frozen re
 critic (`value.path`, by default the reward model's weights; or the policy's trunk under a fresh value head) and the
 reward: one reward model (`reward.model`), LLaMA-2's helpfulness and safety models (`reward.helpful` and
 `reward.safety`, combined as in `jaxalign.rewards.Llama2Reward`) or a Python function (`reward.function`,
-`module:function` taking `(prompts, responses, metadata)`). Prompts come from `data.train` (prompt records, e.g.
-`demo:prompts`), `train.seq_len` is the whole sequence (prompt + `generation.max_new_tokens`).
+`module:function` taking `(prompts, responses, metadata)`). Prompts come from `data.train`: prompt records (e.g.
+`demo:prompts`) or the prompts of preference pairs; `train.seq_len` is the whole sequence (prompt +
+`generation.max_new_tokens`).
 
 Each iteration samples `ppo.rollout_size` responses with the jitted KV-cache sampler on the current params, scores
 them, and trains `ppo.epochs` passes of minibatches of `train.batch_size` (see
@@ -129,6 +130,8 @@ def train_ppo(config: PPOConfig, allow_config_change: bool = False) -> int:
     prompt_length = config.train.seq_len - config.generation.max_new_tokens
     loader_config = dataclasses.replace(config.train, batch_size=config.ppo.rollout_size, seq_len=prompt_length)
     train_loader, eval_data = build_loaders(config.data, tokenizer, loader_config)
+    if train_loader.kind == "preference":
+        train_loader, eval_data = prompts_of_pairs(train_loader, eval_data, tokenizer)
     if train_loader.kind != "prompt":
         raise JaxalignError(f"config key 'data.train': PPO samples responses to prompts, but the data holds "
                             f"{train_loader.kind} examples (use prompt records: {{prompt}} or {{messages}} ending "
@@ -157,6 +160,31 @@ def train_ppo(config: PPOConfig, allow_config_change: bool = False) -> int:
     export_adapter(config, policy, state.params, tokenizer, name="policy")
     report_finished("ppo", config, int(state.step), f"the policy with its tokenizer ({hf_dir})")
     return 0
+
+
+def prompts_of_pairs(train_loader, eval_data, tokenizer):
+    """Prompt loaders over the prompts of preference pairs (their `safety` kept), in place of pair loaders."""
+    from jaxalign.data.formats import Prompt
+    from jaxalign.data.loader import DataLoader
+
+    def prompt_loader(loader):
+        sources = [dataclasses.replace(source, examples=[Prompt(e.prompt, None, e.origin, e.safety)
+                                                         for e in source.examples])
+                   for source in loader.sources]
+        return DataLoader(loader.config, tokenizer, batch_size=loader.batch_size, seq_len=loader.seq_len,
+                          split=loader.split, process_index=loader.process_index,
+                          process_count=loader.process_count, sources=sources)
+
+    train = prompt_loader(train_loader)
+    if eval_data is None:
+        return train, None
+    eval_loader = prompt_loader(eval_data())
+
+    def eval_prompts():
+        eval_loader.load_state_dict({"epoch": 0, "position": 0})
+        return eval_loader
+
+    return train, eval_prompts
 
 
 def critic_source(config: PPOConfig, tokenizer, added):

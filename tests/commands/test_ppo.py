@@ -114,3 +114,11 @@ def test_lora_policy_uses_the_base_as_reference_and_exports_its_adapter(tmp_path
     assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-4) and lines[1]["kl"] != 0.0
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+def test_the_prompts_of_a_preference_file_serve_as_prompts(tmp_path):
+    lines = iterations(run(tmp_path, f"train.steps={ITERATION}", "checkpoint.every=0", "data.train=demo:preferences",
+                           "train.eval_every=4", "train.eval_batches=1"))
+    assert len(lines) == 1 and lines[0]["response_length"] > 0
+    samples = [json.loads(line) for line in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]
+    assert samples and samples[0]["prompt"][-1]["role"] == "user"
