@@ -128,21 +128,21 @@ def make_loss_fn(policy, value_model, settings: PPOSettings, temperature: float)
     return loss
 
 
-class PPOSource:
-    """The loop's batch source: one iteration of rollouts, then its minibatches (see the module docstring).
+class RolloutSource:
+    """The loop's batch source for on-policy RL: one iteration of rollouts, then its minibatches (see the module
+    docstring). Subclasses turn the scored samples into experience (`make_experience`).
 
-    loader: a prompt loader (`jaxalign.data`, kind "prompt") giving `rollout_size` prompts per batch; reward:
-    `reward(context, prompts, responses, metadata) -> scores [R]` (host numpy); tokenizer: to decode responses."""
+    loader: a prompt loader (`jaxalign.data`, kind "prompt"), one batch of prompts per iteration, each prompt
+    sampled `repeat` times (consecutive rows); reward: `reward(context, prompts, responses, metadata)` (host);
+    tokenizer: to decode responses; epochs: passes over the samples in minibatches of `minibatch` rows; lora: the
+    policy trains LoRA adapters (its whole params are the frozen base merged with them, and the base is the
+    reference)."""
 
-    def __init__(self, loader, sampler: Sampler, reward: Callable, tokenizer, settings: PPOSettings, minibatch: int,
-                 experience_fn: Callable, seed: int, lora: bool = False):
-        if settings.rollout_size % minibatch:
-            raise ValueError("rollout_size must be a multiple of the minibatch")
+    def __init__(self, loader, sampler: Sampler, reward: Callable, tokenizer, minibatch: int, epochs: int,
+                 experience_fn: Callable, seed: int, lora: bool = False, repeat: int = 1):
         self.loader, self.sampler, self.reward, self.tokenizer = loader, sampler, reward, tokenizer
-        self.settings, self.minibatch, self.seed = settings, minibatch, seed
+        self.minibatch, self.epochs, self.seed, self.lora, self.repeat = minibatch, epochs, seed, lora, repeat
         self.experience_fn = experience_fn
-        self.lora = lora
-        self.kl = settings.kl_controller()
         self.iteration = 0
         self.buffer: list[dict] = []
         self._jitted = None
@@ -158,16 +158,13 @@ class PPOSource:
         return context.state.params["policy"]
 
     def reference_params(self, context: StepContext):
-        """The reference's parameters: its frozen copy, or with LoRA the base under the adapters."""
+        """The reference's parameters: its frozen copy, or with LoRA the base under the adapters (None when the
+        algorithm loads no reference)."""
         if self.lora:
             from jaxalign.train.adapters import BASE
 
             return context.frozen[BASE]
-        return context.frozen["reference"]
-
-    @property
-    def steps_per_iteration(self) -> int:
-        return self.settings.epochs * self.settings.rollout_size // self.minibatch
+        return context.frozen.get("reference")
 
     def next_batch(self, context: StepContext) -> tuple[dict, dict]:
         host_metrics = {}
@@ -179,21 +176,24 @@ class PPOSource:
         return not self.buffer
 
     def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "loader": self.loader.state_dict(), "kl": self.kl.state_dict()}
+        return {"iteration": self.iteration, "loader": self.loader.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
         self.loader.load_state_dict(state["loader"])
-        self.kl.load_state_dict(state["kl"])
         self.buffer = []
+
+    def prompts(self, context: StepContext):
+        """(the iteration's prompt examples, one per sample row, and the global prompt arrays)."""
+        local = next(self.loader)
+        arrays = {k: np.repeat(local[k], self.repeat, axis=0) for k in ("input_ids", "segment_ids", "positions")}
+        index = np.repeat(_gather(local["example_index"], context), self.repeat)
+        return [self.loader.examples[i] for i in index], shd.global_batch(arrays, context.mesh, context.rules)
 
     def start_iteration(self, context: StepContext) -> dict:
         now = time.perf_counter()
         training_s = now - self._iteration_end if self._iteration_end is not None else None
-        local = next(self.loader)
-        examples = [self.loader.examples[i] for i in _gather(local["example_index"], context)]
-        prompts = shd.global_batch({k: local[k] for k in ("input_ids", "segment_ids", "positions")},
-                                   context.mesh, context.rules)
+        examples, prompts = self.prompts(context)
         rng = jax.random.fold_in(context.state.rng, 1_000_000 + context.step)
         policy_params = self.policy_params(context)
         start = time.perf_counter()
@@ -203,36 +203,82 @@ class PPOSource:
         tokens, lengths = _gather(tokens, context), _gather(lengths, context)
         responses, ended = decode_responses(self.tokenizer, tokens, lengths, self.sampler.stop_token_ids)
         start = time.perf_counter()
-        raw = np.asarray(self.reward(context, [prompt_messages(e) for e in examples], responses,
-                                     [prompt_metadata(e) for e in examples]), np.float32)
+        raw = self.reward(context, [prompt_messages(e) for e in examples], responses,
+                          [prompt_metadata(e) for e in examples])
         scoring_s = time.perf_counter() - start
-        scores = self.shape_scores(raw, ended)
-        global_scores = jax.device_put(scores, shd.batch_sharding(context.mesh, context.rules, 1))
         if self._jitted is None:
             self._jitted = jax.jit(self.experience_fn)
+        exp, out = self.make_experience(context, policy_params, batch, raw, lengths, ended)
+        self.buffer = self.minibatches(exp, context)
+        self.iteration += 1
+        self._iteration_end = time.perf_counter()
+        n = float(len(lengths))
+        out.update({
+            "response_length": Mean(float(lengths.sum()), n),
+            "eos_fraction": Mean(float(ended.sum()), n),
+            "generation_s": Mean(generation_s * n, n),
+            "scoring_s": Mean(scoring_s * n, n),
+        })
+        if training_s is not None:
+            out["training_s"] = Mean(training_s * n, n)
+        return out
+
+    def make_experience(self, context, policy_params, batch, raw, lengths, ended) -> tuple[dict, dict]:
+        """(the experience rows to train on, the iteration's host metrics) from the sampled `batch` and the reward's
+        output `raw`."""
+        raise NotImplementedError
+
+    def minibatches(self, exp: dict, context: StepContext) -> list[dict]:
+        """`epochs` shuffled passes over the iteration's rows in minibatches (the order from the seed and the
+        iteration, the same on every process)."""
+        rows = exp["loss_mask"].shape[0]
+        if self._take is None:
+            self._take = jax.jit(lambda tree, index: jax.tree.map(lambda x: x[index], tree),
+                                 out_shardings=shd.batch_sharding(context.mesh, context.rules, 2))
+        out = []
+        for epoch in range(self.epochs):
+            order = np.random.default_rng([self.seed, self.iteration, epoch]).permutation(rows)
+            for start in range(0, rows, self.minibatch):
+                out.append(self._take(exp, jnp.asarray(order[start:start + self.minibatch])))
+        return out
+
+
+class PPOSource(RolloutSource):
+    """PPO's iterations: scores shaped (`missing_eos_penalty`, `score_clip`, `whiten_scores`), the jitted
+    experience pass with the critic and the reference, β updated after each iteration and saved with the state."""
+
+    def __init__(self, loader, sampler: Sampler, reward: Callable, tokenizer, settings: PPOSettings, minibatch: int,
+                 experience_fn: Callable, seed: int, lora: bool = False):
+        if settings.rollout_size % minibatch:
+            raise ValueError("rollout_size must be a multiple of the minibatch")
+        super().__init__(loader, sampler, reward, tokenizer, minibatch, settings.epochs, experience_fn, seed, lora)
+        self.settings = settings
+        self.kl = settings.kl_controller()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "kl": self.kl.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.kl.load_state_dict(state["kl"])
+
+    def make_experience(self, context, policy_params, batch, raw, lengths, ended):
+        raw = np.asarray(raw, np.float32)
+        scores = self.shape_scores(raw, ended)
+        global_scores = jax.device_put(scores, shd.batch_sharding(context.mesh, context.rules, 1))
         exp, metrics = self._jitted(policy_params, context.state.params["value"], self.reference_params(context),
                                     batch, global_scores, jnp.float32(self.kl.value))
         kl = _gather(metrics["kl"], context)
         beta = self.kl.value
         self.kl.update(float(np.mean(kl)), len(kl))
-        self.buffer = self.minibatches(exp, context)
-        self.iteration += 1
-        self._iteration_end = time.perf_counter()
         n = float(len(raw))
-        out = {
+        return exp, {
             "reward_mean": Mean(float(raw.sum()), n),
             "reward_std": Mean(float(raw.std()) * n, n),
             "kl": Mean(float(kl.sum()), n),
             "kl_beta": Mean(beta * n, n),
-            "response_length": Mean(float(lengths.sum()), n),
-            "eos_fraction": Mean(float(ended.sum()), n),
             "explained_variance": Mean(float(metrics["explained_variance"]) * n, n),
-            "generation_s": Mean(generation_s * n, n),
-            "scoring_s": Mean(scoring_s * n, n),
         }
-        if training_s is not None:
-            out["training_s"] = Mean(training_s * n, n)
-        return out
 
     def shape_scores(self, raw: np.ndarray, ended: np.ndarray) -> np.ndarray:
         s = self.settings
@@ -244,20 +290,6 @@ class PPOSource:
         if s.whiten_scores:
             scores = np.asarray(ppo.whiten(scores))
         return scores.astype(np.float32)
-
-    def minibatches(self, exp: dict, context: StepContext) -> list[dict]:
-        """`epochs` shuffled passes over the iteration's rows in minibatches (the order from the seed and the
-        iteration, the same on every process)."""
-        rows = self.settings.rollout_size
-        if self._take is None:
-            self._take = jax.jit(lambda tree, index: jax.tree.map(lambda x: x[index], tree),
-                                 out_shardings=shd.batch_sharding(context.mesh, context.rules, 2))
-        out = []
-        for epoch in range(self.settings.epochs):
-            order = np.random.default_rng([self.seed, self.iteration, epoch]).permutation(rows)
-            for start in range(0, rows, self.minibatch):
-                out.append(self._take(exp, jnp.asarray(order[start:start + self.minibatch])))
-        return out
 
 
 def _gather(x, context) -> np.ndarray:
