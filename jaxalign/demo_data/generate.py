@@ -4,7 +4,7 @@ Deterministic (seeded), so the committed files equal what this script writes (a 
 simple, checkable English: arithmetic, word tasks (reversal, letter counts, plurals, opposites, sorting), capital
 cities, parity and number comparison, short multi-turn dialogues built from them, preference pairs whose rejected
 answer is wrong / worse by a known amount (the strength label) plus safety prompts with a refusal as the chosen
-answer, and RL prompts with their reference answer.
+answer, RL prompts with their reference answer, and verifiable arithmetic prompts with their numeric answer.
 """
 
 import json
@@ -369,12 +369,54 @@ def prompts(rng: random.Random, n: int = 320) -> list[dict]:
     return records
 
 
+ARITHMETIC_PHRASINGS = ["what", "what", "what", "what", "what", "add", "calculate", "words"]
+OPERATION_WORDS = {"+": "plus", "-": "minus", "*": "times"}
+
+
+def _arithmetic_problem(rng: random.Random, i: int) -> dict:
+    """One prompt record: addition (2 in 5) or subtraction (2 in 5) of 1-2 digit numbers with a result >= 0, or
+    multiplication of single digits (1 in 5), phrased mostly as `demo:instructions` asks ("What is 12 + 7?", "Add
+    the two numbers."), sometimes as "Calculate 12 + 7." or "What is 12 plus 7?"."""
+    op = ["+", "-", "+", "-", "*"][i % 5]
+    if op == "*":
+        a, b = rng.randint(2, 9), rng.randint(2, 9)
+    else:
+        a, b = rng.randint(1, 99), rng.randint(1, 99)
+        if op == "-" and b > a:
+            a, b = b, a
+    answer = a + b if op == "+" else a - b if op == "-" else a * b
+    phrasing = rng.choice(ARITHMETIC_PHRASINGS)
+    if phrasing == "add" and op == "+":
+        prompt = f"Add the two numbers.\n\n{a} and {b}"
+    elif phrasing == "calculate":
+        prompt = f"Calculate {a} {op} {b}."
+    elif phrasing == "words":
+        prompt = f"What is {a} {OPERATION_WORDS[op]} {b}?"
+    else:
+        prompt = f"What is {a} {op} {b}?"
+    return {"prompt": prompt, "answer": str(answer)}
+
+
+def arithmetic(rng: random.Random, n: int = 400) -> list[dict]:
+    """`n` verifiable arithmetic prompts with their numeric answer; redraws a few times to avoid a repeat."""
+    records, seen = [], set()
+    for i in range(n):
+        for _ in range(20):
+            record = _arithmetic_problem(rng, i)
+            if record["prompt"] not in seen:
+                break
+        seen.add(record["prompt"])
+        records.append(record)
+    return records
+
+
 DATASETS = {
     "instructions": instructions,
     "dialogues_sharegpt": dialogues_sharegpt,
     "dialogues_messages": dialogues_messages,
     "preferences": preferences,
     "prompts": prompts,
+    "arithmetic": arithmetic,
 }
 
 

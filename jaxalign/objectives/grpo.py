@@ -14,7 +14,7 @@ loss is averaged over the batch.
 | `token_mean` | `Σ loss / Σ tokens` over the whole batch | Yu et al. 2025 (DAPO) |
 | `sequence_mean` | mean over each sequence's tokens, then over sequences | Shao et al. 2024 (GRPO) |
 | `token_sum_norm` | each sequence's sum / max length, mean over sequences | Liu et al. 2025 (Dr. GRPO) |
-| overlong shaping | `overlong_penalty`: 0 → -1 linearly over the last L_cache tokens before L_max | Yu et al. 2025 (DAPO) |
+| overlong shaping | `overlong_penalty`: 0 → -1 over the last L_cache tokens before L_max | Yu et al. 2025 (DAPO) |
 
 Rewards are `[B]` with B = groups × G, consecutive rows forming a group (rows g·G .. g·G + G - 1). Token arrays are
 `[B, T]` over response tokens with `mask [B, T]` non-zero on the valid tokens; masked slots are taken out with

@@ -263,7 +263,7 @@ def test_folder_without_data_files(tmp_path):
 
 
 def test_unknown_demo_dataset():
-    with pytest.raises(JaxalignError, match="no such demo dataset; available: dialogues_messages"):
+    with pytest.raises(JaxalignError, match="no such demo dataset; available: arithmetic, dialogues_messages"):
         load_source(SourceSpec("demo:nothing"))
 
 

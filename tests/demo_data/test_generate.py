@@ -1,4 +1,5 @@
 import json
+import random
 import re
 from collections import Counter
 
@@ -6,7 +7,7 @@ import pytest
 
 from jaxalign.data.config import SourceSpec
 from jaxalign.data.sources import DEMO_DIR, load_source
-from jaxalign.demo_data.generate import CAPITALS, OPPOSITES, PLURALS, render_all
+from jaxalign.demo_data.generate import CAPITALS, OPPOSITES, PLURALS, arithmetic, render_all
 
 EXPECTED = {
     "instructions": ("alpaca", 480),
@@ -14,6 +15,7 @@ EXPECTED = {
     "dialogues_messages": ("messages", 320),
     "preferences": ("preference", 420),
     "prompts": ("prompt", 320),
+    "arithmetic": ("prompt", 400),
 }
 
 
@@ -105,3 +107,31 @@ def test_dialogue_later_turns_follow_from_earlier_ones():
             total = int(first[1]) + int(first[2])
             k = int(turns[2]["value"].rstrip(".").split()[-1])
             assert turns[3]["value"] == f"{total} * {k} = {total * k}."
+
+
+def test_arithmetic_answers_are_right_and_phrased_as_the_instructions():
+    records = _records("arithmetic")
+    words = {"plus": "+", "minus": "-", "times": "*"}
+    ops = Counter()
+    for record in records:
+        prompt = record["prompt"]
+        if m := re.fullmatch(r"(?:What is|Calculate) (\d+) ([-+*]|plus|minus|times) (\d+)[?.]", prompt):
+            a, op, b = int(m[1]), words.get(m[2], m[2]), int(m[3])
+        else:
+            m = re.fullmatch(r"Add the two numbers\.\n\n(\d+) and (\d+)", prompt)
+            assert m, prompt
+            a, op, b = int(m[1]), "+", int(m[2])
+        assert record["answer"] == str(eval(f"{a} {op} {b}"))
+        assert int(record["answer"]) >= 0 and max(a, b) <= (9 if op == "*" else 99)
+        ops[op] += 1
+    assert (ops["+"], ops["-"], ops["*"]) == (160, 160, 80)
+    assert len({r["prompt"] for r in records}) == len(records)
+    # most prompts use the phrasings the tiny SFT model learns from demo:instructions
+    instruction_like = [r for r in records if re.fullmatch(r"What is \d+ [-+*] \d+\?", r["prompt"])
+                        or r["prompt"].startswith("Add the two numbers.")]
+    assert len(instruction_like) > len(records) / 2
+
+
+def test_arithmetic_is_deterministic():
+    assert arithmetic(random.Random(7)) == arithmetic(random.Random(7))
+    assert render_all()["arithmetic.jsonl"] == render_all()["arithmetic.jsonl"]
