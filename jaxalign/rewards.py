@@ -4,7 +4,8 @@
 - `Llama2Reward`: LLaMA-2-Chat's two-model combination (Touvron et al. 2023, §3.2.3): with `R = σ(score)`, the safety
   reward `R_s` when the prompt is a safety prompt or `R_s < 0.15`, else the helpfulness reward `R_h`; then
   `whiten(logit(R))` over the batch.
-- `function_reward("module:function")`: a Python function with the same signature (verifiable tasks).
+- `function_reward("module:function")`: a Python function with the same signature (verifiable tasks), such as
+  `contains_reference`, `correct_answer` (the final answer equals the reference) and `boxed_format` here.
 
 `prompts[b]` is a chat (`[{role, content}]` ending with the user turn) or a string (one user turn), `responses[b]`
 a string, `metadata[b]` a dict (e.g. `{"safety": 1}` or a task's reference answer).
@@ -13,7 +14,9 @@ a string, `metadata[b]` a dict (e.g. `{"safety": 1}` or a task's reference answe
 import dataclasses
 import importlib
 import inspect
+import re
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 
 import jax
 import numpy as np
@@ -177,6 +180,76 @@ def contains_reference(prompts, responses, metadata) -> np.ndarray:
     scores = [float(bool(m.get("reference")) and normal(m["reference"]) in normal(r))
               for r, m in zip(responses, metadata, strict=True)]
     return np.asarray(scores, np.float32)
+
+
+_NUMBER = re.compile(r"(?:(?<![\w.])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
+_BOXED = "\\boxed{"
+
+
+def _boxed_contents(text: str) -> list[str]:
+    """The contents of every complete `\\boxed{...}` in `text`, in order (nested braces balanced)."""
+    contents, start = [], text.find(_BOXED)
+    while start >= 0:
+        depth, i = 1, start + len(_BOXED)
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            contents.append(text[start + len(_BOXED) : i - 1])
+        start = text.find(_BOXED, start + len(_BOXED))
+    return contents
+
+
+def extract_answer(text: str) -> str | None:
+    """The final answer of a response: the content of its last complete `\\boxed{...}` (stripped), else the last
+    number in the text (an integer, a negative or a decimal: "-3", "2.5"; commas between thousands removed:
+    "1,234" → "1234"), else None. Examples: "so \\boxed{42}." → "42"; "12 + 7 = 19." → "19"."""
+    boxed = _boxed_contents(text)
+    if boxed:
+        return boxed[-1].strip()
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def _as_number(text: str) -> Fraction | None:
+    text = text.strip()
+    if not _NUMBER.fullmatch(text):
+        return None
+    return Fraction(text.replace(",", ""))
+
+
+def correct_answer(prompts, responses, metadata) -> np.ndarray:
+    """A verifiable reward for tasks with one final answer (`demo:arithmetic`, math with a final `\\boxed{}`
+    answer, exact-match QA): 1.0 when `extract_answer(response)` equals the prompt's reference answer
+    (`metadata[b]["reference"]`, the `answer` field of a prompt record); 0.0 otherwise and for prompts without one.
+    Both are compared as numbers when both are numbers ("19.0" equals "19", "1,000" equals "1000"), else as
+    strings with surrounding whitespace stripped ("Paris" equals " Paris ", not "paris").
+
+    Use as `reward.function: jaxalign.rewards:correct_answer`. Your own reward is any function with this signature,
+    `fn(prompts, responses, metadata)` returning one number per response, named `module:function` the same way
+    (e.g. a `my_rewards.py` in the working directory: `reward.function: my_rewards:score`); build on
+    `extract_answer` to check answers in another way (a tolerance, a normalised string).
+    """
+    scores = []
+    for response, meta in zip(responses, metadata, strict=True):
+        reference = meta.get("reference")
+        answer = extract_answer(response)
+        if reference is None or not str(reference).strip() or answer is None:
+            scores.append(0.0)
+            continue
+        reference = str(reference).strip()
+        expected, got = _as_number(reference), _as_number(answer)
+        same = expected == got if expected is not None and got is not None else answer.strip() == reference
+        scores.append(float(same))
+    return np.asarray(scores, np.float32)
+
+
+def boxed_format(prompts, responses, metadata) -> np.ndarray:
+    """A format reward: 1.0 when the response holds exactly one complete `\\boxed{...}` (and no other
+    `\\boxed{`), else 0.0, whatever the answer. Named `jaxalign.rewards:boxed_format` in a config; to teach the
+    answer format alongside correctness, sum the two in your own reward function, e.g.
+    `return correct_answer(p, r, m) + 0.1 * boxed_format(p, r, m)`."""
+    return np.asarray([float(r.count(_BOXED) == 1 and len(_boxed_contents(r)) == 1) for r in responses], np.float32)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

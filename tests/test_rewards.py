@@ -92,3 +92,61 @@ def test_contains_reference_scores_exact_answers_and_blank_responses_are_scored(
     np.testing.assert_array_equal(scores, [1.0, 0.0, 1.0, 0.0])
     example = response_example("Say nothing.", " ", "response 0")
     assert example.messages[-1].content == " " and example.messages[-1].role == "assistant"
+
+
+def test_extract_answer_prefers_the_last_box_then_the_last_number():
+    from jaxalign.rewards import extract_answer
+
+    assert extract_answer("12 + 7 = 19.") == "19"
+    assert extract_answer(r"First \boxed{3}, then \boxed{ \frac{1}{2} } is final.") == r"\frac{1}{2}"
+    assert extract_answer(r"So \boxed{42 and 7 is 49") == "49"  # an unclosed box is not an answer
+    assert extract_answer("It dropped to -3 degrees, then 2.5 more.") == "2.5"
+    assert extract_answer("x = -3") == "-3"
+    assert extract_answer("82 - 74 = 8") == "8"
+    assert extract_answer("10-4") == "4"  # a minus between numbers is not a sign
+    assert extract_answer("The total is 1,234,567 people.") == "1234567"
+    assert extract_answer("1,2,3") == "3"
+    assert extract_answer("No digits here.") is None
+    assert extract_answer("") is None
+
+
+def test_correct_answer_compares_numbers_as_numbers_and_text_as_stripped_strings():
+    from jaxalign.rewards import correct_answer
+
+    cases = [
+        ("12 + 7 = 19.", "19", 1.0),
+        ("The answer is 19.0", "19", 1.0),
+        (r"\boxed{1,000}", "1000", 1.0),
+        ("12 + 7 = 20.", "19", 0.0),
+        ("19 is wrong, it is 18", "19", 0.0),  # the last number counts
+        (r"\boxed{-5} (not 7)", "-5", 1.0),
+        (r"The capital is \boxed{ Paris }", " Paris", 1.0),
+        (r"\boxed{paris}", "Paris", 0.0),
+        ("no number", "19", 0.0),
+        ("19", None, 0.0),
+        ("19", "  ", 0.0),
+    ]
+    scores = correct_answer(["q"] * len(cases), [c[0] for c in cases], [{"reference": c[1]} for c in cases])
+    assert scores.dtype == np.float32
+    np.testing.assert_array_equal(scores, [c[2] for c in cases])
+    np.testing.assert_array_equal(correct_answer(["q"], ["19"], [{}]), [0.0])
+
+
+def test_boxed_format_wants_exactly_one_box():
+    from jaxalign.rewards import boxed_format
+
+    responses = [r"\boxed{19}", r"so \boxed{\frac{1}{2}}.", "19", r"\boxed{1} \boxed{2}", r"\boxed{19", ""]
+    np.testing.assert_array_equal(boxed_format(["q"] * 6, responses, [{}] * 6), [1, 1, 0, 0, 0, 0])
+
+
+def test_correct_answer_by_name_on_the_arithmetic_demo_set():
+    from jaxalign.data.config import SourceSpec
+    from jaxalign.data.sources import load_source
+
+    reward = function_reward("jaxalign.rewards:correct_answer")
+    examples = load_source(SourceSpec("demo:arithmetic")).examples[:8]
+    metadata = [{"reference": e.reference} for e in examples]
+    right = [f"The answer is {e.reference}." for e in examples]
+    wrong = [f"The answer is {int(e.reference) + 1}." for e in examples]
+    np.testing.assert_array_equal(reward([None] * 8, right, metadata), [1.0] * 8)
+    np.testing.assert_array_equal(reward([None] * 8, wrong, metadata), [0.0] * 8)
