@@ -22,6 +22,7 @@ COMMANDS = {
     "rm": ("jaxalign.commands.rm", "train a reward model on preference pairs (LLaMA-2 margins by strength)"),
     "dpo": ("jaxalign.commands.dpo", "align a policy on preference pairs: DPO, cDPO, IPO, hinge, robust, SimPO, ORPO, KTO"),
     "ppo": ("jaxalign.commands.ppo", "PPO-RLHF: sample, score with reward models or a function, train policy and critic"),
+    "grpo": ("jaxalign.commands.grpo", "group-relative RL with verifiable rewards: GRPO, Dr. GRPO, RLOO, DAPO"),
     "reward": ("jaxalign.commands.reward", "a reward model's score for each response or preference pair of a JSONL file"),
     "plot": ("jaxalign.commands.plot", "PNG curves (loss, eval loss, learning rate) from a run's metrics.jsonl"),
     "data": ("jaxalign.commands.data", "inspect a config's data: rendered examples, loss masks, token counts"),
