@@ -102,3 +102,69 @@ def decode_responses(tokenizer, tokens: np.ndarray, lengths: np.ndarray, stop_to
         texts.append(tokenizer.decode(ids, skip_special_tokens=True))
     return texts, ended
 
+
+
+def prompt_loaders(config, tokenizer, prompts_per_batch: int, algorithm: str):
+    """(the train prompt loader, `eval_data()` or None) of an RL run's `data` section: `prompts_per_batch` prompts
+    per batch, each cut to `train.seq_len - generation.max_new_tokens` tokens; preference pairs give their prompts.
+    Raises JaxalignError naming `data.train` for data of another kind."""
+    from jaxalign.errors import JaxalignError
+    from jaxalign.train.command import build_loaders
+
+    prompt_length = config.train.seq_len - config.generation.max_new_tokens
+    loader_config = dataclasses.replace(config.train, batch_size=prompts_per_batch, seq_len=prompt_length)
+    train_loader, eval_data = build_loaders(config.data, tokenizer, loader_config)
+    if train_loader.kind == "preference":
+        train_loader, eval_data = prompts_of_pairs(train_loader, eval_data, tokenizer)
+    if train_loader.kind != "prompt":
+        raise JaxalignError(f"config key 'data.train': {algorithm} samples responses to prompts, but the data holds "
+                            f"{train_loader.kind} examples (use prompt records: {{prompt}} or {{messages}} ending "
+                            "with a user turn, e.g. demo:prompts)")
+    return train_loader, eval_data
+
+
+def prompts_of_pairs(train_loader, eval_data, tokenizer):
+    """Prompt loaders over the prompts of preference pairs (their `safety` kept), in place of pair loaders."""
+    from jaxalign.data.formats import Prompt
+    from jaxalign.data.loader import DataLoader
+
+    def prompt_loader(loader):
+        sources = [dataclasses.replace(source, examples=[Prompt(e.prompt, None, e.origin, e.safety)
+                                                         for e in source.examples])
+                   for source in loader.sources]
+        return DataLoader(loader.config, tokenizer, batch_size=loader.batch_size, seq_len=loader.seq_len,
+                          split=loader.split, process_index=loader.process_index,
+                          process_count=loader.process_count, sources=sources)
+
+    train = prompt_loader(train_loader)
+    if eval_data is None:
+        return train, None
+    eval_loader = prompt_loader(eval_data())
+
+    def eval_prompts():
+        eval_loader.load_state_dict({"epoch": 0, "position": 0})
+        return eval_loader
+
+    return train, eval_prompts
+
+
+def stop_token_ids(config, tokenizer) -> list[int]:
+    """The ids that end a response: `generation.stop_tokens`, else the tokenizer's eos and the template's
+    end-of-turn token."""
+    from jaxalign.data.templates import chat_format
+    from jaxalign.errors import JaxalignError
+
+    names = list(config.generation.stop_tokens)
+    if not names:
+        names = [tokenizer.eos_token, chat_format(config.data, tokenizer).end_of_turn]
+    ids = []
+    for name in names:
+        if name is None:
+            continue
+        token_id = tokenizer.convert_tokens_to_ids(name)
+        if token_id is None or token_id == tokenizer.unk_token_id and name != tokenizer.unk_token:
+            raise JaxalignError(f"config key 'generation.stop_tokens': {name!r} is not a token of the tokenizer")
+        ids.append(int(token_id))
+    if not ids:
+        raise JaxalignError("config key 'generation.stop_tokens': no stop token (the tokenizer has no eos token)")
+    return ids

@@ -28,7 +28,7 @@ from jaxalign.data.config import DataConfig
 from jaxalign.errors import JaxalignError
 from jaxalign.objectives.grpo_algorithm import GRPOSettings
 from jaxalign.rollouts import GenerationConfig
-from jaxalign.train.command import (add_run_arguments, already_finished, build_loaders, export_adapter,
+from jaxalign.train.command import (add_run_arguments, already_finished, export_adapter,
                                     export_model, lora_module, report_finished, run_tokenizer,
                                     run_training_command, with_lora)
 
@@ -72,9 +72,9 @@ class GRPOConfig(RunConfig):
                                 f"{self.train.batch_size}")
         per_iteration = g.epochs * g.rollout_size // self.train.batch_size
         if self.train.steps % per_iteration:
-            raise JaxalignError(
-                f"config key 'train.steps': {self.train.steps} is not a whole number of iterations of "
-                f"{per_iteration} minibatch steps; e.g. train.steps={per_iteration * max(1, self.train.steps // per_iteration)}")
+            whole = per_iteration * max(1, self.train.steps // per_iteration)
+            raise JaxalignError(f"config key 'train.steps': {self.train.steps} is not a whole number of iterations of "
+                                f"{per_iteration} minibatch steps; e.g. train.steps={whole}")
         if self.train.seq_len <= self.generation.max_new_tokens:
             raise JaxalignError(f"config key 'train.seq_len': {self.train.seq_len} leaves no room for a prompt "
                                 f"before generation.max_new_tokens={self.generation.max_new_tokens} new tokens")
@@ -108,12 +108,11 @@ def train_grpo(config: GRPOConfig, allow_config_change: bool = False) -> int:
     """Trains and exports the policy; 0 when OUTPUT_DIR holds the finished run with its export."""
     if already_finished(config, "grpo", allow_config_change):
         return 0
-    from jaxalign.commands.ppo import prompts_of_pairs, stop_token_ids
     from jaxalign.data.templates import chat_format
     from jaxalign.hf import save_pretrained
     from jaxalign.models.loading import model_source, seeded
     from jaxalign.objectives.grpo_algorithm import GRPOSource, experience, make_algorithm
-    from jaxalign.rollouts import Sampler
+    from jaxalign.rollouts import Sampler, prompt_loaders, stop_token_ids
     from jaxalign.train.loop import train
 
     tokenizer, added = run_tokenizer(config)
@@ -121,15 +120,7 @@ def train_grpo(config: GRPOConfig, allow_config_change: bool = False) -> int:
     policy = source.module()
     adapted = lora_module(config, policy)
     lora = config.model.lora is not None
-    prompt_length = config.train.seq_len - config.generation.max_new_tokens
-    loader_config = dataclasses.replace(config.train, batch_size=config.grpo.prompts_per_iteration,
-                                        seq_len=prompt_length)
-    train_loader, eval_data = build_loaders(config.data, tokenizer, loader_config)
-    if train_loader.kind == "preference":
-        train_loader, eval_data = prompts_of_pairs(train_loader, eval_data, tokenizer)
-    if train_loader.kind != "prompt":
-        raise JaxalignError(f"config key 'data.train': GRPO samples responses to prompts, but the data holds "
-                            f"{train_loader.kind} examples (use prompt records, e.g. demo:arithmetic)")
+    train_loader, eval_data = prompt_loaders(config, tokenizer, config.grpo.prompts_per_iteration, "GRPO")
     sampler = Sampler(adapted, config.generation, stop_token_ids(config, tokenizer), tokenizer.pad_token_id)
     reward, weights = reward_functions(config)
     with_reference = config.grpo.kl_beta > 0

@@ -30,7 +30,7 @@ from jaxalign.data.config import DataConfig
 from jaxalign.errors import JaxalignError
 from jaxalign.objectives.ppo_algorithm import PPOSettings
 from jaxalign.rollouts import GenerationConfig
-from jaxalign.train.command import (add_run_arguments, already_finished, build_loaders, export_adapter,
+from jaxalign.train.command import (add_run_arguments, already_finished, export_adapter,
                                     export_model, lora_module, report_finished, run_tokenizer,
                                     run_training_command, with_lora)
 
@@ -116,7 +116,7 @@ def train_ppo(config: PPOConfig, allow_config_change: bool = False) -> int:
     from jaxalign.hf import save_pretrained
     from jaxalign.models.loading import model_source, seeded
     from jaxalign.objectives.ppo_algorithm import PPOSource, experience, make_algorithm
-    from jaxalign.rollouts import Sampler
+    from jaxalign.rollouts import Sampler, prompt_loaders, stop_token_ids
     from jaxalign.train.loop import train
 
     tokenizer, added = run_tokenizer(config)
@@ -127,15 +127,7 @@ def train_ppo(config: PPOConfig, allow_config_change: bool = False) -> int:
     if value_model.config.vocab_size != policy.config.vocab_size:
         raise JaxalignError(f"config key 'value.path': the critic has a vocabulary of {value_model.config.vocab_size} "
                             f"tokens, the policy {policy.config.vocab_size}; it must read the policy's tokens")
-    prompt_length = config.train.seq_len - config.generation.max_new_tokens
-    loader_config = dataclasses.replace(config.train, batch_size=config.ppo.rollout_size, seq_len=prompt_length)
-    train_loader, eval_data = build_loaders(config.data, tokenizer, loader_config)
-    if train_loader.kind == "preference":
-        train_loader, eval_data = prompts_of_pairs(train_loader, eval_data, tokenizer)
-    if train_loader.kind != "prompt":
-        raise JaxalignError(f"config key 'data.train': PPO samples responses to prompts, but the data holds "
-                            f"{train_loader.kind} examples (use prompt records: {{prompt}} or {{messages}} ending "
-                            "with a user turn)")
+    train_loader, eval_data = prompt_loaders(config, tokenizer, config.ppo.rollout_size, "PPO")
     stop_ids = stop_token_ids(config, tokenizer)
     adapted = lora_module(config, policy)
     lora = config.model.lora is not None
@@ -162,31 +154,6 @@ def train_ppo(config: PPOConfig, allow_config_change: bool = False) -> int:
     return 0
 
 
-def prompts_of_pairs(train_loader, eval_data, tokenizer):
-    """Prompt loaders over the prompts of preference pairs (their `safety` kept), in place of pair loaders."""
-    from jaxalign.data.formats import Prompt
-    from jaxalign.data.loader import DataLoader
-
-    def prompt_loader(loader):
-        sources = [dataclasses.replace(source, examples=[Prompt(e.prompt, None, e.origin, e.safety)
-                                                         for e in source.examples])
-                   for source in loader.sources]
-        return DataLoader(loader.config, tokenizer, batch_size=loader.batch_size, seq_len=loader.seq_len,
-                          split=loader.split, process_index=loader.process_index,
-                          process_count=loader.process_count, sources=sources)
-
-    train = prompt_loader(train_loader)
-    if eval_data is None:
-        return train, None
-    eval_loader = prompt_loader(eval_data())
-
-    def eval_prompts():
-        eval_loader.load_state_dict({"epoch": 0, "position": 0})
-        return eval_loader
-
-    return train, eval_prompts
-
-
 def critic_source(config: PPOConfig, tokenizer, added):
     """The critic's `ModelSource` (head "score"): `value.path`, else the reward model, else the policy's trunk."""
     from jaxalign.models.loading import model_source
@@ -195,25 +162,6 @@ def critic_source(config: PPOConfig, tokenizer, added):
     section = ModelSection(path=path, config={} if path else dict(config.model.config), dtype=config.value.dtype,
                            param_dtype=config.value.param_dtype)
     return model_source(section, tokenizer, head="score", mesh=config.mesh, seed=config.seed, new_tokens=added)
-
-
-def stop_token_ids(config: PPOConfig, tokenizer) -> list[int]:
-    """The ids that end a response: `generation.stop_tokens`, else the tokenizer's eos and the template's
-    end-of-turn token."""
-    from jaxalign.data.templates import chat_format
-
-    names = list(config.generation.stop_tokens) or [tokenizer.eos_token, chat_format(config.data, tokenizer).end_of_turn]
-    ids = []
-    for name in names:
-        if name is None:
-            continue
-        token_id = tokenizer.convert_tokens_to_ids(name)
-        if token_id is None or token_id == tokenizer.unk_token_id and name != tokenizer.unk_token:
-            raise JaxalignError(f"config key 'generation.stop_tokens': {name!r} is not a token of the tokenizer")
-        ids.append(int(token_id))
-    if not ids:
-        raise JaxalignError("config key 'generation.stop_tokens': no stop token (the tokenizer has no eos token)")
-    return ids
 
 
 def build_reward(config: PPOConfig):
