@@ -142,3 +142,30 @@ def test_one_device_gives_the_metrics_of_eight(learning_run, tmp_path):
         for key, value in b.items():
             if key not in TIMING and not key.startswith("grad_norm"):
                 assert a[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (a["step"], key)
+
+
+def test_sigkill_mid_run_then_rerun_repeats_the_uninterrupted_run(learning_run, tmp_path):
+    """A run killed (SIGKILL, no chance to save) after its second iteration's checkpoint, then run again: every
+    iteration's metrics equal the uninterrupted run's bit for bit."""
+    import signal
+    import time
+
+    argv = [f"output_dir={tmp_path}", *TOY, f"train.steps={4 * ITERATION}", f"checkpoint.every={ITERATION}"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "jaxalign.cli", "ppo", str(CONFIG), *argv], env=env,
+                            cwd=Path(__file__).resolve().parents[2], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    marker = tmp_path / "checkpoints" / str(2 * ITERATION) / "commit_success.txt"
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = run(tmp_path, *argv[1:])
+    uninterrupted = [line for line in learning_run[1] if line["step"] <= 4 * ITERATION]
+    assert [line["step"] for line in resumed] == [line["step"] for line in uninterrupted]
+    for ours, theirs in zip(resumed, uninterrupted):
+        assert {k: v for k, v in ours.items() if k not in TIMING} == {k: v for k, v in theirs.items()
+                                                                       if k not in TIMING}
