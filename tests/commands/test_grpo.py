@@ -18,7 +18,9 @@ TOY = ["model.path=null", "model.config={preset: tiny, max_position_embeddings: 
        f"rewards=[{{function: {LETTERS}, weight: 1.0}}]", "generation.max_new_tokens=16", "train.seq_len=144",
        "train.eval_at_start=false", "train.eval_every=0", "optimizer.lr=3e-3", "checkpoint.every=0",
        "grpo.prompts_per_iteration=8", "grpo.group_size=4", "grpo.dynamic_sampling=false", "train.batch_size=16",
-       "train.log_every=2"]
+       "train.log_every=2", "grpo.epochs=1", "grpo.kl_beta=0", "grpo.advantage=grpo", "grpo.aggregation=sequence_mean",
+       "grpo.clip_low=0.2", "grpo.clip_high=0.28", "grpo.overlong_cache=null", "generation.temperature=1.0",
+       "optimizer.schedule=constant", "optimizer.warmup_steps=0", "data.template=alpaca", "data.eval_fraction=0.1"]
 ITERATION = 2  # minibatch steps per iteration: 8 prompts x 4 samples / 16
 TIMING = ("generation_s", "scoring_s", "training_s", "tokens_per_s")
 
