@@ -21,7 +21,9 @@ from typing import Literal, Optional, Union
 
 from jaxalign.errors import JaxalignError
 
-Format = Literal["auto", "alpaca", "dolly", "sharegpt", "messages", "preference", "hh", "prompt", "unpaired", "text"]
+Format = Literal[
+    "auto", "alpaca", "dolly", "sharegpt", "messages", "completion", "preference", "hh", "prompt", "unpaired", "text"
+]
 TemplateName = Literal[
     "tokenizer", "alpaca", "dolly", "vicuna_v1.1", "koala", "llama2_chat", "chatml", "orca", "lima", "gpt4all", "plain"
 ]

@@ -13,8 +13,10 @@ Every record becomes one of:
 
 Formats: alpaca `{instruction, input?, output}`; dolly `{instruction, context?, response}`; sharegpt
 `{conversations: [{from, value}], system?}` (from: human/user, gpt/assistant/chatgpt/bing/bard, system); messages
-`{messages: [{role, content}], system?}`; preference `{prompt, chosen, rejected, strength?, safety?}` where each of
-the first three is a string or a message list, or LLaMA-Factory style `{conversations, chosen: {from, value},
+`{messages: [{role, content}], system?}`; completion `{prompt, completion}` (TRL's prompt-completion: the prompt a
+string or messages ending with a user turn, the completion a string or assistant messages); preference `{prompt,
+chosen, rejected, strength?, safety?}` where each of the first three is a string or a message list, or
+LLaMA-Factory style `{conversations, chosen: {from, value},
 rejected: {from, value}}` (strength and safety may also be text, as CSV cells are: "2", "true"; an empty string is
 "not given"); hh `{chosen, rejected}` full Anthropic-HH texts ("\\n\\nHuman: ...\\n\\nAssistant: ..."); prompt
 `{prompt}` or `{messages}` ending in a user turn; unpaired `{prompt, completion, label}` (TRL's unpaired
@@ -141,7 +143,7 @@ class UnpairedExample:
 
 Example = Union[Conversation, Text, PreferencePair, Prompt, UnpairedExample]
 
-FORMATS = ("alpaca", "dolly", "sharegpt", "messages", "preference", "hh", "prompt", "unpaired", "text")
+FORMATS = ("alpaca", "dolly", "sharegpt", "messages", "completion", "preference", "hh", "prompt", "unpaired", "text")
 
 
 def detect_format(record, origin: str) -> str:
@@ -159,6 +161,8 @@ def detect_format(record, origin: str) -> str:
         return "sharegpt"
     if "messages" in keys:
         return "messages"
+    if {"prompt", "completion"} <= keys:
+        return "completion"
     if "instruction" in keys and "output" in keys:
         return "alpaca"
     if "instruction" in keys and "response" in keys:
@@ -170,7 +174,8 @@ def detect_format(record, origin: str) -> str:
     raise JaxalignError(
         f"{origin}: cannot detect the record format from its fields {sorted(keys)}; expected alpaca "
         "(instruction, output), dolly (instruction, response), sharegpt (conversations), messages, preference "
-        "(prompt, chosen, rejected), hh (chosen, rejected), unpaired (prompt, completion, label), prompt or text; "
+        "(prompt, chosen, rejected), hh (chosen, rejected), unpaired (prompt, completion, label), completion (prompt, "
+        "completion), prompt or text; "
         "or set data.format"
     )
 
@@ -466,6 +471,11 @@ def _prompt(record: dict, origin: str) -> Prompt:
     return Prompt(_prompt_messages(record, origin), reference, origin, _safety(record, origin))
 
 
+def _completion(record: dict, origin: str) -> Conversation:
+    prompt = _prompt_messages(record, origin)
+    return Conversation(prompt + _response(record["completion"], "completion", origin), origin)
+
+
 def _text(record: dict, origin: str) -> Text:
     return Text(_answer(_field(record, "text", origin), "text", origin), origin)
 
@@ -475,6 +485,7 @@ _PARSERS = {
     "dolly": _dolly,
     "sharegpt": _sharegpt,
     "messages": _openai_messages,
+    "completion": _completion,
     "preference": _preference,
     "hh": _hh,
     "prompt": _prompt,

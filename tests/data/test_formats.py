@@ -39,7 +39,7 @@ ORIGIN = "data.jsonl:7"
         ({"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}], "label": "true"},
          "unpaired"),
         ({"prompt": "a", "label": True}, "prompt"),  # no completion: a prompt that carries a label field
-        ({"prompt": "a", "completion": "b"}, "prompt"),
+        ({"prompt": "a", "completion": "b"}, "completion"),
         ({"prompt": "a", "chosen": "b", "rejected": "c", "label": True}, "preference"),
     ],
 )
@@ -51,6 +51,19 @@ def test_alpaca_keeps_input_as_context():
     example = parse_record({"instruction": "Add.", "input": "2 and 3", "output": "5"}, "alpaca", ORIGIN)
     assert example == Conversation((Message("user", "Add.", "2 and 3"), Message("assistant", "5")), ORIGIN)
     assert example.messages[0].text() == "Add.\n\n2 and 3"
+
+
+def test_completion_is_prompt_then_completion():
+    record = {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "Sum?"}], "completion": "5",
+              "score": 0.7}
+    assert parse_record(record, "completion", ORIGIN) == Conversation(
+        (Message("system", "s"), Message("user", "Sum?"), Message("assistant", "5")), ORIGIN)
+    assert parse_record({"prompt": "Sum?", "completion": [{"role": "assistant", "content": "5"}]}, "completion",
+                        ORIGIN).messages == (Message("user", "Sum?"), Message("assistant", "5"))
+    with pytest.raises(BlankResponse, match="field 'completion'"):
+        parse_record({"prompt": "Sum?", "completion": " "}, "completion", ORIGIN)
+    with pytest.raises(JaxalignError, match="field 'prompt': turn 1 is 'assistant', expected 'user'"):
+        parse_record({"prompt": [{"role": "assistant", "content": "hi"}], "completion": "5"}, "completion", ORIGIN)
 
 
 def test_dolly_context():
