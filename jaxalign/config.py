@@ -272,6 +272,30 @@ class ModelSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class RewardSection:
+    """How RL commands score responses: exactly one of `model` (a reward model folder), `helpful` + `safety`
+    (LLaMA-2's pair, combined as in `jaxalign.rewards.Llama2Reward`; `safety_threshold`) or `function`
+    (`module:function`). `template`: how the reward models render prompt + response (default: `data.template`);
+    `max_length`: their longest input (default: their context)."""
+
+    model: str | None = None
+    helpful: str | None = None
+    safety: str | None = None
+    safety_threshold: float = 0.15
+    function: str | None = None
+    template: str | None = None
+    max_length: int | None = None
+
+    def check(self):
+        chosen = [bool(self.model), bool(self.helpful or self.safety), bool(self.function)]
+        if sum(chosen) != 1:
+            raise JaxalignError("config section 'reward': set exactly one of reward.model, reward.helpful + "
+                                "reward.safety, or reward.function")
+        if bool(self.helpful) != bool(self.safety):
+            raise JaxalignError("config keys 'reward.helpful' and 'reward.safety': LLaMA-2's combination needs both")
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 32

@@ -49,9 +49,14 @@ def combine_llama2(score_helpful, score_safety, is_safety, threshold: float = 0.
 def llama2_final_reward(score_helpful, score_safety, is_safety, threshold: float = 0.15) -> np.ndarray:
     """`whiten(logit(combine_llama2(...)))` over the batch, taking the logit of the chosen model's raw score
     directly (`logit(σ(s)) = s`, without the rounding of a sigmoid near 0 or 1)."""
+    return whiten(_logit_combined(score_helpful, score_safety, is_safety, threshold))
+
+
+def _logit_combined(score_helpful, score_safety, is_safety, threshold: float) -> np.ndarray:
+    """`logit(combine_llama2(...))`: the raw score of the model the combination chooses (float32 `[B]`)."""
     safety = np.asarray(score_safety, np.float64)
     use_safety = np.asarray(is_safety, bool) | (_sigmoid(safety) < threshold)
-    return whiten(np.where(use_safety, safety, np.asarray(score_helpful, np.float64)))
+    return np.where(use_safety, safety, np.asarray(score_helpful, np.float64)).astype(np.float32)
 
 
 class ModelReward:
@@ -129,15 +134,19 @@ def response_example(prompt, response: str, origin: str):
 
 class Llama2Reward:
     """LLaMA-2's two reward models as one `RewardFn`: `llama2_final_reward` of the helpfulness and safety models'
-    scores, with `metadata[b]["safety"]` (truthy) marking safety prompts."""
+    scores, with `metadata[b]["safety"]` (truthy) marking safety prompts. `whitened=False` leaves out the whitening
+    over the batch: `logit(R_c)`, the chosen model's raw score, comparable across batches (rejection sampling ranks
+    samples of different rounds by it)."""
 
-    def __init__(self, helpful: RewardFn, safety: RewardFn, threshold: float = 0.15):
-        self.helpful, self.safety, self.threshold = helpful, safety, threshold
+    def __init__(self, helpful: RewardFn, safety: RewardFn, threshold: float = 0.15, whitened: bool = True):
+        self.helpful, self.safety, self.threshold, self.whitened = helpful, safety, threshold, whitened
 
     def __call__(self, prompts, responses, metadata) -> np.ndarray:
         is_safety = [bool(m.get("safety", False)) for m in metadata]
-        return llama2_final_reward(self.helpful(prompts, responses, metadata),
-                                   self.safety(prompts, responses, metadata), is_safety, self.threshold)
+        helpful, safety = self.helpful(prompts, responses, metadata), self.safety(prompts, responses, metadata)
+        if self.whitened:
+            return llama2_final_reward(helpful, safety, is_safety, self.threshold)
+        return _logit_combined(helpful, safety, is_safety, self.threshold)
 
 
 def function_reward(spec: str) -> RewardFn:
@@ -254,3 +263,47 @@ def boxed_format(prompts, responses, metadata) -> np.ndarray:
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
+
+
+def build_reward(section, data_config, mesh_config, dtype: str = "float32", param_dtype: str = "float32",
+                 whitened: bool = True):
+    """(`reward(context, prompts, responses, metadata) -> scores [B]`, the frozen reward models the loop or
+    `jaxalign.train.loop.inference` must load onto the mesh, by name) for a `RewardSection`: a function, one
+    reward model (`reward`), or LLaMA-2's pair (`reward_helpful`, `reward_safety`; `whitened=False` scores each
+    sample by the chosen model's raw score instead of whitening over the batch). Reward models read
+    `context.frozen[name]`, render with `section.template` (default: `data_config.template`), in `dtype` /
+    `param_dtype`. Raises `JaxalignError` naming `reward` for a folder that is not a reward model."""
+    from jaxalign.config import ModelSection
+    from jaxalign.data.tokenizer import load_tokenizer
+    from jaxalign.models.loading import model_source
+    from jaxalign.train.algorithm import Frozen
+
+    if section.function:
+        fn = function_reward(section.function)
+        return (lambda context, prompts, responses, metadata: fn(prompts, responses, metadata)), {}
+    paths = {"reward": section.model} if section.model else {"reward_helpful": section.helpful,
+                                                            "reward_safety": section.safety}
+    frozen, tokenizers = {}, {}
+    for name, path in paths.items():
+        source = model_source(ModelSection(path=path, dtype=dtype, param_dtype=param_dtype), head="score",
+                              mesh=mesh_config)
+        if source.head != "score" or source.load is None:
+            raise JaxalignError(f"config key 'reward': {path} is not a reward model")
+        frozen[name] = Frozen(source.module(), source.load)
+        tokenizers[name] = load_tokenizer(path)
+    rendering = dataclasses.replace(data_config, template=section.template or data_config.template)
+    scorers: dict[str, ModelReward] = {}
+
+    def reward(context, prompts, responses, metadata):
+        for name, model in frozen.items():
+            if name not in scorers or scorers[name].params is not context.frozen[name]:
+                scorers[name] = ModelReward(model.model, context.frozen[name], tokenizers[name], rendering,
+                                            max_length=section.max_length,
+                                            batch_size=max(1, min(len(responses), 64)))
+        if "reward" in scorers:
+            return np.asarray(scorers["reward"](prompts, responses, metadata))
+        combined = Llama2Reward(scorers["reward_helpful"], scorers["reward_safety"], section.safety_threshold,
+                                whitened)
+        return combined(prompts, responses, metadata)
+
+    return reward, frozen

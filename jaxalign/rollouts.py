@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxalign import sharding as shd
 from jaxalign.sampling import SamplingParams, decode
@@ -90,6 +91,66 @@ class Sampler:
         return self._program[key](params, prompts, rng, jnp.asarray(self.stop_token_ids))
 
 
+PROMPT_KEYS = ("input_ids", "segment_ids", "positions")
+
+
+@dataclasses.dataclass(frozen=True)
+class Responses:
+    """Responses to a prompt batch, on every process: `examples`, `texts` and `ended` (a stop token ended it) for
+    the real rows (padding rows of a last batch left out), and the sampled LM `batch` (global arrays, all rows) with
+    `real` `[R]` marking the real rows in it."""
+
+    examples: list
+    texts: list[str]
+    ended: np.ndarray
+    batch: dict
+    real: np.ndarray
+
+
+def respond(sampler: "Sampler", params, tokenizer, loader, local: dict, context, rng: jax.Array, *,
+            repeat: int = 1, greedy: bool = False) -> Responses:
+    """`sampler`'s responses (policy `params` on `context.mesh`) to the process-local prompt batch `local` of the
+    prompt `loader`, each prompt `repeat` times in consecutive rows; greedy for evaluation."""
+    index = np.repeat(gather(local["example_index"], context), repeat)
+    arrays = {k: np.repeat(local[k], repeat, axis=0) for k in PROMPT_KEYS}
+    prompts = shd.global_batch(arrays, context.mesh, context.rules)
+    batch, tokens, lengths = sampler(params, prompts, rng, context.mesh, context.rules, greedy=greedy)
+    real = index >= 0
+    texts, ended = decode_responses(tokenizer, gather(tokens, context)[real], gather(lengths, context)[real],
+                                    sampler.stop_token_ids)
+    return Responses([loader.examples[i] for i in index[real]], texts, ended, batch, real)
+
+
+def check_rows(context, rows: int, key: str) -> None:
+    """Raises `JaxalignError` naming config key `key` when `rows` sampled together do not split over the batch
+    shards of `context.mesh`."""
+    from jaxalign.errors import JaxalignError
+
+    axes, shards = shd.batch_axes(context.mesh, context.rules)
+    if rows % shards:
+        names = " x ".join(f"mesh.{a}={context.mesh.shape[a]}" for a in axes)
+        raise JaxalignError(f"config key '{key}': {rows} rows per generate call are not a multiple of the {shards} "
+                            f"batch shards ({names})")
+
+
+def gather(x, context) -> np.ndarray:
+    """A global array (or process-local numpy rows) as one host array of all rows, on every process."""
+    if isinstance(x, np.ndarray):
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True)) if jax.process_count() > 1 else x
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def prompt_messages(example) -> list[dict]:
+    """A prompt example's chat as `[{role, content}]`."""
+    return [{"role": m.role, "content": m.text()} for m in example.messages]
+
+
+def prompt_metadata(example) -> dict:
+    """What a reward function may read besides the text: the prompt's `reference` answer, `safety` (True for a
+    safety prompt; LLaMA-2's reward combination reads it) and its origin."""
+    return {"reference": example.reference, "safety": example.safety == 1, "origin": example.origin}
+
+
 def decode_responses(tokenizer, tokens: np.ndarray, lengths: np.ndarray, stop_token_ids: np.ndarray
                      ) -> tuple[list[str], np.ndarray]:
     """(response texts without their end token, whether each ended with a stop token) from host arrays."""
@@ -101,7 +162,6 @@ def decode_responses(tokenizer, tokens: np.ndarray, lengths: np.ndarray, stop_to
             ids = ids[:-1]
         texts.append(tokenizer.decode(ids, skip_special_tokens=True))
     return texts, ended
-
 
 
 def prompt_loaders(config, tokenizer, prompts_per_batch: int, algorithm: str):
@@ -146,6 +206,16 @@ def prompts_of_pairs(train_loader, eval_data, tokenizer):
         return eval_loader
 
     return train, eval_prompts
+
+
+def one_pass(loader, batch_size: int | None = None):
+    """A loader over the examples of `loader` that makes one pass in order, in batches of `batch_size` (default:
+    `loader`'s), the last padded with rows whose `example_index` is -1 (as an eval loader does)."""
+    from jaxalign.data.loader import DataLoader
+
+    return DataLoader(loader.config, loader.preprocessor.tokenizer, batch_size=batch_size or loader.batch_size,
+                      seq_len=loader.seq_len, split="eval", process_index=loader.process_index,
+                      process_count=loader.process_count, sources=loader.sources)
 
 
 def stop_token_ids(config, tokenizer) -> list[int]:

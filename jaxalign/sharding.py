@@ -110,6 +110,13 @@ def batch_sharding(mesh: Mesh, rules, ndim: int = 2) -> NamedSharding:
     return NamedSharding(mesh, spec_for(("batch",) + (None,) * (ndim - 1), rules))
 
 
+def batch_axes(mesh: Mesh, rules) -> tuple[tuple[str, ...], int]:
+    """(the mesh axes the batch is split over, how many shards that makes)."""
+    axes = spec_for(("batch",), rules)[0] or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return axes, int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def global_batch(local_batch: dict, mesh: Mesh, rules) -> dict:
     """Process-local numpy arrays `[B / process_count, ...]` -> global jax.Arrays `[B, ...]` sharded by batch."""
     out = {}

@@ -58,6 +58,9 @@ def test_llama2_reward_combines_two_reward_functions_with_the_safety_flag():
     reward = Llama2Reward(lambda p, r, m: np.array(HELPFUL), lambda p, r, m: np.array(SAFETY))
     metadata = [{"safety": bool(flag)} for flag in IS_SAFETY]
     np.testing.assert_allclose(reward(["q"] * 4, ["a"] * 4, metadata), llama2_final_reward(HELPFUL, SAFETY, IS_SAFETY))
+    raw = Llama2Reward(lambda p, r, m: np.array(HELPFUL), lambda p, r, m: np.array(SAFETY), whitened=False)
+    # the chosen model's raw score: helpful for rows 0 and 3, safety for the unsafe row 1 and the safety prompt row 2
+    np.testing.assert_allclose(raw(["q"] * 4, ["a"] * 4, metadata), [2.0, -3.0, 0.5, 3.0])
 
 
 def test_model_reward_scores_a_response_as_the_pair_pipeline_does():

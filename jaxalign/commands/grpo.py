@@ -151,25 +151,17 @@ def evaluator(config: GRPOConfig, rollouts, eval_data):
     import jax
     import numpy as np
 
-    from jaxalign import sharding as shd
-    from jaxalign.objectives.ppo_algorithm import _gather, prompt_messages, prompt_metadata
-    from jaxalign.rollouts import decode_responses
+    from jaxalign.rollouts import prompt_messages, prompt_metadata, respond
 
     def evaluate(context):
         scores: dict[str, list] = {}
         loader = eval_data()
         for local in itertools.islice(loader, config.train.eval_batches or None):
-            index = _gather(local["example_index"], context)
-            prompts = shd.global_batch({k: local[k] for k in ("input_ids", "segment_ids", "positions")},
-                                       context.mesh, context.rules)
-            _, tokens, lengths = rollouts.sampler(rollouts.policy_params(context), prompts, jax.random.PRNGKey(0),
-                                                  context.mesh, context.rules, greedy=True)
-            real = index >= 0
-            examples = [loader.examples[i] for i in index[real]]
-            texts, _ = decode_responses(rollouts.tokenizer, _gather(tokens, context)[real],
-                                        _gather(lengths, context)[real], rollouts.sampler.stop_token_ids)
-            for name, values in rollouts.reward(context, [prompt_messages(e) for e in examples], texts,
-                                                [prompt_metadata(e) for e in examples]).items():
+            answers = respond(rollouts.sampler, rollouts.policy_params(context), rollouts.tokenizer, loader, local,
+                              context, jax.random.PRNGKey(0), greedy=True)
+            for name, values in rollouts.reward(context, [prompt_messages(e) for e in answers.examples],
+                                                answers.texts,
+                                                [prompt_metadata(e) for e in answers.examples]).items():
                 scores.setdefault(name, []).append(np.asarray(values, np.float32))
         out = {f"reward/{name}": float(np.mean(np.concatenate(v))) for name, v in scores.items()}
         out["accuracy"] = float(np.mean(np.concatenate(scores[config.rewards[0].function]) > 0))

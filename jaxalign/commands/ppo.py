@@ -19,13 +19,12 @@ is exported to `OUTPUT_DIR/hf/`.
 """
 
 import argparse
-import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from jaxalign.config import ModelSection, OptimizerConfig, RunConfig
+from jaxalign.config import ModelSection, OptimizerConfig, RewardSection, RunConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.errors import JaxalignError
 from jaxalign.objectives.ppo_algorithm import PPOSettings
@@ -33,29 +32,6 @@ from jaxalign.rollouts import GenerationConfig
 from jaxalign.train.command import (add_run_arguments, already_finished, export_adapter,
                                     export_model, lora_module, report_finished, run_tokenizer,
                                     run_training_command, with_lora)
-
-
-@dataclass(frozen=True)
-class RewardSection:
-    """Exactly one of `model` (a reward model folder), `helpful` + `safety` (LLaMA-2's pair; `safety_threshold`) or
-    `function` (`module:function`). `template`: how the reward models render prompt + response (default:
-    `data.template`); `max_length`: their longest input (default: their context)."""
-
-    model: Optional[str] = None
-    helpful: Optional[str] = None
-    safety: Optional[str] = None
-    safety_threshold: float = 0.15
-    function: Optional[str] = None
-    template: Optional[str] = None
-    max_length: Optional[int] = None
-
-    def check(self):
-        chosen = [bool(self.model), bool(self.helpful or self.safety), bool(self.function)]
-        if sum(chosen) != 1:
-            raise JaxalignError("config section 'reward': set exactly one of reward.model, reward.helpful + "
-                                "reward.safety, or reward.function")
-        if bool(self.helpful) != bool(self.safety):
-            raise JaxalignError("config keys 'reward.helpful' and 'reward.safety': LLaMA-2's combination needs both")
 
 
 @dataclass(frozen=True)
@@ -132,7 +108,10 @@ def train_ppo(config: PPOConfig, allow_config_change: bool = False) -> int:
     adapted = lora_module(config, policy)
     lora = config.model.lora is not None
     sampler = Sampler(adapted, config.generation, stop_ids, tokenizer.pad_token_id)
-    reward, reward_frozen = build_reward(config)
+    from jaxalign.rewards import build_reward
+
+    reward, reward_frozen = build_reward(config.reward, config.data, config.mesh, config.value.dtype,
+                                         config.value.param_dtype)
     source = PPOSource(train_loader, sampler, reward, tokenizer, config.ppo, config.train.batch_size,
                        experience(adapted, value_model, policy, config.ppo, config.generation.temperature),
                        config.seed, lora=lora)
@@ -164,46 +143,6 @@ def critic_source(config: PPOConfig, tokenizer, added):
     return model_source(section, tokenizer, head="score", mesh=config.mesh, seed=config.seed, new_tokens=added)
 
 
-def build_reward(config: PPOConfig):
-    """(`reward(context, prompts, responses, metadata) -> scores`, the frozen reward models to load on the mesh)."""
-    import numpy as np
-
-    from jaxalign.data.tokenizer import load_tokenizer
-    from jaxalign.models.loading import model_source
-    from jaxalign.rewards import Llama2Reward, ModelReward, function_reward
-    from jaxalign.train.algorithm import Frozen
-
-    section = config.reward
-    if section.function:
-        fn = function_reward(section.function)
-        return (lambda context, prompts, responses, metadata: fn(prompts, responses, metadata)), {}
-    paths = {"reward": section.model} if section.model else {"reward_helpful": section.helpful,
-                                                            "reward_safety": section.safety}
-    frozen, tokenizers = {}, {}
-    for name, path in paths.items():
-        source = model_source(ModelSection(path=path, dtype=config.value.dtype, param_dtype=config.value.param_dtype),
-                              head="score", mesh=config.mesh)
-        if source.head != "score" or source.load is None:
-            raise JaxalignError(f"config key 'reward': {path} is not a reward model")
-        frozen[name] = Frozen(source.module(), source.load)
-        tokenizers[name] = load_tokenizer(path)
-    data_config = dataclasses.replace(config.data, template=section.template or config.data.template)
-    scorers = {}
-
-    def reward(context, prompts, responses, metadata):
-        if not scorers:
-            for name, model in frozen.items():
-                scorers[name] = ModelReward(model.model, context.frozen[name], tokenizers[name], data_config,
-                                            max_length=section.max_length,
-                                            batch_size=max(1, min(len(responses), 64)))
-        if "reward" in scorers:
-            return np.asarray(scorers["reward"](prompts, responses, metadata))
-        combined = Llama2Reward(scorers["reward_helpful"], scorers["reward_safety"], section.safety_threshold)
-        return combined(prompts, responses, metadata)
-
-    return reward, frozen
-
-
 def evaluator(config: PPOConfig, source, eval_data, tokenizer):
     """`evaluate(context)`: greedy responses to the eval prompts (`train.eval_batches` batches, all when 0), their
     mean reward and KL to the reference; the first batch's samples appended to OUTPUT_DIR/eval_samples.jsonl."""
@@ -214,8 +153,7 @@ def evaluator(config: PPOConfig, source, eval_data, tokenizer):
     import numpy as np
 
     from jaxalign import sharding as shd
-    from jaxalign.objectives.ppo_algorithm import _gather, prompt_messages, prompt_metadata
-    from jaxalign.rollouts import decode_responses
+    from jaxalign.rollouts import gather, prompt_messages, prompt_metadata, respond
 
     out = Path(config.output_dir) / "eval_samples.jsonl"
 
@@ -223,28 +161,23 @@ def evaluator(config: PPOConfig, source, eval_data, tokenizer):
         rewards, kls, samples = [], [], []
         loader = eval_data()
         for local in itertools.islice(loader, config.train.eval_batches or None):
-            index = _gather(local["example_index"], context)
-            prompts = shd.global_batch({k: local[k] for k in ("input_ids", "segment_ids", "positions")},
-                                       context.mesh, context.rules)
             policy_params = source.policy_params(context)
-            batch, tokens, lengths = source.sampler(policy_params, prompts, jax.random.PRNGKey(0), context.mesh,
-                                                    context.rules, greedy=True)
-            tokens, lengths = _gather(tokens, context), _gather(lengths, context)
-            real = index >= 0
-            examples = [loader.examples[i] for i in index[real]]
-            texts, ended = decode_responses(tokenizer, tokens[real], lengths[real], source.sampler.stop_token_ids)
-            scores = np.asarray(source.reward(context, [prompt_messages(e) for e in examples], texts,
-                                              [prompt_metadata(e) for e in examples]), np.float32)
-            zeros = jax.device_put(np.zeros(len(index), np.float32), shd.batch_sharding(context.mesh, context.rules, 1))
+            answers = respond(source.sampler, policy_params, tokenizer, loader, local, context,
+                              jax.random.PRNGKey(0), greedy=True)
+            scores = np.asarray(source.reward(context, [prompt_messages(e) for e in answers.examples], answers.texts,
+                                              [prompt_metadata(e) for e in answers.examples]), np.float32)
+            zeros = jax.device_put(np.zeros(len(answers.real), np.float32),
+                                   shd.batch_sharding(context.mesh, context.rules, 1))
             if source._jitted is None:
                 source._jitted = jax.jit(source.experience_fn)
             _, metrics = source._jitted(policy_params, context.state.params["value"],
-                                        source.reference_params(context), batch, zeros, jnp.float32(0.0))
+                                        source.reference_params(context), answers.batch, zeros, jnp.float32(0.0))
             rewards.append(scores)
-            kls.append(_gather(metrics["kl"], context)[real])
+            kls.append(gather(metrics["kl"], context)[answers.real])
             if not samples:
                 samples = [{"step": context.step, "prompt": prompt_messages(e), "response": t, "reward": float(s),
-                            "ended": bool(d)} for e, t, s, d in list(zip(examples, texts, scores, ended))[:4]]
+                            "ended": bool(d)}
+                           for e, t, s, d in list(zip(answers.examples, answers.texts, scores, answers.ended))[:4]]
         if jax.process_index() == 0 and samples:
             with open(out, "a") as handle:
                 handle.writelines(json.dumps(sample) + "\n" for sample in samples)

@@ -22,12 +22,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from jaxalign import sharding as shd
 from jaxalign.objectives import ppo
 from jaxalign.objectives.logprobs import model_logits, token_log_probs
-from jaxalign.rollouts import Sampler, decode_responses
+from jaxalign.rollouts import Sampler, decode_responses, gather, prompt_messages, prompt_metadata
 from jaxalign.train.algorithm import Algorithm, Frozen, Mean, StepContext, Trainable
 
 
@@ -187,7 +186,7 @@ class RolloutSource:
         """(the iteration's prompt examples, one per sample row, and the global prompt arrays)."""
         local = next(self.loader)
         arrays = {k: np.repeat(local[k], self.repeat, axis=0) for k in ("input_ids", "segment_ids", "positions")}
-        index = np.repeat(_gather(local["example_index"], context), self.repeat)
+        index = np.repeat(gather(local["example_index"], context), self.repeat)
         return [self.loader.examples[i] for i in index], shd.global_batch(arrays, context.mesh, context.rules)
 
     def start_iteration(self, context: StepContext) -> dict:
@@ -200,7 +199,7 @@ class RolloutSource:
         batch, tokens, lengths = jax.block_until_ready(
             self.sampler(policy_params, prompts, rng, context.mesh, context.rules))
         generation_s = time.perf_counter() - start
-        tokens, lengths = _gather(tokens, context), _gather(lengths, context)
+        tokens, lengths = gather(tokens, context), gather(lengths, context)
         responses, ended = decode_responses(self.tokenizer, tokens, lengths, self.sampler.stop_token_ids)
         start = time.perf_counter()
         raw = self.reward(context, [prompt_messages(e) for e in examples], responses,
@@ -268,7 +267,7 @@ class PPOSource(RolloutSource):
         global_scores = jax.device_put(scores, shd.batch_sharding(context.mesh, context.rules, 1))
         exp, metrics = self._jitted(policy_params, context.state.params["value"], self.reference_params(context),
                                     batch, global_scores, jnp.float32(self.kl.value))
-        kl = _gather(metrics["kl"], context)
+        kl = gather(metrics["kl"], context)
         beta = self.kl.value
         self.kl.update(float(np.mean(kl)), len(kl))
         n = float(len(raw))
@@ -290,24 +289,6 @@ class PPOSource(RolloutSource):
         if s.whiten_scores:
             scores = np.asarray(ppo.whiten(scores))
         return scores.astype(np.float32)
-
-
-def _gather(x, context) -> np.ndarray:
-    """A global array (or process-local numpy rows) as one host array of all rows, on every process."""
-    if isinstance(x, np.ndarray):
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True)) if jax.process_count() > 1 else x
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def prompt_messages(example) -> list[dict]:
-    """A prompt example's chat as `[{role, content}]`."""
-    return [{"role": m.role, "content": m.text()} for m in example.messages]
-
-
-def prompt_metadata(example) -> dict:
-    """What a reward function may read besides the text: the prompt's `reference` answer, `safety` (True for a
-    safety prompt; LLaMA-2's reward combination reads it) and its origin."""
-    return {"reference": example.reference, "safety": example.safety == 1, "origin": example.origin}
 
 
 def make_algorithm(policy, value_model, reference_model, *, optimizer, value_optimizer, source: PPOSource,

@@ -168,6 +168,29 @@ def report_finished(command: str, config, steps: int, model_line: str) -> None:
                  f"  hf/                           {model_line}")
 
 
+def write_jsonl(path: Path, lines: list[dict]) -> None:
+    """Writes JSON lines through a temporary file renamed into place (a crash never leaves a partial file)."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w") as handle:
+        handle.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+    partial.replace(path)
+
+
+def on_primary(action: Callable[[], Any], name: str) -> None:
+    """Runs `action()` on process 0 only (it writes files into the shared OUTPUT_DIR), then waits until every
+    process is here (`name` labels the barrier)."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    if jax.process_index() == 0:
+        action()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def say(command: str, message: str) -> None:
     import jax
 

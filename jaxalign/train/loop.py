@@ -24,6 +24,7 @@ With several processes every process calls `train` with its own share of the dat
 all hosts share (NFS, gcsfuse), since each host writes its own shards of a checkpoint there.
 """
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -83,6 +84,22 @@ def plan(config: RunConfig, trainables: Mapping[str, Trainable], frozen: Mapping
     return _layout(config, trainables, frozen or {}, shd.make_mesh(config.mesh, devices))
 
 
+@contextlib.contextmanager
+def inference(config: RunConfig, models: Mapping[str, Frozen]):
+    """For work on the training mesh outside training (rejection sampling's generation and scoring): yields a
+    `StepContext` (step 0, no train state) whose `frozen` holds each of `models` loaded onto the mesh of
+    `config.mesh` with its logical-axis shardings, under that mesh and its rules. The weights are released when the
+    block ends (unless the caller keeps them).
+
+        with inference(config, {"policy": Frozen(model, source.load)}) as context:
+            tokens = sampler(context.frozen["policy"], prompts, rng, context.mesh, context.rules)
+    """
+    layout = plan(config, {}, models)
+    with jax.set_mesh(layout.mesh), nn.logical_axis_rules(layout.rules):
+        params = {name: model.load(layout.frozen_shardings[name]) for name, model in models.items()}
+        yield StepContext(0, None, params, layout.mesh, layout.rules)
+
+
 def memory_report(config: RunConfig, trainables: Mapping[str, Trainable], device_count: int | None = None,
                   frozen: Mapping[str, Frozen] | None = None) -> str:
     """Predicted per-device bytes of params + optimiser state for `config.mesh` over `device_count` devices
@@ -134,9 +151,7 @@ def _model_layout(model, mesh, rules, part=None):
 
 
 def _check_batch_fits(config: RunConfig, mesh, rules) -> None:
-    axes = shd.spec_for(("batch",), rules)[0] or ()
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    shards = int(np.prod([mesh.shape[a] for a in axes]))
+    axes, shards = shd.batch_axes(mesh, rules)
     micro = config.train.batch_size // config.train.grad_accum
     if micro % shards:
         names = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)

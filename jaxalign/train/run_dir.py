@@ -34,6 +34,7 @@ CHANGEABLE_KEYS = (
     "checkpoint",  # how often and how many checkpoints are saved
     "mesh",  # resume on another device layout
     "data.eval",  # what is evaluated, not what is trained
+    "rs.rounds",  # extend a finished rejection-sampling run by more rounds
 )
 
 _ABSENT = object()
