@@ -25,6 +25,7 @@ COMMANDS = {
     "grpo": ("jaxalign.commands.grpo", "group-relative RL with verifiable rewards: GRPO, Dr. GRPO, RLOO, DAPO"),
     "rs": ("jaxalign.commands.rs", "rejection-sampling fine-tuning: best of K samples per prompt, pooled over rounds, SFT"),
     "gatt": ("jaxalign.commands.gatt", "Ghost Attention: multi-turn data keeping a first-turn instruction, fine-tuning, eval"),
+    "pipeline": ("jaxalign.commands.pipeline", "run training commands in order (e.g. the LLaMA-2-Chat recipe) and report"),
     "reward": ("jaxalign.commands.reward", "a reward model's score for each response or preference pair of a JSONL file"),
     "plot": ("jaxalign.commands.plot", "PNG curves (loss, eval loss, learning rate) from a run's metrics.jsonl"),
     "data": ("jaxalign.commands.data", "inspect a config's data: rendered examples, loss masks, token counts"),
