@@ -8,7 +8,7 @@ A pipeline file is YAML:
       sft:                                  # the stage's name: its outputs go to OUTPUT_DIR/sft/
         command: sft                        # sft | rm | dpo | ppo | grpo | rs | gatt
         base: ../tiny/sft.yaml              # optional: a config file (relative to the pipeline file) ...
-        config:                             # ... with these keys merged over it (or the whole config)
+        config:                             # ... with these keys merged over it ({} clears a mapping)
           train: {steps: 120}
       rm_helpful:
         command: rm
@@ -268,7 +268,8 @@ def _first_last(points: list) -> str:
 
 
 def _merge(base: Any, override: Any) -> Any:
-    if isinstance(base, dict) and isinstance(override, dict):
+    """`override` merged into `base` key by key; an empty mapping or any other value replaces what is there."""
+    if isinstance(base, dict) and isinstance(override, dict) and override:
         out = copy.deepcopy(base)
         for key, value in override.items():
             out[key] = _merge(out.get(key), value)

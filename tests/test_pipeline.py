@@ -38,6 +38,9 @@ def test_the_tiny_pipelines_resolve_every_stage():
         ppo = loaded.stages[4].config
         assert ppo.model.path == str(out / "rs" / "hf") and ppo.reward.safety == str(out / "rm_safety" / "hf")
         assert all(s.config.output_dir == str(out / s.name) for s in loaded.stages)
+    tiny = pl.load_pipeline(CONFIGS / "pipelines" / "llama2_chat_tiny.yaml")
+    assert tiny.stages[1].config.model.config == {}  # `config: {}` clears the base's scratch model settings
+    assert tiny.stages[0].config.train.batch_size == 16  # kept from the base where not overridden
 
 
 @pytest.mark.parametrize("stages, message", [
