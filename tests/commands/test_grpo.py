@@ -100,6 +100,22 @@ def test_all_equal_groups_are_masked_and_a_kl_term_loads_the_reference(tmp_path,
     assert "policy_loss" not in lines[0]  # no valid token left in any minibatch
 
 
+def test_lora_policy_takes_its_kl_to_the_base_and_exports_its_adapter(tmp_path, monkeypatch):
+    from jaxalign.train import loop
+
+    frozen_models = []
+    original = loop.train
+    monkeypatch.setattr(loop, "train", lambda config, algorithm, **kw: (frozen_models.append(sorted(algorithm.frozen)),
+                                                                        original(config, algorithm, **kw))[1])
+    lines = run(tmp_path, f"train.steps={2 * ITERATION}", "train.log_every=1", "grpo.kl_beta=0.05",
+                "checkpoint.every=0", "model.lora={rank: 4, alpha: 8, targets: [q_proj, v_proj]}")
+    steps = [line for line in lines if "kl" in line]
+    assert frozen_models == [["base"]]  # the reference is the base under the adapters, no second copy
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6) and steps[-1]["kl"] > 0
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["grpo.group_size=1"], "'grpo.group_size': advantages relative to a group need at least 2"),
     (["grpo.advantage=ppo"], "'grpo.advantage': expected one of grpo, dr_grpo, rloo"),
