@@ -45,6 +45,15 @@ class GenerationConfig:
     def sampling(self) -> SamplingParams:
         return SamplingParams(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
 
+    def check_room(self, seq_len: int) -> None:
+        """Raises `JaxalignError` naming `train.seq_len` when a sequence of `seq_len` tokens leaves no room for a
+        prompt before `max_new_tokens`."""
+        from jaxalign.errors import JaxalignError
+
+        if seq_len <= self.max_new_tokens:
+            raise JaxalignError(f"config key 'train.seq_len': {seq_len} leaves no room for a prompt before "
+                                f"generation.max_new_tokens={self.max_new_tokens} new tokens")
+
 
 def response_batch(prompts: dict, tokens: jax.Array, lengths: jax.Array) -> dict:
     """The LM batch `[R, P + N - 1]` of left-padded prompts (`input_ids`, `segment_ids`, `positions` `[R, P]`)

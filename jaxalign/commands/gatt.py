@@ -64,9 +64,7 @@ class GAttConfig(RunConfig):
         if self.gatt.eval_turns < 2:
             raise JaxalignError(f"config key 'gatt.eval_turns': later turns are what GAtt is about; expected >= 2, "
                                 f"got {self.gatt.eval_turns}")
-        if self.train.seq_len <= self.generation.max_new_tokens:
-            raise JaxalignError(f"config key 'train.seq_len': {self.train.seq_len} leaves no room for a prompt "
-                                f"before generation.max_new_tokens={self.generation.max_new_tokens} new tokens")
+        self.generation.check_room(self.train.seq_len)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

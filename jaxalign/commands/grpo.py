@@ -75,9 +75,7 @@ class GRPOConfig(RunConfig):
             whole = per_iteration * max(1, self.train.steps // per_iteration)
             raise JaxalignError(f"config key 'train.steps': {self.train.steps} is not a whole number of iterations of "
                                 f"{per_iteration} minibatch steps; e.g. train.steps={whole}")
-        if self.train.seq_len <= self.generation.max_new_tokens:
-            raise JaxalignError(f"config key 'train.seq_len': {self.train.seq_len} leaves no room for a prompt "
-                                f"before generation.max_new_tokens={self.generation.max_new_tokens} new tokens")
+        self.generation.check_room(self.train.seq_len)
         if g.overlong_cache is not None and not 0 < g.overlong_cache <= self.generation.max_new_tokens:
             raise JaxalignError(f"config key 'grpo.overlong_cache': expected 1..generation.max_new_tokens, got "
                                 f"{g.overlong_cache}")

@@ -69,9 +69,7 @@ class PPOConfig(RunConfig):
                 f"config key 'train.steps': {self.train.steps} is not a whole number of iterations of "
                 f"{per_iteration} minibatch steps (ppo.epochs x ppo.rollout_size / train.batch_size); e.g. "
                 f"train.steps={per_iteration * max(1, self.train.steps // per_iteration)}")
-        if self.train.seq_len <= self.generation.max_new_tokens:
-            raise JaxalignError(f"config key 'train.seq_len': {self.train.seq_len} leaves no room for a prompt "
-                                f"before generation.max_new_tokens={self.generation.max_new_tokens} new tokens")
+        self.generation.check_room(self.train.seq_len)
         if p.kl_kind not in ("k1", "k2", "k3"):
             raise JaxalignError(f"config key 'ppo.kl_kind': expected one of k1, k2, k3, got {p.kl_kind!r}")
 

@@ -16,7 +16,6 @@ and exit statuses are those of every training command (`jaxalign.train.command`)
 
 import argparse
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from jaxalign.config import ModelSection, RunConfig

@@ -71,9 +71,7 @@ class RSConfig(RunConfig):
         if self.rs.samples_per_prompt < 2:
             raise JaxalignError(f"config key 'rs.samples_per_prompt': choosing the best needs at least 2 samples per "
                                 f"prompt, got {self.rs.samples_per_prompt}")
-        if self.train.seq_len <= self.generation.max_new_tokens:
-            raise JaxalignError(f"config key 'train.seq_len': {self.train.seq_len} leaves no room for a prompt "
-                                f"before generation.max_new_tokens={self.generation.max_new_tokens} new tokens")
+        self.generation.check_room(self.train.seq_len)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
