@@ -38,7 +38,7 @@ BUILTIN = (
     Instruction("persona", 'Act as a robot: begin every answer with "Beep."', {"starts_with": "Beep."}),
     Instruction("persona", 'Act as a cowboy: begin every answer with "Howdy!"', {"starts_with": "Howdy!"}),
     Instruction("hobby", "You love chess: mention chess in every answer.", {"contains": "chess"}),
-    Instruction("hobby", "You love gardening: mention your garden in every answer.", {"contains": "garden"}),
+    Instruction("hobby", "You love gardening: mention gardening in every answer.", {"contains": "gardening"}),
     Instruction("hobby", "You love tennis: mention tennis in every answer.", {"contains": "tennis"}),
     Instruction("style", "Answer in capital letters only.", {"uppercase": True}),
     Instruction("style", 'End every answer with "Cheers!"', {"ends_with": "Cheers!"}),

@@ -4,11 +4,14 @@ Deterministic (seeded), so the committed files equal what this script writes (a 
 simple, checkable English: arithmetic, word tasks (reversal, letter counts, plurals, opposites, sorting), capital
 cities, parity and number comparison, short multi-turn dialogues built from them, preference pairs whose rejected
 answer is wrong / worse by a known amount (the strength label) plus safety prompts with a refusal as the chosen
-answer, RL prompts with their reference answer, and verifiable arithmetic prompts with their numeric answer.
+answer, RL prompts with their reference answer, verifiable arithmetic prompts with their numeric answer and worked
+answers to warm-start RL on them, single-turn answers that follow a Ghost Attention instruction given in the turn,
+and the safety reward model's mix of safety and helpfulness pairs.
 """
 
 import json
 import random
+import re
 from pathlib import Path
 
 OUT_DIR = Path(__file__).resolve().parent
@@ -384,17 +387,43 @@ def _arithmetic_problem(rng: random.Random, i: int) -> dict:
         a, b = rng.randint(1, 99), rng.randint(1, 99)
         if op == "-" and b > a:
             a, b = b, a
-    answer = a + b if op == "+" else a - b if op == "-" else a * b
+    return {"prompt": _arithmetic_prompt(rng, a, op, b), "answer": str(_apply(a, op, b))}
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def _arithmetic_prompt(rng: random.Random, a: int, op: str, b: int) -> str:
+    """`a op b` in one of the `ARITHMETIC_PHRASINGS` (drawn from `rng`)."""
     phrasing = rng.choice(ARITHMETIC_PHRASINGS)
     if phrasing == "add" and op == "+":
-        prompt = f"Add the two numbers.\n\n{a} and {b}"
-    elif phrasing == "calculate":
-        prompt = f"Calculate {a} {op} {b}."
-    elif phrasing == "words":
-        prompt = f"What is {a} {OPERATION_WORDS[op]} {b}?"
-    else:
-        prompt = f"What is {a} {op} {b}?"
-    return {"prompt": prompt, "answer": str(answer)}
+        return f"Add the two numbers.\n\n{a} and {b}"
+    if phrasing == "calculate":
+        return f"Calculate {a} {op} {b}."
+    if phrasing == "words":
+        return f"What is {a} {OPERATION_WORDS[op]} {b}?"
+    return f"What is {a} {op} {b}?"
+
+
+_ARITHMETIC_PROMPT = re.compile(r"(?:What is|Calculate) (\d+) ([-+*]|plus|minus|times) (\d+)[?.]"
+                                r"|Add the two numbers\.\n\n(\d+) and (\d+)")
+
+
+def arithmetic_operands(prompt: str) -> tuple[int, str, int]:
+    """`(a, op, b)` of a `demo:arithmetic` prompt ("What is 6 times 3?" -> (6, "*", 3))."""
+    m = _ARITHMETIC_PROMPT.fullmatch(prompt)
+    if m is None:
+        raise ValueError(f"not an arithmetic prompt: {prompt!r}")
+    if m[4] is not None:
+        return int(m[4]), "+", int(m[5])
+    words = {word: op for op, word in OPERATION_WORDS.items()}
+    return int(m[1]), words.get(m[2], m[2]), int(m[3])
+
+
+def problem_key(a: int, op: str, b: int) -> tuple[int, str, int]:
+    """The problem `a op b` up to the order of a commutative operation's operands (7 * 3 is 3 * 7)."""
+    return (min(a, b), op, max(a, b)) if op in "+*" else (a, op, b)
 
 
 def arithmetic(rng: random.Random, n: int = 400) -> list[dict]:
@@ -410,6 +439,128 @@ def arithmetic(rng: random.Random, n: int = 400) -> list[dict]:
     return records
 
 
+SFT_OPERATIONS = ["+", "-", "+", "-", "+", "-", "+", "-", "*"]
+
+
+def _digits(n: int) -> tuple[int, int]:
+    """(tens, ones) of a number below 100."""
+    return n // 10, n % 10
+
+
+def arithmetic_scratchpad(a: int, op: str, b: int) -> str:
+    """The worked answer to `a op b` (a, b < 100; b < 10 for *), digit by digit from single-digit facts, ending in
+    the result (the number `jaxalign.rewards:correct_answer` reads is the last one):
+    "44 + 63: 4+3=7, 4+6+0=10, so 107" (ones, then tens plus the carry),
+    "92 - 46: 12-6=6, 9-4-1=4, so 46" (ones, borrowing ten when needed, then tens minus the borrow),
+    "23 * 4: 3*4=12, 2*4=8, 8+1=9, so 92" (ones times b, then tens times b plus the carry).
+    A missing tens digit is 0 ("7 + 5: 7+5=12, 0+0+1=1, so 12"), and a single-digit first factor is restated with
+    it ("06 * 3: 6*3=18, 0*3=0, 0+1=1, so 18": the steps then read as those of two-digit factors); a leading 0 is
+    dropped from the result."""
+    (a1, a0), (b1, b0) = _digits(a), _digits(b)
+    head = f"{a:02d} * {b}:" if op == "*" else f"{a} {op} {b}:"
+    if op == "+":
+        ones = a0 + b0
+        tens = a1 + b1 + ones // 10
+        steps = [f"{a0}+{b0}={ones}", f"{a1}+{b1}+{ones // 10}={tens}"]
+    elif op == "-":
+        borrow = int(a0 < b0)
+        ones = 10 * borrow + a0 - b0
+        tens = a1 - b1 - borrow
+        steps = [f"{10 * borrow + a0}-{b0}={ones}", f"{a1}-{b1}-{borrow}={tens}"]
+    else:
+        product = a0 * b
+        tens = a1 * b + product // 10
+        steps = [f"{a0}*{b}={product}", f"{a1}*{b}={a1 * b}", f"{a1 * b}+{product // 10}={tens}"]
+    result = 10 * tens + (product if op == "*" else ones) % 10
+    return f"{head} {', '.join(steps)}, so {result}"
+
+
+def arithmetic_sft(rng: random.Random, n: int = 3600) -> list[dict]:
+    """`n` alpaca records to fine-tune a small model on before RL on `demo:arithmetic`, asked in its phrasings (the
+    whole prompt as the instruction, no input) and answered with a short worked solution built from single-digit
+    facts (`arithmetic_scratchpad`: "44 + 63: 4+3=7, 4+6+0=10, so 107"), the format a small model learns and
+    generalises from, so RL starts from a policy that is right on part of `demo:arithmetic`. Addition and
+    subtraction (4 in 9 each) of 1-2 digit numbers with a result >= 0, none of them a problem of `demo:arithmetic`
+    (in either order of the operands of +), none repeated. Multiplication (1 in 9) is a 1-2 digit number times a
+    single digit (mostly 10-99 times 1-9), none a problem of `demo:arithmetic` either: `demo:arithmetic` multiplies
+    single digits 2-9, so almost every such fact is one of its problems; the facts are taught only as steps of the
+    worked answers to other problems ("23 * 4: 3*4=12, ..."), never as a question of their own, so answering
+    "What is 3 times 4?" there still takes carrying the step over to a new problem (few records have a
+    single-digit first factor: outside `demo:arithmetic` only those with a factor 1 and a few other pairs remain, so
+    a tiny warm-started model seldom gets its multiplications right). Redraws a few times to avoid a repeat
+    (multiplication, from a smaller pool, repeats with another phrasing)."""
+    held_out = {problem_key(*arithmetic_operands(r["prompt"])) for r in arithmetic(random.Random(_seed("arithmetic")))}
+    records, seen = [], set()
+    for i in range(n):
+        op = SFT_OPERATIONS[i % len(SFT_OPERATIONS)]
+        for _ in range(50):
+            if op == "*":
+                a, b = (rng.randint(1, 9) if rng.random() < 0.2 else rng.randint(10, 99)), rng.randint(1, 9)
+            else:
+                a, b = rng.randint(1, 99), rng.randint(1, 99)
+                if op == "-" and b > a:
+                    a, b = b, a
+            key = problem_key(a, op, b)
+            if key not in held_out and (op == "*" or key not in seen):
+                break
+        else:
+            raise RuntimeError(f"no new {op} problem outside demo:arithmetic after 50 draws")
+        seen.add(key)
+        records.append({"instruction": _arithmetic_prompt(rng, a, op, b), "input": "",
+                        "output": arithmetic_scratchpad(a, op, b)})
+    return records
+
+
+def _follow(answer: str, instruction) -> str:
+    """`answer` rewritten to pass the check of a `jaxalign.gatt` instruction."""
+    check = instruction.check
+    if "starts_with" in check:
+        return f"{check['starts_with']} {answer}"
+    if "ends_with" in check:
+        return f"{answer} {check['ends_with']}"
+    if "contains" in check:
+        return f"{answer} I love {check['contains']}."
+    if check.get("uppercase"):
+        return answer.upper()
+    return answer.lower()
+
+
+def _rewrite_order(instruction) -> int:
+    """Answers are rewritten for a mention first, then an opening or closing word, then the letter case, so that no
+    rewrite undoes an earlier one."""
+    return 0 if "contains" in instruction.check else 2 if {"uppercase", "lowercase"} & set(instruction.check) else 1
+
+
+def instruction_following(rng: random.Random, n: int = 480) -> list[dict]:
+    """`n` single-turn `messages` records whose user turn ends with 1 or 2 of the checkable built-in Ghost Attention
+    instructions (`jaxalign.gatt.BUILTIN`, appended as GAtt appends them) and whose answer follows them: a model
+    trained on these follows an instruction in the turn it is given, the starting point GAtt needs."""
+    from jaxalign.gatt import BUILTIN, combine, follows, text_of
+
+    checkable = [i for i in BUILTIN if i.check]
+    records = []
+    for i in range(n):
+        record = _instruction(rng, INSTRUCTION_KINDS[i % len(INSTRUCTION_KINDS)])
+        while True:  # redrawn where a rewrite cannot follow it (capitals for an answer without letters)
+            combination = sorted(combine(rng, checkable, 2), key=_rewrite_order)
+            answer = record["output"]
+            for instruction in combination:
+                answer = _follow(answer, instruction)
+            if follows(answer, combination):
+                break
+        records.append({"messages": [{"role": "user", "content": f"{_user_text(record)} {text_of(combination)}"},
+                                     {"role": "assistant", "content": answer}]})
+    return records
+
+
+def preferences_safety(rng: random.Random) -> list[dict]:
+    """The safety reward model's mix, as LLaMA-2 trains it on safety data with some helpfulness data: every safety
+    pair of `preferences` and as many of its helpfulness pairs (the first ones)."""
+    pairs = preferences(random.Random(_seed("preferences")))
+    safety = [p for p in pairs if p["safety"]]
+    return safety + [p for p in pairs if not p["safety"]][:len(safety)]
+
+
 DATASETS = {
     "instructions": instructions,
     "dialogues_sharegpt": dialogues_sharegpt,
@@ -417,14 +568,22 @@ DATASETS = {
     "preferences": preferences,
     "prompts": prompts,
     "arithmetic": arithmetic,
+    "arithmetic_sft": arithmetic_sft,
+    "instruction_following": instruction_following,
+    "preferences_safety": preferences_safety,
 }
+
+
+def _seed(name: str) -> int:
+    """The seed of dataset `name`: 1000 + its place in `DATASETS`."""
+    return 1000 + list(DATASETS).index(name)
 
 
 def render_all() -> dict[str, str]:
     """File name -> JSONL text of every demo dataset."""
     out = {}
-    for i, (name, make) in enumerate(DATASETS.items()):
-        records = make(random.Random(1000 + i))
+    for name, make in DATASETS.items():
+        records = make(random.Random(_seed(name)))
         out[f"{name}.jsonl"] = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     return out
 

@@ -263,7 +263,9 @@ def test_folder_without_data_files(tmp_path):
 
 
 def test_unknown_demo_dataset():
-    with pytest.raises(JaxalignError, match="no such demo dataset; available: arithmetic, dialogues_messages"):
+    with pytest.raises(JaxalignError,
+                       match="no such demo dataset; available: arithmetic, arithmetic_sft, dialogues_messages, "
+                             "dialogues_sharegpt, instruction_following, instructions"):
         load_source(SourceSpec("demo:nothing"))
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from jaxalign.data.config import SourceSpec
 from jaxalign.data.sources import DEMO_DIR, load_source
-from jaxalign.demo_data.generate import CAPITALS, OPPOSITES, PLURALS, arithmetic, render_all
+from jaxalign.demo_data.generate import CAPITALS, OPPOSITES, PLURALS, arithmetic, arithmetic_scratchpad, render_all
 
 EXPECTED = {
     "instructions": ("alpaca", 480),
@@ -16,6 +16,9 @@ EXPECTED = {
     "preferences": ("preference", 420),
     "prompts": ("prompt", 320),
     "arithmetic": ("prompt", 400),
+    "arithmetic_sft": ("alpaca", 3600),
+    "instruction_following": ("messages", 480),
+    "preferences_safety": ("preference", 168),
 }
 
 
@@ -109,18 +112,21 @@ def test_dialogue_later_turns_follow_from_earlier_ones():
             assert turns[3]["value"] == f"{total} * {k} = {total * k}."
 
 
+def _operands(prompt: str) -> tuple[int, str, int]:
+    """(a, op, b) of an arithmetic prompt in one of demo:arithmetic's phrasings."""
+    words = {"plus": "+", "minus": "-", "times": "*"}
+    if m := re.fullmatch(r"(?:What is|Calculate) (\d+) ([-+*]|plus|minus|times) (\d+)[?.]", prompt):
+        return int(m[1]), words.get(m[2], m[2]), int(m[3])
+    m = re.fullmatch(r"Add the two numbers\.\n\n(\d+) and (\d+)", prompt)
+    assert m, prompt
+    return int(m[1]), "+", int(m[2])
+
+
 def test_arithmetic_answers_are_right_and_phrased_as_the_instructions():
     records = _records("arithmetic")
-    words = {"plus": "+", "minus": "-", "times": "*"}
     ops = Counter()
     for record in records:
-        prompt = record["prompt"]
-        if m := re.fullmatch(r"(?:What is|Calculate) (\d+) ([-+*]|plus|minus|times) (\d+)[?.]", prompt):
-            a, op, b = int(m[1]), words.get(m[2], m[2]), int(m[3])
-        else:
-            m = re.fullmatch(r"Add the two numbers\.\n\n(\d+) and (\d+)", prompt)
-            assert m, prompt
-            a, op, b = int(m[1]), "+", int(m[2])
+        a, op, b = _operands(record["prompt"])
         assert record["answer"] == str(eval(f"{a} {op} {b}"))
         assert int(record["answer"]) >= 0 and max(a, b) <= (9 if op == "*" else 99)
         ops[op] += 1
@@ -132,6 +138,73 @@ def test_arithmetic_answers_are_right_and_phrased_as_the_instructions():
     assert len(instruction_like) > len(records) / 2
 
 
+def _problem(a: int, op: str, b: int) -> tuple:
+    return (op, *sorted((a, b))) if op in "+*" else (op, a, b)
+
+
+def test_arithmetic_sft_answers_are_right_worked_solutions_to_unseen_problems():
+    records = _records("arithmetic_sft")
+    rl_problems = {_problem(*_operands(r["prompt"])) for r in _records("arithmetic")}
+    rl_prompts = {r["prompt"] for r in _records("arithmetic")}
+    ops, problems = Counter(), set()
+    for record in records:
+        assert set(record) == {"instruction", "input", "output"} and record["input"] == ""
+        a, op, b = _operands(record["instruction"])
+        result = eval(f"{a} {op} {b}")
+        assert result >= 0 and max(a, b) <= 99 and (op != "*" or b <= 9)
+        # "a op b: step, step, so result", each step a right single-digit fact (or a carry added to a product)
+        head = f"{a:02d} * {b}" if op == "*" else f"{a} {op} {b}"
+        m = re.fullmatch(rf"{re.escape(head)}: (.*), so {result}", record["output"])
+        assert m, record
+        steps = m[1].split(", ")
+        assert len(steps) == (3 if op == "*" else 2), record
+        for step in steps:
+            lhs, rhs = step.split("=")
+            assert re.fullmatch(r"\d+(?:[-+*]\d+)+", lhs) and eval(lhs) == int(rhs), record
+        assert record["output"] == arithmetic_scratchpad(a, op, b)
+        # no problem of demo:arithmetic, in either order of a commutative operation's operands
+        assert _problem(a, op, b) not in rl_problems, record
+        assert record["instruction"] not in rl_prompts
+        ops[op] += 1
+        problems.add(_problem(a, op, b))
+    assert (ops["+"], ops["-"], ops["*"]) == (1600, 1600, 400)
+    # addition and subtraction problems do not repeat; multiplication repeats, in another phrasing
+    assert len(problems) == 3200 + len({p for p in problems if p[0] == "*"})
+    assert len({r["instruction"] for r in records}) > 0.9 * len(records)
+    # the same phrasings as demo:arithmetic, in about the same shares
+    phrasing = Counter(re.sub(r"\d+", "N", r["instruction"]).replace("minus", "-").replace("plus", "+")
+                       .replace("times", "*").replace("-", "+").replace("*", "+") for r in records)
+    assert set(phrasing) == {"What is N + N?", "Calculate N + N.", "Add the two numbers.\n\nN and N"}
+    assert phrasing["What is N + N?"] > len(records) / 2
+
+
+def test_arithmetic_scratchpad_examples():
+    assert arithmetic_scratchpad(44, "+", 63) == "44 + 63: 4+3=7, 4+6+0=10, so 107"
+    assert arithmetic_scratchpad(7, "+", 5) == "7 + 5: 7+5=12, 0+0+1=1, so 12"
+    assert arithmetic_scratchpad(92, "-", 46) == "92 - 46: 12-6=6, 9-4-1=4, so 46"
+    assert arithmetic_scratchpad(52, "-", 46) == "52 - 46: 12-6=6, 5-4-1=0, so 6"
+    assert arithmetic_scratchpad(23, "*", 4) == "23 * 4: 3*4=12, 2*4=8, 8+1=9, so 92"
+    assert arithmetic_scratchpad(6, "*", 3) == "06 * 3: 6*3=18, 0*3=0, 0+1=1, so 18"
+
+
 def test_arithmetic_is_deterministic():
     assert arithmetic(random.Random(7)) == arithmetic(random.Random(7))
     assert render_all()["arithmetic.jsonl"] == render_all()["arithmetic.jsonl"]
+
+
+def test_instruction_following_answers_follow_the_instructions_of_their_turn():
+    from jaxalign import gatt
+
+    checkable = [i for i in gatt.BUILTIN if i.check]
+    for record in _records("instruction_following"):
+        user, answer = (m["content"] for m in record["messages"])
+        given = [i for i in checkable if user.endswith(i.text) or f"{i.text} " in user]
+        assert 1 <= len(given) <= 2 and len({i.kind for i in given}) == len(given)
+        assert gatt.follows(answer, given), (user, answer)
+
+
+def test_the_safety_mix_holds_every_safety_pair_and_as_many_helpful_ones():
+    pairs, mix = _records("preferences"), _records("preferences_safety")
+    safety = [p for p in pairs if p["safety"]]
+    assert mix[:len(safety)] == safety and len(mix) == 2 * len(safety)
+    assert not any(p["safety"] for p in mix[len(safety):])
