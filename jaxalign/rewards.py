@@ -269,8 +269,9 @@ def build_reward(section, data_config, mesh_config, dtype: str = "float32", para
                  whitened: bool = True):
     """(`reward(context, prompts, responses, metadata) -> scores [B]`, the frozen reward models the loop or
     `jaxalign.train.loop.inference` must load onto the mesh, by name) for a `RewardSection`: a function, one
-    reward model (`reward`), or LLaMA-2's pair (`reward_helpful`, `reward_safety`; `whitened=False` scores each
-    sample by the chosen model's raw score instead of whitening over the batch). Reward models read
+    reward model (`reward`), or LLaMA-2's pair (`reward_helpful`, `reward_safety`; `whitened=False`, here or as a
+    keyword of a call, scores each sample by the chosen model's raw score instead of whitening over the batch, e.g.
+    to report rewards that compare across batches). Reward models read
     `context.frozen[name]`, render with `section.template` (default: `data_config.template`), in `dtype` /
     `param_dtype`. Raises `JaxalignError` naming `reward` for a folder that is not a reward model."""
     from jaxalign.config import ModelSection
@@ -280,7 +281,7 @@ def build_reward(section, data_config, mesh_config, dtype: str = "float32", para
 
     if section.function:
         fn = function_reward(section.function)
-        return (lambda context, prompts, responses, metadata: fn(prompts, responses, metadata)), {}
+        return (lambda context, prompts, responses, metadata, whitened=whitened: fn(prompts, responses, metadata)), {}
     paths = {"reward": section.model} if section.model else {"reward_helpful": section.helpful,
                                                             "reward_safety": section.safety}
     frozen, tokenizers = {}, {}
@@ -294,7 +295,7 @@ def build_reward(section, data_config, mesh_config, dtype: str = "float32", para
     rendering = dataclasses.replace(data_config, template=section.template or data_config.template)
     scorers: dict[str, ModelReward] = {}
 
-    def reward(context, prompts, responses, metadata):
+    def reward(context, prompts, responses, metadata, whitened=whitened):
         for name, model in frozen.items():
             if name not in scorers or scorers[name].params is not context.frozen[name]:
                 scorers[name] = ModelReward(model.model, context.frozen[name], tokenizers[name], rendering,

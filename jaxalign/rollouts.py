@@ -162,14 +162,17 @@ def prompt_metadata(example) -> dict:
 
 def decode_responses(tokenizer, tokens: np.ndarray, lengths: np.ndarray, stop_token_ids: np.ndarray
                      ) -> tuple[list[str], np.ndarray]:
-    """(response texts without their end token, whether each ended with a stop token) from host arrays."""
+    """(response texts without their end token, whether each ended with a stop token) from host arrays. A text is
+    stripped of the whitespace around it: the spaces a template puts between the prompt and the answer and before
+    the end token ("[/INST] answer </s>") belong to the template, not to the answer the reward or a training set
+    reads (which renders them again)."""
     texts, ended = [], np.zeros(len(lengths), bool)
     for row, (ids, n) in enumerate(zip(tokens, lengths)):
         ids = list(ids[:n])
         if ids and ids[-1] in stop_token_ids:
             ended[row] = True
             ids = ids[:-1]
-        texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+        texts.append(tokenizer.decode(ids, skip_special_tokens=True).strip())
     return texts, ended
 
 

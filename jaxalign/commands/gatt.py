@@ -6,8 +6,9 @@
    styles, languages; or a JSONL file), drawn from the seed.
 2. The policy (`model.path`) samples the assistant replies turn by turn (its own earlier replies in the context) with
    the instruction appended to every user turn, at `generation.temperature`, `gatt.prompts_per_batch` dialogues at a
-   time. With `gatt.require_following` (default) a dialogue is cut at its first reply that fails the
-   instruction's check (instructions without a check always pass).
+   time, `gatt.samples_per_turn` replies per turn of which the first that follows the instruction is kept. With
+   `gatt.require_following` (default) a dialogue is cut at a turn where none does (instructions without a check
+   always pass).
 3. The training set `OUTPUT_DIR/gatt_train.jsonl` gets, for every answered user turn t >= 2, the dialogue up to turn
    t with the instruction in the first user turn only and the sampled replies as the assistant turns; the policy is
    fine-tuned on it with the loss on the last assistant turn only (`data.mask: last_turn`) through the one loop, in
@@ -37,12 +38,14 @@ from jaxalign.train.command import (add_run_arguments, export_model, on_primary,
 @dataclass(frozen=True)
 class GAttSettings:
     """`instructions` (`builtin` or a JSONL file of `{kind, instruction, check?}`), `max_combined` instructions per
-    dialogue, `prompts_per_batch` dialogues sampled together, `require_following`: cut a dialogue at the first
-    sampled reply that fails the instruction's check; `eval_turns`: the user turns answered in the evaluation."""
+    dialogue, `prompts_per_batch` dialogues sampled together, `samples_per_turn` replies drawn per turn (the first
+    that follows is kept), `require_following`: cut a dialogue at a turn where no sampled reply passes the
+    instruction's check; `eval_turns`: the user turns answered in the evaluation."""
 
     instructions: str = "builtin"
     max_combined: int = 2
     prompts_per_batch: int = 16
+    samples_per_turn: int = 1
     require_following: bool = True
     eval_turns: int = 3
 
@@ -58,7 +61,7 @@ class GAttConfig(RunConfig):
     gatt: GAttSettings = field(default_factory=GAttSettings)
 
     def __post_init__(self):
-        for key in ("max_combined", "prompts_per_batch"):
+        for key in ("max_combined", "prompts_per_batch", "samples_per_turn"):
             if getattr(self.gatt, key) < 1:
                 raise JaxalignError(f"config key 'gatt.{key}': expected >= 1, got {getattr(self.gatt, key)}")
         if self.gatt.eval_turns < 2:
@@ -97,7 +100,8 @@ def train_gatt(config: GAttConfig, allow_config_change: bool = False) -> int:
     if not training_set.is_file():
         rng = random.Random(config.seed)
         combinations = [gatt.combine(rng, instructions, config.gatt.max_combined) for _ in dialogues]
-        records = sample_training_set(responder, config.model, dialogues, combinations, config.gatt.require_following)
+        records = sample_training_set(responder, config.model, dialogues, combinations, config.gatt.require_following,
+                                      config.gatt.samples_per_turn)
         if not records:
             raise JaxalignError("no GAtt training example: every first reply failed its instruction's check (set "
                                 "gatt.require_following=false, or start from a policy that follows instructions)")
@@ -134,15 +138,17 @@ def train_gatt(config: GAttConfig, allow_config_change: bool = False) -> int:
     return 0
 
 
-def sample_training_set(responder, section, dialogues, combinations, require_following: bool) -> list[dict]:
+def sample_training_set(responder, section, dialogues, combinations, require_following: bool,
+                        samples: int = 1) -> list[dict]:
     """The GAtt training records (`jaxalign.gatt.training_example`) of every answered turn t >= 2 of `dialogues`,
-    replies sampled by the policy `section` with each dialogue's instruction in every user turn."""
+    replies sampled by the policy `section` (`samples` per turn) with each dialogue's instruction in every user
+    turn."""
     from jaxalign import gatt
 
     texts = [gatt.text_of(c) for c in combinations]
     replies = responder.converse(section, dialogues, texts, every_turn=True, greedy=False,
                                  keep=(lambda i, reply: gatt.follows(reply, combinations[i])) if require_following
-                                 else None)
+                                 else None, samples=samples)
     return [gatt.training_example(dialogues[i], replies[i][:t], texts[i])
             for i in range(len(dialogues)) for t in range(2, len(replies[i]) + 1)]
 
@@ -169,10 +175,11 @@ class Responder:
         self.config, self.tokenizer, self.added = config, tokenizer, added
 
     def converse(self, section: ModelSection, dialogues, instructions, *, every_turn: bool, greedy: bool,
-                 turns: int | None = None, keep=None) -> list[list[str]]:
+                 turns: int | None = None, keep=None, samples: int = 1) -> list[list[str]]:
         """The replies of the policy `section` to the user turns of each dialogue (its own earlier replies in the
         context; at most `turns`), `instructions[i]` appended to the first user turn of dialogue i or to every one.
-        A dialogue stops at a blank reply, at one `keep(i, reply)` rejects, and when it has no more user turns."""
+        Each turn draws `samples` replies and keeps the first that is not blank and that `keep(i, reply)` accepts;
+        a dialogue stops at a turn with none, and when it has no more user turns."""
         import jax
 
         from jaxalign import gatt
@@ -194,7 +201,7 @@ class Responder:
         limit = turns or max(gatt.user_turns(d) for d in dialogues)
         key = jax.random.PRNGKey(c.seed)
         with inference(c, {"policy": Frozen(policy, source.load)}) as context:
-            check_rows(context, c.gatt.prompts_per_batch, "gatt.prompts_per_batch")
+            check_rows(context, c.gatt.prompts_per_batch * samples, "gatt.prompts_per_batch")
             for turn in range(1, limit + 1):
                 active = [i for i in active if gatt.user_turns(dialogues[i]) >= turn]
                 if not active:
@@ -205,17 +212,17 @@ class Responder:
                                     seq_len=c.train.seq_len - c.generation.max_new_tokens, split="eval",
                                     sources=[SourceData(SourceSpec("gatt"), "prompt", examples)])
                 dialogue_of = {id(example): i for example, i in zip(examples, active)}
-                answered = {}
+                answered: dict[int, list[str]] = {}
                 for index, local in enumerate(loader):
                     answers = respond(sampler, context.frozen["policy"], self.tokenizer, loader, local, context,
-                                      jax.random.fold_in(key, turn * 100_003 + index), greedy=greedy)
+                                      jax.random.fold_in(key, turn * 100_003 + index), repeat=samples, greedy=greedy)
                     for example, text in zip(answers.examples, answers.texts):
-                        answered[dialogue_of[id(example)]] = text
+                        answered.setdefault(dialogue_of[id(example)], []).append(text)
                 still = []
                 for i in active:
-                    reply = answered.get(i, "")
-                    if reply.strip() and (keep is None or keep(i, reply)):
-                        replies[i].append(reply)
+                    kept = [r for r in answered.get(i, []) if r.strip() and (keep is None or keep(i, r))]
+                    if kept:
+                        replies[i].append(kept[0])
                         still.append(i)
                 active = still
         return replies

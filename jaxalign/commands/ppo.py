@@ -143,7 +143,8 @@ def critic_source(config: PPOConfig, tokenizer, added):
 
 def evaluator(config: PPOConfig, source, eval_data, tokenizer):
     """`evaluate(context)`: greedy responses to the eval prompts (`train.eval_batches` batches, all when 0), their
-    mean reward and KL to the reference; the first batch's samples appended to OUTPUT_DIR/eval_samples.jsonl."""
+    mean reward (LLaMA-2's pair: the chosen model's raw score, not whitened over the batch) and KL to the
+    reference; the first batch's samples appended to OUTPUT_DIR/eval_samples.jsonl."""
     import itertools
 
     import jax
@@ -163,7 +164,8 @@ def evaluator(config: PPOConfig, source, eval_data, tokenizer):
             answers = respond(source.sampler, policy_params, tokenizer, loader, local, context,
                               jax.random.PRNGKey(0), greedy=True)
             scores = np.asarray(source.reward(context, [prompt_messages(e) for e in answers.examples], answers.texts,
-                                              [prompt_metadata(e) for e in answers.examples]), np.float32)
+                                              [prompt_metadata(e) for e in answers.examples], whitened=False),
+                                np.float32)
             zeros = jax.device_put(np.zeros(len(answers.real), np.float32),
                                    shd.batch_sharding(context.mesh, context.rules, 1))
             if source._jitted is None:
