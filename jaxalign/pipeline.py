@@ -188,11 +188,13 @@ def _report_ppo(folder: Path, png: Path) -> list[str]:
     reward = [(m["step"], m["reward_mean"]) for m in metrics if "reward_mean" in m]
     kl = [(m["step"], m["kl"]) for m in metrics if "kl" in m]
     eval_reward = [(m["step"], m["eval_reward_mean"]) for m in metrics if "eval_reward_mean" in m]
-    _plot(png, [("reward", [("reward_mean", reward), ("eval_reward_mean", eval_reward)]), ("KL", [("kl", kl)])],
-          "step")
-    out = [f"Reward {_first_last(reward)}; KL to the reference {_first_last(kl)}."]
+    eval_kl = [(m["step"], m["eval_kl"]) for m in metrics if "eval_kl" in m]
+    _plot(png, [("reward", [("eval_reward_mean (greedy)", eval_reward), ("reward_mean (trained on)", reward)]),
+                ("KL to the reference", [("eval_kl (greedy)", eval_kl), ("kl (samples)", kl)])], "step")
+    out = [f"Reward trained on {_first_last(reward)} (LLaMA-2's pair whitens it over each iteration); KL of the "
+           f"samples to the reference {_first_last(kl)}."]
     if eval_reward:
-        out.append(f"Greedy eval reward {_first_last(eval_reward)}.")
+        out.append(f"Greedy eval reward {_first_last(eval_reward)}; its KL {_first_last(eval_kl)}.")
     return out
 
 
@@ -246,6 +248,7 @@ REPORTERS = {"sft": _report_sft, "rm": _report_rm, "rs": _report_rs, "ppo": _rep
 
 def _plot(png: Path, panels: list[tuple[str, list[tuple[str, list]]]], x_label: str) -> None:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.5), squeeze=False)
     for axis, (title, series) in zip(axes[0], panels):
@@ -254,6 +257,7 @@ def _plot(png: Path, panels: list[tuple[str, list[tuple[str, list]]]], x_label: 
                 xs, ys = zip(*points)
                 axis.plot(xs, ys, marker="o" if len(points) < 12 else None, label=label)
         axis.set_xlabel(x_label)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_title(title)
         axis.legend()
     figure.tight_layout()
