@@ -15,6 +15,7 @@ import dataclasses
 import importlib
 import inspect
 import re
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
@@ -276,7 +277,7 @@ def build_reward(section, data_config, mesh_config, dtype: str = "float32", para
     `param_dtype`. Raises `JaxalignError` naming `reward` for a folder that is not a reward model."""
     from jaxalign.config import ModelSection
     from jaxalign.data.tokenizer import load_tokenizer
-    from jaxalign.models.loading import model_source
+    from jaxalign.models.loading import model_source, read_stored_model
     from jaxalign.train.algorithm import Frozen
 
     if section.function:
@@ -286,10 +287,12 @@ def build_reward(section, data_config, mesh_config, dtype: str = "float32", para
                                                             "reward_safety": section.safety}
     frozen, tokenizers = {}, {}
     for name, path in paths.items():
+        key = "reward." + {"reward": "model", "reward_helpful": "helpful", "reward_safety": "safety"}[name]
         source = model_source(ModelSection(path=path, dtype=dtype, param_dtype=param_dtype), head="score",
                               mesh=mesh_config)
-        if source.head != "score" or source.load is None:
-            raise JaxalignError(f"config key 'reward': {path} is not a reward model")
+        if source.adapter is not None or read_stored_model(Path(path))[1] != "score":
+            raise JaxalignError(f"config key '{key}': {path} is not a reward model (a sequence classifier with one "
+                                "score, as `jaxalign rm` exports); a causal LM would be scored by an untrained head")
         frozen[name] = Frozen(source.module(), source.load)
         tokenizers[name] = load_tokenizer(path)
     rendering = dataclasses.replace(data_config, template=section.template or data_config.template)

@@ -98,6 +98,12 @@ def test_a_crashed_run_continues_its_round_and_matches_the_uninterrupted_run(fin
     assert sampled == [1, 2]
 
 
+def test_a_causal_lm_as_reward_model_is_refused(finished_run, tmp_path):
+    policy = finished_run[0] / "hf"
+    with pytest.raises(JaxalignError, match=f"config key 'reward.model': {policy} is not a reward model"):
+        train_rs(config(tmp_path, finished_run[1], "reward.function=null", f"reward.model={policy}"))
+
+
 @pytest.mark.parametrize("override, message", [
     ("rs.samples_per_prompt=1", "rs.samples_per_prompt': choosing the best needs at least 2"),
     ("rs.rounds=0", "rs.rounds': expected >= 1"),
