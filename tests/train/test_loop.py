@@ -42,8 +42,10 @@ class Driver:
                               timeout=300)
 
     def start(self, out: Path, *args: str) -> subprocess.Popen:
+        # SIGINT as an interactive shell leaves it: a suite started in the background inherits it ignored
         return subprocess.Popen(self.command(out, "--step-delay", "0.3", *args), env=self.env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def handles_sigterm(proc: subprocess.Popen) -> bool:
