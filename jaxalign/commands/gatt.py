@@ -82,6 +82,7 @@ def train_gatt(config: GAttConfig, allow_config_change: bool = False) -> int:
     """Builds the GAtt training set, fine-tunes on it and evaluates before / after; 0 when done."""
     from jaxalign import gatt
     from jaxalign.commands.sft import SFTConfig, train_sft
+    from jaxalign.rollouts import prompt_messages
     from jaxalign.train import run_dir
     from jaxalign.train.command import build_loaders
 
@@ -91,7 +92,7 @@ def train_gatt(config: GAttConfig, allow_config_change: bool = False) -> int:
     instructions = gatt.load_instructions(config.gatt.instructions)
     tokenizer, added = run_tokenizer(config)
     train_loader, eval_data = build_loaders(config.data, tokenizer, config.train)
-    dialogues = [_messages(e) for e in train_loader.examples if _is_dialogue(e)]
+    dialogues = [prompt_messages(e) for e in train_loader.examples if _is_dialogue(e)]
     if not dialogues:
         raise JaxalignError("config key 'data.train': no dialogue with two or more user turns (GAtt needs multi-turn "
                             "conversations, e.g. demo:dialogues_messages)")
@@ -114,7 +115,7 @@ def train_gatt(config: GAttConfig, allow_config_change: bool = False) -> int:
                         checkpoint=config.checkpoint, mesh=config.mesh, model=config.model, data=data))
     evaluation = out / "gatt_eval.jsonl"
     if eval_data is not None and not evaluation.is_file():
-        eval_dialogues = [_messages(e) for e in eval_data().examples if _is_dialogue(e)]
+        eval_dialogues = [prompt_messages(e) for e in eval_data().examples if _is_dialogue(e)]
         rng = random.Random(config.seed + 1)
         checkable = [i for i in instructions if i.check]
         if not checkable:
@@ -230,7 +231,3 @@ class Responder:
 
 def _is_dialogue(example) -> bool:
     return hasattr(example, "messages") and sum(m.role == "user" for m in example.messages) >= 2
-
-
-def _messages(example) -> list[dict]:
-    return [{"role": m.role, "content": m.text()} for m in example.messages]
