@@ -41,12 +41,16 @@ def sequence_logprob_fn(model):
     """Jitted `(params, ids [B, L], segment_ids [B, L]) -> [B]` sum of log p(token t | tokens < t) for t >= 1."""
     import jax
 
-    from jaxalign.objectives.logprobs import sequence_log_probs, token_log_probs
+    import jax.numpy as jnp
+
+    from jaxalign.objectives.logprobs import model_token_log_probs, sequence_log_probs
 
     @jax.jit
     def sequence_logprobs(params, ids, segment_ids):
-        logits = model.apply({"params": params}, ids, segment_ids=segment_ids)
-        total, _ = sequence_log_probs(token_log_probs(logits[:, :-1], ids[:, 1:]), segment_ids[:, 1:])
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1] - 1, dtype=jnp.int32), (ids.shape[0], ids.shape[1] - 1))
+        batch = {"input_ids": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": segment_ids[:, :-1],
+                 "positions": positions}
+        total, _ = sequence_log_probs(model_token_log_probs(model, params, batch), segment_ids[:, 1:])
         return total
 
     return sequence_logprobs

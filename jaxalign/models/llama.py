@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.errors import JaxalignError
+from jaxalign.models import attention
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
@@ -42,7 +43,6 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
 }
-MASK_VALUE = -1e30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +70,13 @@ class LlamaConfig:
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     remat: Literal["none", "full", "dots", "dots_no_batch", "nothing_saveable"] = "none"
     scan_layers: bool = True
+    # How attention is computed (`jaxalign.models.attention`): "dense", "blockwise" in `attention_block`-sized
+    # tiles, or "auto" (blockwise once query and key lengths both exceed `attention_block`).
+    attention: Literal["auto", "dense", "blockwise"] = "auto"
+    attention_block: int = 512
+    # Positions per slice when log-probs are computed from hidden states (`jaxalign.objectives.logprobs`); None
+    # picks slices whose float32 logits hold about 2**25 values.
+    logits_chunk_length: int | None = None
     residual_dropout: tuple[float, float] = (0.0, 0.0)
     # Low-rank adapters (`jaxalign.models.lora`): rank 0 = none; set them with `lora.apply_to`.
     lora_rank: int = 0
@@ -98,6 +105,14 @@ class LlamaConfig:
                 raise JaxalignError(
                     f"model config: rope_scaling.rope_type={rope_type!r} is not supported; expected one of {ROPE_TYPES}"
                 )
+        if self.attention not in attention.IMPLEMENTATIONS:
+            raise JaxalignError(
+                f"model config: attention={self.attention!r}; expected one of {attention.IMPLEMENTATIONS}"
+            )
+        for key in ("attention_block", "logits_chunk_length"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise JaxalignError(f"model config: {key}={value!r}; expected a positive integer")
         if len(self.residual_dropout) != 2 or not all(0.0 <= r < 1.0 for r in self.residual_dropout):
             raise JaxalignError(
                 f"model config: residual_dropout={self.residual_dropout!r}; expected (first_layer_rate, "
@@ -207,25 +222,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention_mask(
-    config: LlamaConfig,
-    query_segments: jax.Array,
-    query_positions: jax.Array,
-    query_slots: jax.Array,
-    key_segments: jax.Array,
-    key_positions: jax.Array,
-    key_slots: jax.Array,
-) -> jax.Array:
-    """Boolean `[B, Lq, Lk]`: same non-zero segment, key slot <= query slot, and within the sliding window."""
-    same_segment = (query_segments[:, :, None] == key_segments[:, None, :]) & (query_segments[:, :, None] != 0)
-    causal = key_slots[None, None, :] <= query_slots[None, :, None]
-    mask = same_segment & causal
-    if config.sliding_window is not None:
-        distance = query_positions[:, :, None] - key_positions[:, None, :]
-        mask = mask & (distance < config.sliding_window)
-    return mask
-
-
 def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype: Any = None) -> dict:
     """An empty KV cache: `k`, `v` `[num_layers, B, max_length, num_kv_heads, head_dim]`, `segment_ids` and
     `positions` `[B, max_length]` (segment 0 marks an empty slot) and `index`, the next slot to write."""
@@ -330,7 +326,7 @@ class Attention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_kv=None, cache_index=None):
+    def __call__(self, x, cos, sin, masking, cache_kv=None, cache_index=None):
         cfg = self.config
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         batch, length = x.shape[:2]
@@ -356,18 +352,12 @@ class Attention(nn.Module):
             new_kv = (k, v)
             k, v = k.astype(q.dtype), v.astype(q.dtype)
 
-        # Head-major q/k/v: both attention matmuls and their gradients then contract the minor dimension of the
-        # [L, S] score tensors, so XLA transposes the small [L, head_dim] operands instead of the scores.
-        groups = heads // kv_heads
-        q = q.reshape(batch, length, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
-        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        scores = jnp.einsum("bkgld,bksd->bkgls", q, k).astype(jnp.float32) * (head_dim**-0.5)
-        valid = mask[:, None, None, :, :]
-        scores = jnp.where(valid, scores, MASK_VALUE)
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = jnp.where(jnp.any(valid, axis=-1, keepdims=True), probs, 0.0).astype(v.dtype)
-        out = jnp.einsum("bkgls,bksd->lbkgd", probs, v)
-        out = out.transpose(1, 0, 2, 3, 4).reshape(batch * length, heads, head_dim)
+        q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+        mask, mask_inputs = masking
+        if mask is not None:
+            out = attention.dense_attention(q, k, v, mask)
+        else:
+            out = attention.blockwise_attention(q, k, v, mask_inputs, cfg.sliding_window, cfg.attention_block)
         out = _project(self, out, cfg.hidden_size, ("heads", "head_dim", "embed"), "o_proj", axis=(-2, -1),
                        deterministic=det)
         out = out.reshape(batch, length, cfg.hidden_size)
@@ -409,11 +399,11 @@ class DecoderLayer(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, hidden, per_layer, cos, sin, mask, cache_index):
+    def __call__(self, hidden, per_layer, cos, sin, masking, cache_index):
         dropout_rate, cache_kv = per_layer
         residual = hidden
         attn_out, new_kv = Attention(self.config, self.deterministic, name="self_attn")(
-            RMSNorm(self.config, name="input_layernorm")(hidden), cos, sin, mask, cache_kv, cache_index
+            RMSNorm(self.config, name="input_layernorm")(hidden), cos, sin, masking, cache_kv, cache_index
         )
         hidden = residual + _residual_dropout(self, attn_out, dropout_rate, self.deterministic)
         mlp_out = MLP(self.config, self.deterministic, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(hidden))
@@ -463,7 +453,7 @@ class LlamaModel(nn.Module):
         query_slots = start + jnp.arange(length, dtype=jnp.int32)
 
         if cache is None:
-            mask = attention_mask(cfg, segment_ids, positions, query_slots, segment_ids, positions, query_slots)
+            mask_inputs = attention.MaskInputs(segment_ids, positions, query_slots, segment_ids, positions, query_slots)
             layer_cache = None
             new_cache = None
         else:
@@ -471,9 +461,15 @@ class LlamaModel(nn.Module):
             cache_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, start, axis=1)
             cache_positions = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, start, axis=1)
             key_slots = jnp.arange(cache_segments.shape[1], dtype=jnp.int32)
-            mask = attention_mask(cfg, segment_ids, positions, query_slots, cache_segments, cache_positions, key_slots)
+            mask_inputs = attention.MaskInputs(segment_ids, positions, query_slots, cache_segments, cache_positions,
+                                               key_slots)
             layer_cache = (cache["k"], cache["v"])
             new_cache = {"segment_ids": cache_segments, "positions": cache_positions, "index": start + length}
+        key_length = mask_inputs.key_slots.shape[0]
+        if attention.choose(cfg.attention, cfg.attention_block, length, key_length) == "dense":
+            masking = (attention.attention_mask(mask_inputs, cfg.sliding_window), mask_inputs)
+        else:
+            masking = (None, mask_inputs)
 
         cos, sin = rope_tables(cfg, positions)
         embed_tokens = nn.Embed(
@@ -499,14 +495,14 @@ class LlamaModel(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             hidden, new_kv = scanned(cfg, deterministic, name="layers")(
-                hidden, (rates, layer_cache), cos, sin, mask, start
+                hidden, (rates, layer_cache), cos, sin, masking, start
             )
         else:
             outputs = []
             for i in range(cfg.num_layers):
                 kv = None if cache is None else (cache["k"][i], cache["v"][i])
                 hidden, kv = layer_cls(cfg, deterministic, name=f"layers_{i}")(
-                    hidden, (rates[i], kv), cos, sin, mask, start
+                    hidden, (rates[i], kv), cos, sin, masking, start
                 )
                 outputs.append(kv)
             new_kv = None if cache is None else tuple(jnp.stack(parts) for parts in zip(*outputs))
@@ -553,6 +549,11 @@ class LlamaForCausalLM(nn.Module):
         hidden, new_cache = (out, None) if cache is None else out
         logits = self.logits(hidden)
         return logits if cache is None else (logits, new_cache)
+
+    def hidden_states(self, input_ids, positions=None, segment_ids=None, deterministic=True):
+        """The trunk's final hidden states `[B, L, hidden]` in the compute dtype: `logits` of them are the logits
+        of `__call__` (`jaxalign.objectives.logprobs` applies the head to a slice of positions at a time)."""
+        return self.model(input_ids, positions, segment_ids, None, deterministic)
 
     def logits(self, hidden):
         """Float32 logits `[..., vocab]` from final hidden states `[..., hidden]` (the tied embedding or the head);

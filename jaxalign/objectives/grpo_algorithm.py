@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxalign import sharding as shd
 from jaxalign.objectives import grpo, ppo
-from jaxalign.objectives.logprobs import model_logits, token_log_probs
+from jaxalign.objectives.logprobs import model_token_log_probs, model_token_statistics
 from jaxalign.objectives.ppo_algorithm import RolloutSource
 from jaxalign.rollouts import Sampler
 from jaxalign.train.algorithm import Algorithm, Frozen, Mean, Trainable
@@ -59,12 +59,11 @@ def experience(policy, reference, temperature: float, with_reference: bool) -> C
     def fn(policy_params, reference_params, batch, advantages, row_mask):
         mask = batch["loss_mask"] * row_mask[:, None].astype(batch["loss_mask"].dtype)
         valid = mask != 0
-        old_logp = token_log_probs(model_logits(policy, policy_params, batch), batch["targets"], temperature)
+        old_logp = model_token_log_probs(policy, policy_params, batch, temperature=temperature)
         out = {**batch, "loss_mask": mask, "old_logp": jnp.where(valid, old_logp, 0.0),
                "advantages": jnp.where(valid, advantages[:, None], 0.0)}
         if with_reference:
-            ref_logp = token_log_probs(model_logits(reference, reference_params, batch), batch["targets"],
-                                       temperature)
+            ref_logp = model_token_log_probs(reference, reference_params, batch, temperature=temperature)
             out["ref_logp"] = jnp.where(valid, ref_logp, 0.0)
         return out
 
@@ -78,15 +77,15 @@ def make_loss_fn(policy, settings: GRPOSettings, temperature: float, max_length:
 
     def loss(params, frozen, batch, rng):
         mask = batch["loss_mask"]
-        logits = model_logits(policy, params["policy"], batch)
-        logp = token_log_probs(logits, batch["targets"], temperature)
+        stats = model_token_statistics(policy, params["policy"], batch, temperature=temperature, entropy=True)
+        logp = stats.log_probs
         per_token, clipped = ppo.policy_loss(logp, batch["old_logp"], batch["advantages"], mask, settings.clip_low,
                                              settings.clip_high)
         metrics = {
             "policy_loss": Mean.of(per_token, mask),
             "clipfrac": Mean.of(clipped, mask),
             "approx_kl": Mean.of(ppo.approx_kl(logp, batch["old_logp"]), mask),
-            "entropy": Mean.of(ppo.entropy_from_logits(logits, mask, temperature), mask),
+            "entropy": Mean.of(stats.entropy, mask),
         }
         if settings.kl_beta:
             kl = ppo.kl_penalty(logp, batch["ref_logp"], "k3")

@@ -1,10 +1,12 @@
 """Log-probabilities of given tokens: the one computation behind SFT, scoring, sampling and every RL objective.
 
 `token_log_probs` turns logits into log p(target); `model_token_log_probs` runs the model over an LM batch (the keys
-of `jaxalign.data.packing`) and applies it; `sequence_log_probs` sums the per-token values of each row under a mask.
+of `jaxalign.data.packing`) and applies it, slice by slice of positions (`model_token_statistics` also gives the
+entropy and arg-max match); `sequence_log_probs` sums the per-token values of each row under a mask.
 """
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +36,16 @@ def token_log_probs(logits: jax.Array, targets: jax.Array, temperature: float | 
     return target_logits - log_normaliser
 
 
+class TokenStatistics(NamedTuple):
+    """Per-token values of one forward pass, each float32 `[B, L]`: `log_probs` of the targets, and when asked for
+    the `entropy` of the (temperature-scaled) distribution (0 where the batch's `loss_mask` is 0) and `correct`
+    (1.0 where the target is the arg-max token)."""
+
+    log_probs: jax.Array
+    entropy: jax.Array | None = None
+    correct: jax.Array | None = None
+
+
 def model_token_log_probs(
     model,
     params,
@@ -50,21 +62,84 @@ def model_token_log_probs(
     With `rng` the forward pass runs in training mode (dropout draws from it); with `rng=None` it is
     deterministic, as reference models, PPO's recomputation and evaluation need.
     """
-    return token_log_probs(model_logits(model, params, batch, rng), batch["targets"], temperature)
+    return model_token_statistics(model, params, batch, temperature=temperature, rng=rng).log_probs
 
 
-def model_logits(model, params, batch: Mapping[str, jax.Array], rng: jax.Array | None = None) -> jax.Array:
-    """The logits `[B, L, V]` of one forward pass of `model` over `batch["input_ids"]` with its `positions` and
-    `segment_ids`: in training mode (dropout from `rng`) with an `rng`, deterministic without."""
+def model_token_statistics(
+    model,
+    params,
+    batch: Mapping[str, jax.Array],
+    *,
+    temperature: float | jax.Array = 1.0,
+    rng: jax.Array | None = None,
+    entropy: bool = False,
+    correct: bool = False,
+) -> TokenStatistics:
+    """`model_token_log_probs` plus, on request, the entropy (needs `batch["loss_mask"]`) and the arg-max match of
+    every position, without holding the float32 logits `[B, L, V]` of the whole batch.
+
+    The logits are made from the final hidden states a slice of `model.config.logits_chunk_length` positions at a
+    time (default: about 2**25 logits per slice), and the backward pass recomputes each slice's logits, so a
+    128K-token vocabulary costs `[B, chunk, V]` float32 of memory rather than `[B, L, V]`. `temperature`: a number,
+    or an array broadcastable to `[B, L]`.
+    """
     deterministic = rng is None
-    return model.apply(
+    hidden = model.apply(
         {"params": params},
         batch["input_ids"],
         positions=batch["positions"],
         segment_ids=batch["segment_ids"],
         deterministic=deterministic,
         rngs=None if deterministic else {"dropout": rng},
+        method="hidden_states",
     )
+    batch_size, length = hidden.shape[:2]
+    per_position = {"targets": batch["targets"]}
+    if not isinstance(temperature, (int, float)):
+        per_position["temperature"] = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (batch_size, length))
+    if entropy:
+        per_position["mask"] = batch["loss_mask"]
+
+    def statistics(hidden_slice, values):
+        logits = model.apply({"params": params}, hidden_slice, method="logits")
+        scale = values.get("temperature", temperature)
+        return TokenStatistics(
+            token_log_probs(logits, values["targets"], scale),
+            entropy_from_logits(logits, values["mask"], scale) if entropy else None,
+            (jnp.argmax(logits, axis=-1) == values["targets"]).astype(jnp.float32) if correct else None,
+        )
+
+    chunk = model.config.logits_chunk_length or max(1, 2**25 // (batch_size * model.config.vocab_size))
+    if length <= chunk:
+        return statistics(hidden, per_position)
+    count = -(-length // chunk)
+
+    def slices(x):
+        x = jnp.pad(x, [(0, 0), (0, count * chunk - length)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(batch_size, count, chunk, *x.shape[2:]), 1, 0)
+
+    out = jax.lax.map(jax.checkpoint(lambda args: statistics(*args)),
+                      (slices(hidden), jax.tree.map(slices, per_position)))
+    return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(batch_size, count * chunk)[:, :length], out)
+
+
+def entropy_from_logits(logits: jax.Array, mask: jax.Array | None = None,
+                        temperature: float | jax.Array = 1.0) -> jax.Array:
+    """Entropy `[...]` float32 of `softmax(logits / temperature)` for logits `[..., V]` (any float dtype; e.g.
+    `[B, T, V]` → `[B, T]`), 0 where `mask` (`[...]`, optional) is 0. Vocabulary entries with probability 0
+    (logits -inf) add nothing, and masked slots neither their value nor a NaN gradient.
+    Raises JaxalignError for a temperature <= 0 given as a number."""
+    if isinstance(temperature, (int, float)) and not temperature > 0:
+        raise JaxalignError(f"temperature must be > 0 for an entropy, got {temperature}")
+    logits = jnp.asarray(logits, jnp.float32)
+    valid = jnp.ones(logits.shape[:-1], bool) if mask is None else mask != 0
+    logits = jnp.where(valid[..., None], logits, 0.0)
+    if not (isinstance(temperature, (int, float)) and temperature == 1):
+        logits = logits / jnp.asarray(temperature, jnp.float32)[..., None]
+    log_p = jax.nn.log_softmax(logits, axis=-1)
+    p = jnp.exp(log_p)
+    entropy = -jnp.sum(p * jnp.where(p > 0, log_p, 0.0), axis=-1)
+    return jnp.where(valid, entropy, 0.0)
 
 
 def sequence_log_probs(token_logps: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -15,7 +15,7 @@ only inside `jax.lax.scan`.
 | value loss | `value_loss`: `½ max((V-R)², (V_old + clip(V-V_old, ±c) - R)²)` | Schulman et al. 2017 (baselines) |
 | β | `AdaptiveKLController`, `FixedKLController` | Ziegler et al. 2019; Touvron et al. 2023 §3.2.3 |
 
-Metrics: `masked_mean`, `entropy_from_logits`, `approx_kl`, `explained_variance`. The KL estimators k1, k2, k3 are
+Metrics: `masked_mean`, `approx_kl`, `explained_variance`. The KL estimators k1, k2, k3 are
 those of Schulman's "Approximating KL divergence" (2020).
 """
 
@@ -205,25 +205,6 @@ def value_loss(values: jax.Array, old_values: jax.Array, returns: jax.Array, mas
         clipped = old + jnp.clip(v - old, -clip, clip)
         loss = jnp.maximum(loss, jnp.square(clipped - target))
     return jnp.where(valid, 0.5 * loss, 0.0)
-
-
-def entropy_from_logits(logits: jax.Array, mask: jax.Array | None = None,
-                        temperature: float | jax.Array = 1.0) -> jax.Array:
-    """Entropy `[...]` float32 of `softmax(logits / temperature)` for logits `[..., V]` (any float dtype; e.g.
-    `[B, T, V]` → `[B, T]`), 0 where `mask` (`[...]`, optional) is 0. Vocabulary entries with probability 0
-    (logits -inf) add nothing, and masked slots neither their value nor a NaN gradient.
-    Raises JaxalignError for a temperature <= 0 given as a number."""
-    if isinstance(temperature, (int, float)) and not temperature > 0:
-        raise JaxalignError(f"temperature must be > 0 for an entropy, got {temperature}")
-    logits = jnp.asarray(logits, jnp.float32)
-    valid = jnp.ones(logits.shape[:-1], bool) if mask is None else _valid(mask)
-    logits = jnp.where(valid[..., None], logits, 0.0)
-    if not (isinstance(temperature, (int, float)) and temperature == 1):
-        logits = logits / jnp.asarray(temperature, jnp.float32)[..., None]
-    log_p = jax.nn.log_softmax(logits, axis=-1)
-    p = jnp.exp(log_p)
-    entropy = -jnp.sum(p * jnp.where(p > 0, log_p, 0.0), axis=-1)
-    return jnp.where(valid, entropy, 0.0)
 
 
 def explained_variance(values: jax.Array, returns: jax.Array, mask: jax.Array) -> jax.Array:

@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxalign import sharding as shd
 from jaxalign.objectives import ppo
-from jaxalign.objectives.logprobs import model_logits, token_log_probs
+from jaxalign.objectives.logprobs import model_token_log_probs, model_token_statistics
 from jaxalign.rollouts import Sampler, decode_responses, gather, prompt_messages, prompt_metadata
 from jaxalign.train.algorithm import Algorithm, Frozen, Mean, StepContext, Trainable
 
@@ -74,8 +74,8 @@ def experience(policy, value_model, reference, settings: PPOSettings, temperatur
 
     def fn(policy_params, value_params, reference_params, batch, scores, beta):
         mask = batch["loss_mask"]
-        old_logp = token_log_probs(model_logits(policy, policy_params, batch), batch["targets"], temperature)
-        ref_logp = token_log_probs(model_logits(reference, reference_params, batch), batch["targets"], temperature)
+        old_logp = model_token_log_probs(policy, policy_params, batch, temperature=temperature)
+        ref_logp = model_token_log_probs(reference, reference_params, batch, temperature=temperature)
         values = critic_values(value_model, value_params, batch)
         kl = ppo.kl_penalty(old_logp, ref_logp, settings.kl_kind)
         rewards = ppo.sequence_score_rewards(kl, scores, mask, beta)
@@ -104,13 +104,13 @@ def make_loss_fn(policy, value_model, settings: PPOSettings, temperature: float)
 
     def loss(params, frozen, batch, rng):
         mask = batch["loss_mask"]
-        logits = model_logits(policy, params["policy"], batch)
-        logp = token_log_probs(logits, batch["targets"], temperature)
+        stats = model_token_statistics(policy, params["policy"], batch, temperature=temperature, entropy=True)
+        logp = stats.log_probs
         policy_losses, clipped = ppo.policy_loss(logp, batch["old_logp"], batch["advantages"], mask,
                                                  settings.clip_low, settings.clip_high, settings.dual_clip)
         values = critic_values(value_model, params["value"], batch)
         value_losses = ppo.value_loss(values, batch["old_values"], batch["returns"], mask, settings.value_clip)
-        entropy = ppo.entropy_from_logits(logits, mask, temperature)
+        entropy = stats.entropy
         per_token = policy_losses + settings.vf_coef * value_losses - settings.entropy_coef * entropy
         valid = mask != 0
         count = jnp.sum(valid, dtype=jnp.float32)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.errors import JaxalignError
-from jaxalign.objectives.logprobs import model_logits, token_log_probs
+from jaxalign.objectives.logprobs import model_token_statistics
 from jaxalign.train.algorithm import Algorithm, DataSource, Mean, Trainable
 
 
@@ -29,11 +29,10 @@ def make_loss_fn(model) -> Callable:
     """
 
     def loss_fn(params, batch: Mapping[str, jax.Array], rng: jax.Array | None):
-        logits = model_logits(model, params, batch, rng)
+        stats = model_token_statistics(model, params, batch, rng=rng, correct=True)
         mask = batch["loss_mask"].astype(jnp.float32)
-        targets = batch["targets"]
-        loss_sum = -jnp.sum(token_log_probs(logits, targets) * mask)
-        correct = jnp.sum((jnp.argmax(logits, axis=-1) == targets) * mask)
+        loss_sum = -jnp.sum(stats.log_probs * mask)
+        correct = jnp.sum(stats.correct * mask)
         weight = jnp.sum(mask)
         return Mean(loss_sum, weight), {"correct": Mean(correct, weight)}
 

@@ -22,9 +22,11 @@ def _tokens(batch, length, seed=1, vocab=256):
     return jax.random.randint(jax.random.PRNGKey(seed), (batch, length), 3, vocab)
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["scan", "unrolled"])
+@pytest.fixture(scope="module", params=[(True, "dense"), (False, "dense"), (True, "blockwise")],
+                ids=["scan", "unrolled", "blockwise"])
 def tiny(request):
-    config = LlamaConfig.tiny(scan_layers=request.param, sliding_window=6)
+    scan_layers, attention = request.param
+    config = LlamaConfig.tiny(scan_layers=scan_layers, sliding_window=6, attention=attention, attention_block=4)
     model, params = _init(config)
     return config, model, params, jax.jit(model.apply)
 
@@ -117,11 +119,17 @@ def test_bad_config_values_are_reported():
         LlamaConfig.tiny(rope_scaling={"rope_type": "yarn", "factor": 2.0})
 
 
-def test_sharded_forward_equals_unsharded():
-    config = LlamaConfig.tiny()
+@pytest.mark.parametrize("attention", ["dense", "blockwise"])
+def test_sharded_forward_and_gradients_equal_unsharded(attention):
+    config = LlamaConfig.tiny(attention=attention, attention_block=4)
     model, params = _init(config)
-    ids = _tokens(4, 8)
-    expected = model.apply({"params": params}, ids)
+    ids = _tokens(4, 10)
+
+    def loss(p, x):
+        logits = model.apply({"params": p}, x)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+
+    (_, expected), expected_grads = jax.value_and_grad(loss, has_aux=True)(params, ids)
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
     rules = (("batch", "data"), ("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
              ("vocab", "tensor"))
@@ -131,8 +139,10 @@ def test_sharded_forward_equals_unsharded():
     assert q_kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        logits = jax.jit(lambda p, x: model.apply({"params": p}, x))(sharded, ids)
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(sharded, ids)
     np.testing.assert_allclose(logits, expected, atol=1e-5, rtol=0)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads)):
+        np.testing.assert_allclose(got, want, atol=1e-6, rtol=1e-4)
 
 
 def test_bfloat16_compute_stays_close_to_float32():

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import jax
@@ -6,7 +7,14 @@ import numpy as np
 import pytest
 
 from jaxalign.errors import JaxalignError
-from jaxalign.objectives.logprobs import model_token_log_probs, sequence_log_probs, token_log_probs
+from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM
+from jaxalign.objectives.logprobs import (
+    entropy_from_logits,
+    model_token_log_probs,
+    model_token_statistics,
+    sequence_log_probs,
+    token_log_probs,
+)
 
 
 def test_hand_computed_values_with_and_without_temperature():
@@ -72,31 +80,93 @@ def test_sequence_sums_and_counts_only_masked_tokens():
     assert total.dtype == count.dtype == jnp.float32
 
 
-class TableModel:
-    """Logits looked up per input token; records how it was called."""
+def test_entropy_from_logits():
+    logits = jnp.array([[[0.0, math.log(3.0)], [1.0, 1.0]], [[jnp.nan, jnp.nan], [0.0, -jnp.inf]]], jnp.float32)
+    mask = jnp.array([[1, 1], [0, 1]], jnp.float32)
+    # p = (1/4, 3/4): H = -(.25 ln .25 + .75 ln .75); uniform over 2: ln 2; one sure token: 0
+    h0 = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    entropy = entropy_from_logits(logits, mask)
+    np.testing.assert_allclose(entropy, [[h0, math.log(2)], [0, 0]], atol=1e-6)
+    # temperature 2 on [0, ln 3]: p ∝ (1, √3)
+    p = [1 / (1 + math.sqrt(3)), math.sqrt(3) / (1 + math.sqrt(3))]
+    np.testing.assert_allclose(entropy_from_logits(logits, mask, temperature=2.0)[0, 0],
+                               -sum(q * math.log(q) for q in p), atol=1e-6)
+    grad = jax.grad(lambda z: jnp.sum(entropy_from_logits(z, mask)))(logits)
+    assert np.isfinite(grad).all()
+    with pytest.raises(JaxalignError, match="temperature"):
+        entropy_from_logits(logits, mask, temperature=0.0)
 
-    def apply(self, variables, input_ids, positions=None, segment_ids=None, deterministic=True, rngs=None):
-        self.last_call = {"positions": positions, "segment_ids": segment_ids, "deterministic": deterministic,
-                          "rngs": rngs}
-        return variables["params"]["table"][input_ids]
 
-
-def test_model_token_log_probs_runs_the_batch_through_the_model():
+@pytest.fixture(scope="module")
+def tiny_lm():
+    config = LlamaConfig.tiny(residual_dropout=(0.1, 0.1))
+    params = LlamaForCausalLM(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     rng = np.random.default_rng(0)
-    table = jnp.asarray(rng.normal(size=(11, 11)) * 3, jnp.float32)
     batch = {
-        "input_ids": rng.integers(0, 11, (2, 6), dtype=np.int32),
-        "targets": rng.integers(0, 11, (2, 6), dtype=np.int32),
-        "segment_ids": np.ones((2, 6), np.int32),
-        "positions": np.broadcast_to(np.arange(6, dtype=np.int32), (2, 6)).copy(),
+        "input_ids": jnp.asarray(rng.integers(3, 256, (2, 21)), jnp.int32),
+        "targets": jnp.asarray(rng.integers(3, 256, (2, 21)), jnp.int32),
+        "segment_ids": jnp.asarray([[1] * 12 + [2] * 6 + [0] * 3, [1] * 21], jnp.int32),
+        "positions": jnp.asarray([list(range(12)) + list(range(6)) + [0] * 3, list(range(21))], jnp.int32),
+        "loss_mask": jnp.asarray([[0] * 4 + [1] * 8 + [0] * 2 + [1] * 4 + [0] * 3, [0] * 10 + [1] * 11], jnp.int32),
     }
-    model = TableModel()
-    log_probs = model_token_log_probs(model, {"table": table}, batch, temperature=0.8)
-    expected = np.asarray(jax.nn.log_softmax(table[batch["input_ids"]] / 0.8))
-    np.testing.assert_allclose(log_probs, np.take_along_axis(expected, batch["targets"][..., None], -1)[..., 0],
-                               rtol=1e-6, atol=1e-6)
-    assert model.last_call["positions"] is batch["positions"] and model.last_call["segment_ids"] is batch["segment_ids"]
-    assert model.last_call["deterministic"] is True and model.last_call["rngs"] is None
-    key = jax.random.key(1)
-    model_token_log_probs(model, {"table": table}, batch, rng=key)
-    assert model.last_call["deterministic"] is False and model.last_call["rngs"]["dropout"] is key
+    return config, params, batch
+
+
+def full_logits(config, params, batch, rng=None):
+    return LlamaForCausalLM(config).apply(
+        {"params": params}, batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"],
+        deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 4, 21, 64])
+def test_statistics_by_slices_equal_those_of_the_full_logits(tiny_lm, chunk):
+    config, params, batch = tiny_lm
+    model = LlamaForCausalLM(dataclasses.replace(config, logits_chunk_length=chunk))
+    temperature = jnp.asarray([[0.7], [1.3]])
+    logits = full_logits(config, params, batch)
+    stats = model_token_statistics(model, params, batch, temperature=temperature, entropy=True, correct=True)
+    np.testing.assert_allclose(stats.log_probs, token_log_probs(logits, batch["targets"], temperature), atol=2e-6)
+    np.testing.assert_allclose(stats.entropy, entropy_from_logits(logits, batch["loss_mask"], temperature),
+                               atol=2e-6)
+    np.testing.assert_array_equal(stats.correct, jnp.argmax(logits, -1) == batch["targets"])
+    assert stats.log_probs.shape == stats.entropy.shape == stats.correct.shape == (2, 21)
+
+    def sliced(p):
+        out = model_token_statistics(model, p, batch, temperature=0.9, entropy=True)
+        return jnp.sum(out.log_probs * batch["loss_mask"]) + jnp.sum(out.entropy)
+
+    def full(p):
+        out = full_logits(config, p, batch)
+        return (jnp.sum(token_log_probs(out, batch["targets"], 0.9) * batch["loss_mask"])
+                + jnp.sum(entropy_from_logits(out, batch["loss_mask"], 0.9)))
+
+    for got, want in zip(jax.tree.leaves(jax.jit(jax.grad(sliced))(params)), jax.tree.leaves(jax.grad(full)(params))):
+        np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-4)
+
+
+def test_log_probs_are_deterministic_without_an_rng_and_draw_dropout_from_one(tiny_lm):
+    config, params, batch = tiny_lm
+    model = LlamaForCausalLM(dataclasses.replace(config, logits_chunk_length=5))
+    key = jax.random.key(3)
+    expected = token_log_probs(full_logits(config, params, batch, key), batch["targets"])
+    np.testing.assert_allclose(model_token_log_probs(model, params, batch, rng=key), expected, atol=2e-6)
+    deterministic = model_token_log_probs(model, params, batch)
+    assert not np.allclose(deterministic, expected, atol=1e-3)
+    np.testing.assert_allclose(deterministic, token_log_probs(full_logits(config, params, batch), batch["targets"]),
+                               atol=2e-6)
+
+
+def test_a_128k_vocabulary_step_holds_less_than_its_full_logits():
+    config = LlamaConfig.tiny(vocab_size=128256, max_position_embeddings=2048)
+    model = LlamaForCausalLM(config)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    length = 2048
+    ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
+    batch = {"input_ids": ids, "targets": ids, "segment_ids": ids, "positions": ids, "loss_mask": ids}
+
+    def loss(p, b):
+        return -jnp.sum(model_token_log_probs(model, p, b) * b["loss_mask"])
+
+    memory = jax.jit(jax.value_and_grad(loss)).lower(params, batch).compile().memory_analysis()
+    full_logits_bytes = length * config.vocab_size * 4
+    assert memory.temp_size_in_bytes < full_logits_bytes / 2

@@ -266,23 +266,6 @@ def test_masked_mean():
     np.testing.assert_allclose(grad, [[1 / 3, 1 / 3, 0], [1 / 3, 0, 0]], atol=1e-7)
 
 
-def test_entropy_from_logits():
-    logits = f32([[[0.0, math.log(3.0)], [1.0, 1.0]], [[NAN, NAN], [0.0, -jnp.inf]]])
-    mask = f32([[1, 1], [0, 1]])
-    # p = (1/4, 3/4): H = -(.25 ln .25 + .75 ln .75); uniform over 2: ln 2; one sure token: 0
-    h0 = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
-    entropy = ppo.entropy_from_logits(logits, mask)
-    np.testing.assert_allclose(entropy, [[h0, math.log(2)], [0, 0]], atol=1e-6)
-    # temperature 2 on [0, ln 3]: p ∝ (1, √3)
-    p = [1 / (1 + math.sqrt(3)), math.sqrt(3) / (1 + math.sqrt(3))]
-    np.testing.assert_allclose(ppo.entropy_from_logits(logits, mask, temperature=2.0)[0, 0],
-                               -sum(q * math.log(q) for q in p), atol=1e-6)
-    grad = jax.grad(lambda z: ppo.masked_mean(ppo.entropy_from_logits(z, mask), mask))(logits)
-    assert np.isfinite(grad).all()
-    with pytest.raises(JaxalignError, match="temperature"):
-        ppo.entropy_from_logits(logits, mask, temperature=0.0)
-
-
 def test_explained_variance():
     values, returns = f32([[1.0, 2.0, NAN], [2.5, NAN, NAN]]), f32([[1.5, 2.0, NAN], [3.0, NAN, NAN]])
     mask = f32([[1, 1, 0], [1, 0, 0]])
@@ -339,7 +322,6 @@ def test_everything_compiles():
     jax.jit(ppo.value_loss)(x, x, x, mask, 0.2)
     jax.jit(ppo.masked_mean)(x, mask)
     jax.jit(ppo.explained_variance)(x, x, mask)
-    jax.jit(ppo.entropy_from_logits)(jnp.zeros((1, 3, 5)), mask, 0.7)
     beta = jnp.float32(0.05)
     jax.jit(ppo.sequence_score_rewards)(x, f32([1.0]), mask, beta)
     advantages, _ = jax.jit(ppo.gae)(x, x, mask, jnp.float32(0.99), jnp.float32(0.95))
