@@ -39,6 +39,8 @@ class Setup:
     seq_len: int
     dtype: str
     remat: str = "none"
+    attention: str = "auto"
+    logits_chunk_length: int | None = None
 
     def matmul_params(self) -> int:
         """Weights that take part in matmuls: attention and MLP projections of every layer plus the LM head."""
@@ -106,6 +108,7 @@ def jaxalign_model(setup: Setup):
         vocab_size=setup.vocab_size, hidden_size=setup.hidden_size, intermediate_size=setup.intermediate_size,
         num_layers=setup.num_layers, num_heads=setup.num_heads, num_kv_heads=setup.num_heads,
         max_position_embeddings=setup.seq_len, dtype=setup.dtype, param_dtype="float32", remat=setup.remat,
+        attention=setup.attention, logits_chunk_length=setup.logits_chunk_length,
     )
     return LlamaForCausalLM(config)
 
@@ -247,6 +250,9 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--remat", default=None, help="jaxalign remat policy (none, full, dots, ...)")
+    parser.add_argument("--attention", default=None, help="jaxalign attention: auto, dense or blockwise")
+    parser.add_argument("--logits-chunk-length", type=int, default=None,
+                        help="positions per slice of the LM head's logits (default: about 2**25 logits per slice)")
     parser.add_argument("--skip-torch", action="store_true", help="measure jaxalign only")
     parser.add_argument("--breakdown", action="store_true", help="also time the parts of one jaxalign step")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -254,7 +260,8 @@ def main(argv=None) -> None:
 
     setup = SETUPS[args.device]
     changes = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len),
-                                 ("remat", args.remat)) if v is not None}
+                                 ("remat", args.remat), ("attention", args.attention),
+                                 ("logits_chunk_length", args.logits_chunk_length)) if v is not None}
     setup = dataclasses.replace(setup, **changes)
     batches = token_batches(setup, count=2)
 

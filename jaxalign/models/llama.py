@@ -68,6 +68,8 @@ class LlamaConfig:
     pad_token_id: int | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     param_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # Activation checkpointing of each layer. "dots" also saves the attention's score matmuls, so its memory grows
+    # with the square of the length even with blockwise attention; "dots_no_batch" saves the projections only.
     remat: Literal["none", "full", "dots", "dots_no_batch", "nothing_saveable"] = "none"
     scan_layers: bool = True
     # How attention is computed (`jaxalign.models.attention`): "dense", "blockwise" in `attention_block`-sized

@@ -38,7 +38,8 @@ from jaxalign.models.llama import DTYPES, LlamaConfig
 
 # LlamaConfig fields that `model.config` may change on top of a pretrained model: numerics and regularisation, not
 # the shapes of the weights.
-PRETRAINED_OVERRIDES = ("remat", "residual_dropout", "rope_scaling", "max_position_embeddings", "sliding_window")
+PRETRAINED_OVERRIDES = ("remat", "residual_dropout", "rope_scaling", "max_position_embeddings", "sliding_window",
+                        "attention", "attention_block", "logits_chunk_length")
 
 ParamsLoader = Callable[[Any], Any]
 

@@ -1,4 +1,5 @@
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -10,11 +11,16 @@ from jaxalign.objectives.sft import make_loss_fn, perplexity, resize_embeddings
 
 
 class TableModel:
-    """Logits looked up per input token: enough to check masking and sums without a transformer."""
+    """Hidden states looked up per input token and used as the logits: enough to check masking and sums without a
+    transformer."""
 
-    def apply(self, variables, input_ids, positions=None, segment_ids=None, deterministic=True, rngs=None):
+    config = types.SimpleNamespace(vocab_size=11, logits_chunk_length=None)
+
+    def apply(self, variables, inputs, positions=None, segment_ids=None, deterministic=True, rngs=None, method=None):
+        if method == "logits":
+            return inputs
         self.last_call = {"deterministic": deterministic, "rngs": rngs}
-        return variables["params"]["table"][input_ids]
+        return variables["params"]["table"][inputs]
 
 
 def lm_batch(rng, batch=3, length=7, vocab=11):
