@@ -237,7 +237,7 @@ def _checked_prompt_arrays(input_ids, segment_ids, positions, active) -> tuple[i
     return batch, length
 
 
-_KV_AXES = ("layers", "batch", "length", "kv_heads", "head_dim")
+_KV_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
 
 
 def _constrain_cache(cache: dict) -> dict:

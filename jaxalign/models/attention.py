@@ -12,7 +12,7 @@
 lengths exceed `attention_block`).
 
 Shapes: `q [B, Lq, kv_heads, groups, head_dim]` (query heads grouped by their key/value head), `k`, `v`
-`[B, S, kv_heads, head_dim]`; the result is `[B * Lq, kv_heads * groups, head_dim]` in `q`'s dtype. A query that
+`[B, kv_heads, S, head_dim]` (head-major, the KV cache's layout); the result is `[B * Lq, kv_heads * groups, head_dim]` in `q`'s dtype. A query that
 may attend to no key (padding, segment 0) gets zeros.
 """
 
@@ -66,13 +66,15 @@ def dense_attention(q, k, v, mask: jax.Array) -> jax.Array:
     # Head-major q/k/v: both attention matmuls and their gradients then contract the minor dimension of the
     # [L, S] score tensors, so XLA transposes the small [L, head_dim] operands instead of the scores.
     q = q.transpose(0, 2, 3, 1, 4)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     scores = jnp.einsum("bkgld,bksd->bkgls", q, k).astype(jnp.float32) * (head_dim**-0.5)
     valid = mask[:, None, None, :, :]
     scores = jnp.where(valid, scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(jnp.any(valid, axis=-1, keepdims=True), probs, 0.0).astype(v.dtype)
-    out = jnp.einsum("bkgls,bksd->lbkgd", probs, v)
+    if length == 1:
+        out = jnp.einsum("bkgls,bksd->bkgld", probs, v).transpose(3, 0, 1, 2, 4)
+    else:
+        out = jnp.einsum("bkgls,bksd->lbkgd", probs, v)
     return out.transpose(1, 0, 2, 3, 4).reshape(batch * length, kv_heads * groups, head_dim)
 
 
@@ -108,8 +110,8 @@ def blockwise_attention(q, k, v, inputs: MaskInputs, sliding_window: int | None,
     )
     out = _tiled_attention(
         _blocks(q.transpose(0, 2, 3, 1, 4), block, axis=3),  # [nq, B, K, G, bq, D]
-        _blocks(k.transpose(0, 2, 1, 3), block, axis=2),  # [nk, B, K, bk, D]
-        _blocks(v.transpose(0, 2, 1, 3), block, axis=2),
+        _blocks(k, block, axis=2),  # [nk, B, K, bk, D]
+        _blocks(v, block, axis=2),
         query_info,
         key_info,
         sliding_window,

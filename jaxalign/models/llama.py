@@ -17,8 +17,9 @@ with `scan_layers=False` the layers are `layers_0`, `layers_1`, ...)::
     model/norm/scale                             [embed]
     lm_head/kernel                               [embed, vocab]   (absent with tied embeddings)
 
-KV cache (see `init_cache`): `k`, `v` stack the per-layer caches on a leading layer axis,
-`[num_layers, batch, max_length, num_kv_heads, head_dim]`, so `cache["k"][i]` is layer i's `[B, max_length, ...]`.
+KV cache (see `init_cache`): `k`, `v` stack the per-layer caches on a leading layer axis, head-major as attention
+reads them, `[num_layers, batch, num_kv_heads, max_length, head_dim]`, so `cache["k"][i]` is layer i's cache. The
+stacked arrays travel through the layer scan and each layer writes its new tokens into them in place.
 """
 
 from __future__ import annotations
@@ -225,10 +226,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def init_cache(config: LlamaConfig, batch_size: int, max_length: int, dtype: Any = None) -> dict:
-    """An empty KV cache: `k`, `v` `[num_layers, B, max_length, num_kv_heads, head_dim]`, `segment_ids` and
+    """An empty KV cache: `k`, `v` `[num_layers, B, num_kv_heads, max_length, head_dim]`, `segment_ids` and
     `positions` `[B, max_length]` (segment 0 marks an empty slot) and `index`, the next slot to write."""
     dtype = config.compute_dtype if dtype is None else jnp.dtype(dtype)
-    shape = (config.num_layers, batch_size, max_length, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, batch_size, config.num_kv_heads, max_length, config.head_dim)
     return {
         "k": jnp.zeros(shape, dtype),
         "v": jnp.zeros(shape, dtype),
@@ -328,7 +329,7 @@ class Attention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, cos, sin, masking, cache_kv=None, cache_index=None):
+    def __call__(self, x, cos, sin, masking, cache_kv=None, layer=None, cache_index=None):
         cfg = self.config
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         batch, length = x.shape[:2]
@@ -346,13 +347,17 @@ class Attention(nn.Module):
         q = nn.with_logical_constraint(apply_rope(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(apply_rope(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         v = nn.with_logical_constraint(v, ("batch", "length", "kv_heads", "head_dim"))
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         new_kv = None
         if cache_kv is not None:
-            cache_k, cache_v = cache_kv
-            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), cache_index, axis=1)
-            new_kv = (k, v)
-            k, v = k.astype(q.dtype), v.astype(q.dtype)
+            # Write this layer's new keys and values into the stacked cache [layers, B, K, S, D] and read its layer
+            # back: an update of the scan's carry that XLA performs in place.
+            new_kv = tuple(
+                jax.lax.dynamic_update_slice(stacked, new[None].astype(stacked.dtype), (layer, 0, 0, cache_index, 0))
+                for stacked, new in zip(cache_kv, (k, v))
+            )
+            k, v = (jax.lax.dynamic_index_in_dim(stacked, layer, keepdims=False).astype(q.dtype)
+                    for stacked in new_kv)
 
         q = q.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
         mask, mask_inputs = masking
@@ -395,23 +400,25 @@ def _residual_dropout(module: nn.Module, x, rate, deterministic: bool):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm attention + SwiGLU block. Call signature fits `nn.scan`: `(hidden, per_layer) -> (hidden, out)`."""
+    """Pre-norm attention + SwiGLU block. Call signature fits `nn.scan`: `((hidden, kv), (dropout_rate, layer)) ->
+    ((hidden, kv), None)`, `kv` the stacked KV cache `(k, v)` or None."""
 
     config: LlamaConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, hidden, per_layer, cos, sin, masking, cache_index):
-        dropout_rate, cache_kv = per_layer
+    def __call__(self, carry, per_layer, cos, sin, masking, cache_index):
+        hidden, cache_kv = carry
+        dropout_rate, layer = per_layer
         residual = hidden
         attn_out, new_kv = Attention(self.config, self.deterministic, name="self_attn")(
-            RMSNorm(self.config, name="input_layernorm")(hidden), cos, sin, masking, cache_kv, cache_index
+            RMSNorm(self.config, name="input_layernorm")(hidden), cos, sin, masking, cache_kv, layer, cache_index
         )
         hidden = residual + _residual_dropout(self, attn_out, dropout_rate, self.deterministic)
         mlp_out = MLP(self.config, self.deterministic, name="mlp")(RMSNorm(self.config, name="post_attention_layernorm")(hidden))
         hidden = hidden + _residual_dropout(self, mlp_out, dropout_rate, self.deterministic)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "embed"))
-        return hidden, new_kv
+        return (hidden, new_kv), None
 
 
 def _check_cache_room(cache: dict, length: int) -> None:
@@ -456,7 +463,7 @@ class LlamaModel(nn.Module):
 
         if cache is None:
             mask_inputs = attention.MaskInputs(segment_ids, positions, query_slots, segment_ids, positions, query_slots)
-            layer_cache = None
+            cache_kv = None
             new_cache = None
         else:
             _check_cache_room(cache, length)
@@ -465,7 +472,7 @@ class LlamaModel(nn.Module):
             key_slots = jnp.arange(cache_segments.shape[1], dtype=jnp.int32)
             mask_inputs = attention.MaskInputs(segment_ids, positions, query_slots, cache_segments, cache_positions,
                                                key_slots)
-            layer_cache = (cache["k"], cache["v"])
+            cache_kv = (cache["k"], cache["v"])
             new_cache = {"segment_ids": cache_segments, "positions": cache_positions, "index": start + length}
         key_length = mask_inputs.key_slots.shape[0]
         if attention.choose(cfg.attention, cfg.attention_block, length, key_length) == "dense":
@@ -487,6 +494,7 @@ class LlamaModel(nn.Module):
         rates = jnp.asarray(cfg.layer_dropout_rates())
         layer_cls = _layer_class(cfg)
 
+        layers = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         if cfg.scan_layers:
             scanned = nn.scan(
                 layer_cls,
@@ -496,23 +504,19 @@ class LlamaModel(nn.Module):
                 length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            hidden, new_kv = scanned(cfg, deterministic, name="layers")(
-                hidden, (rates, layer_cache), cos, sin, masking, start
+            (hidden, cache_kv), _ = scanned(cfg, deterministic, name="layers")(
+                (hidden, cache_kv), (rates, layers), cos, sin, masking, start
             )
         else:
-            outputs = []
             for i in range(cfg.num_layers):
-                kv = None if cache is None else (cache["k"][i], cache["v"][i])
-                hidden, kv = layer_cls(cfg, deterministic, name=f"layers_{i}")(
-                    hidden, (rates[i], kv), cos, sin, masking, start
+                (hidden, cache_kv), _ = layer_cls(cfg, deterministic, name=f"layers_{i}")(
+                    (hidden, cache_kv), (rates[i], i), cos, sin, masking, start
                 )
-                outputs.append(kv)
-            new_kv = None if cache is None else tuple(jnp.stack(parts) for parts in zip(*outputs))
 
         hidden = RMSNorm(cfg, name="norm")(hidden)
         if cache is None:
             return hidden
-        new_cache["k"], new_cache["v"] = new_kv
+        new_cache["k"], new_cache["v"] = cache_kv
         return hidden, new_cache
 
 

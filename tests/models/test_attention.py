@@ -27,8 +27,8 @@ def _inputs(segments, positions, key_segments=None, key_positions=None, key_slot
 def _qkv(batch, length, keys, dtype=jnp.float32, seed=0):
     q_key, k_key, v_key = jax.random.split(jax.random.key(seed), 3)
     q = jax.random.normal(q_key, (batch, length, 2, 3, 8), dtype)
-    k = jax.random.normal(k_key, (batch, keys, 2, 8), dtype)
-    v = jax.random.normal(v_key, (batch, keys, 2, 8), dtype)
+    k = jax.random.normal(k_key, (batch, 2, keys, 8), dtype)
+    v = jax.random.normal(v_key, (batch, 2, keys, 8), dtype)
     return q, k, v
 
 

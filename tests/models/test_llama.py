@@ -44,7 +44,7 @@ def test_cache_decode_matches_full_forward(tiny):
     decoded = jnp.concatenate(steps, axis=1)
     assert full.dtype == jnp.float32 and full.shape == (2, 12, config.vocab_size)
     assert int(cache["index"]) == 12
-    assert cache["k"].shape == (config.num_layers, 2, 16, config.num_kv_heads, config.head_dim)
+    assert cache["k"].shape == (config.num_layers, 2, config.num_kv_heads, 16, config.head_dim)
     np.testing.assert_allclose(decoded, full, atol=1e-5, rtol=0)
     with pytest.raises(JaxalignError, match="needs 17 slots, the cache has 16"):
         model.apply({"params": params}, ids[:, :5], cache=cache)
