@@ -29,13 +29,13 @@ COMMANDS = {
     "reward": ("jaxalign.commands.reward", "a reward model's score for each response or preference pair of a JSONL file"),
     "plot": ("jaxalign.commands.plot", "PNG curves (loss, eval loss, learning rate) from a run's metrics.jsonl"),
     "data": ("jaxalign.commands.data", "inspect a config's data: rendered examples, loss masks, token counts"),
-    "memory": ("jaxalign.commands.memory", "predicted per-device memory of parameters + optimiser state for a config"),
+    "plan": ("jaxalign.commands.plan", "per-device memory, FLOPs and step time of a training config; fits or not"),
 }
 
 
 class Parser(argparse.ArgumentParser):
     """Options and positional arguments in any order, so overrides may follow options
-    (`jaxalign memory CONFIG --devices 16 model.path=PATH`): a command's parser parses intermixed arguments; a
+    (`jaxalign plan CONFIG --devices 16 model.path=PATH`): a command's parser parses intermixed arguments; a
     parser that picks a subcommand (`jaxalign`, `jaxalign data`) parses as usual."""
 
     _intermixing = False

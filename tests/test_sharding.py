@@ -12,7 +12,7 @@ from jaxalign.config import MeshConfig, RunConfig, TrainConfig
 from jaxalign.errors import JaxalignError
 from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM
 from jaxalign.train.algorithm import Trainable
-from jaxalign.train.loop import memory_report, plan
+from jaxalign.train.loop import plan, state_memory
 
 
 def test_mesh_fills_minus_one_with_remaining_devices():
@@ -71,15 +71,15 @@ def test_global_batch_from_process_local_rows():
     np.testing.assert_array_equal(np.asarray(batch["input_ids"]), local["input_ids"])
 
 
-def test_memory_report_plans_a_mesh_larger_than_this_machine():
+def test_state_memory_plans_a_mesh_larger_than_this_machine():
     config = RunConfig(mesh=MeshConfig(data=1, fsdp=-1, tensor=1), train=TrainConfig(batch_size=256))
     model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
                                          num_heads=32, num_kv_heads=32))
-    report = memory_report(config, {"model": Trainable(model, config.optimizer)}, device_count=256)
+    memory = state_memory(config, {"model": Trainable(model, config.optimizer)}, device_count=256)
     n_params = 6_738_415_616
-    assert "fsdp=256" in report and f"parameters: {n_params:,}" in report
-    per_device = 3 * 4 * n_params / 256 / 2**20
-    assert f"together {per_device:.2f} MiB" in report
+    assert memory.mesh_shape == {"data": 1, "fsdp": 256, "tensor": 1} and memory.counts == {"model": n_params}
+    assert memory.params["model"] == 4 * n_params // 256
+    assert 0 <= memory.optimizer["model"] - 2 * 4 * n_params // 256 < 64  # Adam's moments and its step count
 
 
 def test_distributed_flags_and_environment(monkeypatch):
@@ -100,7 +100,7 @@ def test_distributed_flags_and_environment(monkeypatch):
         shd.initialize_distributed()
 
 
-def test_memory_report_counts_lora_adapters_apart_from_the_frozen_base():
+def test_state_memory_counts_lora_adapters_apart_from_the_frozen_base():
     from jaxalign.config import LoraConfig
     from jaxalign.models import lora
     from jaxalign.train.algorithm import Frozen
@@ -109,11 +109,11 @@ def test_memory_report_counts_lora_adapters_apart_from_the_frozen_base():
     base = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
                        num_kv_heads=32, param_dtype="bfloat16")
     adapted = LlamaForCausalLM(lora.apply_to(base, LoraConfig(rank=16, alpha=32, targets=("q_proj", "v_proj"))))
-    report = memory_report(config, {"model": Trainable(adapted, config.optimizer, part=lambda t: lora.split(t)[1])},
-                           device_count=8, frozen={"base": Frozen(adapted, None, part=lambda t: lora.split(t)[0])})
+    memory = state_memory(config, {"model": Trainable(adapted, config.optimizer, part=lambda t: lora.split(t)[1])},
+                          device_count=8, frozen={"base": Frozen(adapted, None, part=lambda t: lora.split(t)[0])})
     n_adapter = 32 * 2 * (4096 * 16 + 16 * 4096)  # q and v in every layer: A [4096, 16] and B [16, 4096]
-    assert f"trainable parameters: {n_adapter:,}; frozen parameters: 6,738,415,616" in report
+    assert memory.counts == {"model": n_adapter, "base": 6_738_415_616}
     # float32 A shards its embed axis over fsdp like the kernel (2 MiB per device); B's output axes (heads) follow
     # mesh.tensor, 1 here, so B is whole on every device (16 MiB); Adam's two moments double that
-    assert "params 18.00 MiB, optimizer state 36.00 MiB" in report
-    assert f"frozen params {2 * 6_738_415_616 / 8 / 2**30:.2f} GiB" in report
+    assert memory.params["model"] == 18 * 2**20 and 0 <= memory.optimizer["model"] - 36 * 2**20 < 64
+    assert memory.frozen["base"] == 2 * 6_738_415_616 // 8

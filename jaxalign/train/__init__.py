@@ -4,7 +4,7 @@ See `jaxalign.train.loop` for the loop's contract. The names below load on first
 `jaxalign.train.stop` can be imported (and its signal handlers installed) before JAX.
 """
 
-__all__ = ["TrainState", "memory_report", "plan", "train"]
+__all__ = ["TrainState", "state_memory", "plan", "train"]
 
 
 def __getattr__(name):

@@ -100,21 +100,41 @@ def inference(config: RunConfig, models: Mapping[str, Frozen]):
         yield StepContext(0, None, params, layout.mesh, layout.rules)
 
 
-def memory_report(config: RunConfig, trainables: Mapping[str, Trainable], device_count: int | None = None,
-                  frozen: Mapping[str, Frozen] | None = None) -> str:
-    """Predicted per-device bytes of params + optimiser state for `config.mesh` over `device_count` devices
-    (default: the devices present). Nothing is allocated, so any device count can be planned from one CPU:
+@dataclasses.dataclass(frozen=True)
+class StateMemory:
+    """Per-device bytes of each trainable's params and optimiser state and of each frozen model's params on a mesh
+    of `mesh_shape` with logical `rules`, and the parameter counts (whole models)."""
 
-        print(memory_report(config, {"model": Trainable(LlamaForCausalLM(cfg), config.optimizer)}, 256))
-    """
+    mesh_shape: dict[str, int]
+    rules: tuple
+    params: dict[str, int]
+    optimizer: dict[str, int]
+    frozen: dict[str, int]
+    counts: dict[str, int]
+
+
+def state_memory(config: RunConfig, trainables: Mapping[str, Trainable], device_count: int | None = None,
+                 frozen: Mapping[str, Frozen] | None = None) -> StateMemory:
+    """What the loop would place per device for `config.mesh` over `device_count` devices (default: the devices
+    present), from shapes and shardings only: nothing is allocated, so a pod is planned on a laptop."""
     shape = shd.mesh_shape(config.mesh, jax.device_count() if device_count is None else device_count)
     mesh = jax.sharding.AbstractMesh(shape, shd.MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    layout = _layout(config, trainables, frozen or {}, mesh)
-    frozen_abstract = {name: _model_layout(f.model, mesh, layout.rules, f.part)[1]
-                       for name, f in (frozen or {}).items()}
-    sizes = ", ".join(f"{k}={v}" for k, v in zip(shd.MESH_AXES, shape))
-    return f"mesh {sizes} ({int(np.prod(shape))} devices)\n" + st.memory_report(
-        layout.abstract, layout.shardings, frozen_abstract, layout.frozen_shardings)
+    frozen = frozen or {}
+    layout = _layout(config, trainables, frozen, mesh)
+    frozen_layouts = {name: _model_layout(f.model, mesh, layout.rules, f.part) for name, f in frozen.items()}
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
+    return StateMemory(
+        dict(zip(shd.MESH_AXES, shape)),
+        tuple(layout.rules),
+        {name: st.predicted_bytes_per_device(layout.abstract.params[name], layout.shardings.params[name])
+         for name in trainables},
+        {name: st.predicted_bytes_per_device(layout.abstract.opt_state[name], layout.shardings.opt_state[name])
+         for name in trainables},
+        {name: st.predicted_bytes_per_device(abstract, shardings)
+         for name, (shardings, abstract) in frozen_layouts.items()},
+        {**{name: count(layout.abstract.params[name]) for name in trainables},
+         **{name: count(abstract) for name, (_, abstract) in frozen_layouts.items()}},
+    )
 
 
 def _layout(config: RunConfig, trainables: Mapping[str, Trainable], frozen: Mapping[str, Frozen], mesh) -> Layout:

@@ -138,32 +138,5 @@ def measured_bytes_per_device(tree) -> int:
     return max(per_device.values(), default=0)
 
 
-def memory_report(abstract: TrainState, shardings: TrainState, frozen_abstract=None, frozen_shardings=None) -> str:
-    """Predicted per-device memory of trained params + optimiser state and of frozen params (a LoRA base, a
-    reference model), as printed by `jaxalign memory`."""
-    params = predicted_bytes_per_device(abstract.params, shardings.params)
-    opt = predicted_bytes_per_device(abstract.opt_state, shardings.opt_state)
-    frozen = predicted_bytes_per_device(frozen_abstract, frozen_shardings) if frozen_abstract else 0
-    held = (abstract.params, abstract.opt_state, frozen_abstract or {})
-    total = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(held))
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-    lines = [f"parameters: {n_params:,}"]
-    if frozen_abstract:
-        n_frozen = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen_abstract))
-        lines = [f"trainable parameters: {n_params:,}; frozen parameters: {n_frozen:,}"]
-    per_device = (f"per device: params {_human_bytes(params)}, optimizer state {_human_bytes(opt)}, "
-                  + (f"frozen params {_human_bytes(frozen)}, " if frozen_abstract else "")
-                  + f"together {_human_bytes(params + opt + frozen)}")
-    return "\n".join(lines + [per_device, f"all devices together: {_human_bytes(total)} (activations and "
-                                           "temporaries come on top)"])
-
-
-def _human_bytes(nbytes: int) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= size:
-            return f"{nbytes / size:.2f} {unit}"
-    return f"{nbytes} B"
-
-
 def _path_names(path) -> tuple:
     return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
