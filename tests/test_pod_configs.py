@@ -1,6 +1,6 @@
 """configs/pods/: each loads as an SFT config, its mesh covers exactly the chips of the TPU its header names, it is
 configs/llama2_chat_sft.yaml but for the mesh, dtypes, batch layout and output_dir, and its memory comment is what
-`jaxalign memory` prints for it."""
+`jaxalign plan` prints for it."""
 
 import math
 import re
@@ -65,14 +65,16 @@ def test_same_recipe_as_llama2_chat_sft(path):
 
 
 @pytest.mark.parametrize("path", PODS, ids=lambda p: p.stem)
-def test_memory_comment_is_what_jaxalign_memory_prints(path, capsys):
+def test_memory_comment_is_what_jaxalign_plan_prints(path, capsys):
     text = path.read_text()
-    command = re.search(r"^# Memory \((jaxalign memory .*)\):$", text, re.MULTILINE).group(1)
+    command = re.search(r"^# Memory \((jaxalign plan .*)\):$", text, re.MULTILINE).group(1)
     words = shlex.split(command)
     mesh = load_config(SFTConfig, path).mesh
     assert words[2:5] == [f"configs/pods/{path.name}", "--devices", str(mesh.data * mesh.fsdp * mesh.tensor)]
+    assert words[5:7] == ["--chip", path.stem.rsplit("_", 1)[1].split("-")[0]]
     shape = yaml.safe_load(words[-1].removeprefix("model.config="))
     assert shape["num_layers"] == (80 if "70b" in path.stem else 32)
-    assert main(["memory", str(REPO / words[2]), *words[3:]]) == 0
-    printed = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("per device:"))
-    assert f"#   {printed} (" in text
+    assert main(["plan", str(REPO / words[2]), *words[3:]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    total = " ".join(next(line for line in lines if line.strip().startswith("train step total")).split())
+    assert f"#   {total}; {lines[-1]}" in text and lines[-1].startswith("fits:")
