@@ -118,7 +118,7 @@ def full_logits(config, params, batch, rng=None):
         deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
 
 
-@pytest.mark.parametrize("chunk", [None, 1, 4, 21, 64])
+@pytest.mark.parametrize("chunk", [None, 1, 4])
 def test_statistics_by_slices_equal_those_of_the_full_logits(tiny_lm, chunk):
     config, params, batch = tiny_lm
     model = LlamaForCausalLM(dataclasses.replace(config, logits_chunk_length=chunk))
