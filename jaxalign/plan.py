@@ -141,7 +141,7 @@ def activation_terms(model: Model, shards: int) -> list[Term]:
     """Activation, backward and logits bytes per device of `model` with its rows split over `shards` devices."""
     cfg = model.config
     rows = max(1, model.rows // shards)
-    dense = attention.choose(cfg.attention, cfg.attention_block, model.length, model.length) == "dense"
+    dense = attention.choose(cfg.attention, model.length) == "dense"
     kind = "dense" if dense else "blockwise"
     logits = logits_bytes(cfg, rows, model.length, model.rows) if model.lm_head else 0
     if not model.trained:

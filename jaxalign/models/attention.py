@@ -1,15 +1,16 @@
 """Scaled dot-product attention of the decoder, in two implementations that give the same result.
 
 - `dense_attention`: the reference. It builds the `[B, Lq, S]` mask and the full float32 `[B, heads, Lq, S]` scores;
-  the fastest on CPU for short sequences and for decoding (one query per row), but memory grows with `Lq · S`.
+  the fastest for decoding (one query per row), but memory grows with `Lq · S`.
 - `blockwise_attention`: query blocks of `block` rows against key blocks of `block` columns with an online softmax
   (Rabe & Staats 2021, "Self-attention does not need O(n²) memory"; Dao et al. 2022, FlashAttention). Masks are built
   per block from segment ids, positions and slots; key blocks wholly after a query block's last slot are skipped.
   The backward pass recomputes one query block at a time (`jax.checkpoint`), so forward and backward memory grow
   linearly with the length.
 
-`choose(config, query_length, key_length)` picks one for `LlamaConfig.attention` ("auto": blockwise once both
-lengths exceed `attention_block`).
+`choose(implementation, query_length)` picks one for `LlamaConfig.attention` ("auto": blockwise for every input of
+more than one token per row, dense for decoding; on CPU blockwise is also the faster in training, as it never
+materialises the mask or the scores).
 
 Shapes: `q [B, Lq, kv_heads, groups, head_dim]` (query heads grouped by their key/value head), `k`, `v`
 `[B, kv_heads, S, head_dim]` (head-major, the KV cache's layout); the result is `[B * Lq, kv_heads * groups, head_dim]` in `q`'s dtype. A query that
@@ -53,11 +54,11 @@ def attention_mask(inputs: MaskInputs, sliding_window: int | None) -> jax.Array:
     return mask
 
 
-def choose(implementation: str, block: int, query_length: int, key_length: int) -> str:
-    """"dense" or "blockwise" for `LlamaConfig.attention` = `implementation` at these static lengths."""
+def choose(implementation: str, query_length: int) -> str:
+    """"dense" or "blockwise" for `LlamaConfig.attention` = `implementation` with `query_length` queries per row."""
     if implementation != "auto":
         return implementation
-    return "blockwise" if min(query_length, key_length) > block else "dense"
+    return "blockwise" if query_length > 1 else "dense"
 
 
 def dense_attention(q, k, v, mask: jax.Array) -> jax.Array:
@@ -91,27 +92,28 @@ def _blocks(x: jax.Array, block: int, axis: int, fill=0) -> jax.Array:
 
 
 def blockwise_attention(q, k, v, inputs: MaskInputs, sliding_window: int | None, block: int) -> jax.Array:
-    """Attention by `block × block` tiles with an online softmax and a FlashAttention backward pass, never holding
+    """Attention by tiles of at most `block × block` (queries × keys) with an online softmax and a FlashAttention backward pass, never holding
     more than one tile's scores (see the module docstring for shapes). Equal to `dense_attention` up to rounding."""
     batch, length, kv_heads, groups, head_dim = q.shape
+    query_block, key_block = min(block, length), min(block, k.shape[2])
     # One barrier over q and the mask inputs makes the masks depend on q: differentiated inside the layer scan, JAX
     # would otherwise hoist the loop-invariant per-tile masks out of the loop as an [nq, nk] stack of tiles.
     q, inputs = jax.lax.optimization_barrier((q, inputs))
     big = jnp.iinfo(jnp.int32).max
     query_info = (
-        _blocks(inputs.query_segments, block, axis=1),  # padding: segment 0, attends to nothing
-        _blocks(inputs.query_positions, block, axis=1),
-        _blocks(inputs.query_slots, block, axis=0, fill=-1),
+        _blocks(inputs.query_segments, query_block, axis=1),  # padding: segment 0, attends to nothing
+        _blocks(inputs.query_positions, query_block, axis=1),
+        _blocks(inputs.query_slots, query_block, axis=0, fill=-1),
     )
     key_info = (
-        _blocks(inputs.key_segments, block, axis=1),  # padding: segment 0, never attended
-        _blocks(inputs.key_positions, block, axis=1),
-        _blocks(inputs.key_slots, block, axis=0, fill=big),
+        _blocks(inputs.key_segments, key_block, axis=1),  # padding: segment 0, never attended
+        _blocks(inputs.key_positions, key_block, axis=1),
+        _blocks(inputs.key_slots, key_block, axis=0, fill=big),
     )
     out = _tiled_attention(
-        _blocks(q.transpose(0, 2, 3, 1, 4), block, axis=3),  # [nq, B, K, G, bq, D]
-        _blocks(k, block, axis=2),  # [nk, B, K, bk, D]
-        _blocks(v, block, axis=2),
+        _blocks(q.transpose(0, 2, 3, 1, 4), query_block, axis=3),  # [nq, B, K, G, bq, D]
+        _blocks(k, key_block, axis=2),  # [nk, B, K, bk, D]
+        _blocks(v, key_block, axis=2),
         query_info,
         key_info,
         sliding_window,

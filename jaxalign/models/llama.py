@@ -73,8 +73,8 @@ class LlamaConfig:
     # with the square of the length even with blockwise attention; "dots_no_batch" saves the projections only.
     remat: Literal["none", "full", "dots", "dots_no_batch", "nothing_saveable"] = "none"
     scan_layers: bool = True
-    # How attention is computed (`jaxalign.models.attention`): "dense", "blockwise" in `attention_block`-sized
-    # tiles, or "auto" (blockwise once query and key lengths both exceed `attention_block`).
+    # How attention is computed (`jaxalign.models.attention`): "dense", "blockwise" in tiles of at most
+    # `attention_block` queries x keys, or "auto" (blockwise, but dense when decoding one token per row).
     attention: Literal["auto", "dense", "blockwise"] = "auto"
     attention_block: int = 512
     # Positions per slice when log-probs are computed from hidden states (`jaxalign.objectives.logprobs`); None
@@ -475,7 +475,7 @@ class LlamaModel(nn.Module):
             cache_kv = (cache["k"], cache["v"])
             new_cache = {"segment_ids": cache_segments, "positions": cache_positions, "index": start + length}
         key_length = mask_inputs.key_slots.shape[0]
-        if attention.choose(cfg.attention, cfg.attention_block, length, key_length) == "dense":
+        if attention.choose(cfg.attention, length) == "dense":
             masking = (attention.attention_mask(mask_inputs, cfg.sliding_window), mask_inputs)
         else:
             masking = (None, mask_inputs)

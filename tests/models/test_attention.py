@@ -86,12 +86,12 @@ def test_bfloat16_blockwise_stays_close_to_dense():
     np.testing.assert_allclose(got.astype(jnp.float32), want, atol=3e-2)
 
 
-def test_auto_uses_blockwise_only_when_both_lengths_exceed_the_block():
-    assert attention.choose("auto", 512, 513, 513) == "blockwise"
-    assert attention.choose("auto", 512, 512, 4096) == "dense"
-    assert attention.choose("auto", 512, 1, 4096) == "dense"
-    assert attention.choose("dense", 4, 4096, 4096) == "dense"
-    assert attention.choose("blockwise", 512, 1, 8) == "blockwise"
+def test_auto_is_blockwise_but_for_decoding():
+    assert attention.choose("auto", 2) == "blockwise"
+    assert attention.choose("auto", 8192) == "blockwise"
+    assert attention.choose("auto", 1) == "dense"
+    assert attention.choose("dense", 4096) == "dense"
+    assert attention.choose("blockwise", 1) == "blockwise"
     with pytest.raises(JaxalignError, match="attention='flash'"):
         LlamaConfig.tiny(attention="flash")
     with pytest.raises(JaxalignError, match="attention_block=0"):
