@@ -29,7 +29,6 @@ both alike; pairs/s uses the median step.
 import argparse
 import copy
 import dataclasses
-import itertools
 import json
 import os
 import platform

@@ -474,7 +474,6 @@ class LlamaModel(nn.Module):
                                                key_slots)
             cache_kv = (cache["k"], cache["v"])
             new_cache = {"segment_ids": cache_segments, "positions": cache_positions, "index": start + length}
-        key_length = mask_inputs.key_slots.shape[0]
         if attention.choose(cfg.attention, length) == "dense":
             masking = (attention.attention_mask(mask_inputs, cfg.sliding_window), mask_inputs)
         else:

@@ -18,8 +18,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxalign.config import LORA_PROJECTIONS as PROJECTIONS
-from jaxalign.config import LoraConfig
+from jaxalign.config import LORA_PROJECTIONS, LoraConfig
+
+PROJECTIONS = LORA_PROJECTIONS
 
 SUFFIX = "_lora"
 

@@ -6,7 +6,6 @@ gradient accumulation, devices and log windows."""
 import json
 import signal
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -339,7 +339,7 @@ def test_console_on_a_terminal_shows_loss_and_eval(tmp_path, monkeypatch, column
     loss = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()][0]["loss"]
     assert "jaxalign: step 2/2 eval_loss " in console
     if columns:
-        assert f"train: 100%" in console and f"loss={loss:.4f}" in console
+        assert "train: 100%" in console and f"loss={loss:.4f}" in console
     else:
         assert f"jaxalign: step 2/2 loss {loss:.4f}" in console
 
