@@ -12,10 +12,10 @@ float, "round": int}`, the prompt-completion format `jaxalign.data` trains on.
 import dataclasses
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 
+from jaxalign import storage
 from jaxalign.errors import JaxalignError
 
 
@@ -72,22 +72,17 @@ def merge(pool: dict[str, PoolEntry], candidates: list[PoolEntry]) -> dict[str, 
     return merged
 
 
-def write_pool(path: Path, pool: dict[str, PoolEntry]) -> None:
-    """Writes the pool as JSONL (entries sorted by prompt, so the file is the same for the same pool), through a
-    temporary file renamed into place: a crash never leaves a partial pool."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w") as handle:
-        for key in sorted(pool):
-            handle.write(json.dumps(dataclasses.asdict(pool[key]), ensure_ascii=False) + "\n")
-    os.replace(partial, path)
+def write_pool(path: str | os.PathLike, pool: dict[str, PoolEntry]) -> None:
+    """Writes the pool as JSONL (entries sorted by prompt, so the file is the same for the same pool) in one step
+    (`storage.write_text`): a crash never leaves a partial pool."""
+    storage.write_text(path, "".join(json.dumps(dataclasses.asdict(pool[key]), ensure_ascii=False) + "\n"
+                                     for key in sorted(pool)))
 
 
-def read_pool(path: Path) -> dict[str, PoolEntry]:
+def read_pool(path: str | os.PathLike) -> dict[str, PoolEntry]:
     """The pool `write_pool` wrote. Raises `JaxalignError` naming `file:line` for a line that is not an entry."""
     pool = {}
-    with open(path) as handle:
+    with storage.location(path).open() as handle:
         for number, line in enumerate(handle, start=1):
             try:
                 entry = PoolEntry(**json.loads(line))

@@ -15,13 +15,13 @@ import dataclasses
 import importlib
 import inspect
 import re
-from pathlib import Path
 from collections.abc import Callable, Sequence
 from fractions import Fraction
 
 import jax
 import numpy as np
 
+from jaxalign import storage
 from jaxalign.data.formats import parse_record
 from jaxalign.data.loader import Preprocessor
 from jaxalign.errors import JaxalignError
@@ -290,7 +290,7 @@ def build_reward(section, data_config, mesh_config, dtype: str = "float32", para
         key = "reward." + {"reward": "model", "reward_helpful": "helpful", "reward_safety": "safety"}[name]
         source = model_source(ModelSection(path=path, dtype=dtype, param_dtype=param_dtype), head="score",
                               mesh=mesh_config)
-        if source.adapter is not None or read_stored_model(Path(path))[1] != "score":
+        if source.adapter is not None or read_stored_model(storage.local_folder(path, weights=False))[1] != "score":
             raise JaxalignError(f"config key '{key}': {path} is not a reward model (a sequence classifier with one "
                                 "score, as `jaxalign rm` exports); a causal LM would be scored by an untrained head")
         frozen[name] = Frozen(source.module(), source.load)

@@ -22,9 +22,9 @@ are those of every training command (`jaxalign.train.command`).
 
 import argparse
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal, Optional
 
+from jaxalign import storage
 from jaxalign.config import ModelSection, RunConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.errors import JaxalignError
@@ -173,7 +173,7 @@ def precomputed_sources(config: DPOConfig, reference, train_loader, eval_data, k
     once and stored in OUTPUT_DIR (reused when already there)."""
     from jaxalign.objectives.dpo import ReferenceSource, precompute_reference, stored_reference, with_reference
 
-    path = Path(config.output_dir) / REFERENCE_FILE
+    path = storage.location(config.output_dir) / REFERENCE_FILE
     splits = {"train": lambda: precompute_reference(config, reference, train_loader, kind)}
     sizes = {"train": len(train_loader.examples)}
     if eval_data is not None:

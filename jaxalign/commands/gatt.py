@@ -23,10 +23,9 @@ A rerun skips what is done: the training set once written, the (resumable) fine-
 import argparse
 import dataclasses
 import random
-import shutil
 from dataclasses import dataclass, field
-from pathlib import Path
 
+from jaxalign import storage
 from jaxalign.config import ModelSection, RunConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.errors import JaxalignError
@@ -88,7 +87,7 @@ def train_gatt(config: GAttConfig, allow_config_change: bool = False) -> int:
 
     run_dir.check_config(config, allow_config_change)
     run_dir.save_config(config)
-    out = Path(config.output_dir)
+    out = storage.location(config.output_dir)
     instructions = gatt.load_instructions(config.gatt.instructions)
     tokenizer, added = run_tokenizer(config)
     train_loader, eval_data = build_loaders(config.data, tokenizer, config.train)
@@ -129,7 +128,7 @@ def train_gatt(config: GAttConfig, allow_config_change: bool = False) -> int:
             say("gatt", f"{name}: replies following the first turn's instruction, by turn: " + ", ".join(
                 f"{turn}: {rate['following']:.2f} of {rate['replies']}" for turn, rate in rates.items()))
         on_primary(lambda: write_jsonl(evaluation, lines), "gatt_eval")
-    final = export_model(config, lambda folder: on_primary(lambda: shutil.copytree(finetune / "hf", folder),
+    final = export_model(config, lambda folder: on_primary(lambda: storage.copy_folder(finetune / "hf", folder),
                                                             "gatt_export"))
     say("gatt", f"finished. Outputs in {out}/:\n"
                 f"  gatt_train.jsonl              the GAtt training set\n"

@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from jaxalign import storage
 from jaxalign.errors import JaxalignError
 from jaxalign.plan import CHIPS, COMMANDS
 
@@ -158,7 +159,7 @@ def _models(command: str, data: dict, where: str):
             paths = {"reward": config.reward.model} if config.reward.model else {
                 "reward_helpful": config.reward.helpful, "reward_safety": config.reward.safety}
             for name, path in paths.items():
-                if path and not is_pretrained(Path(path)):
+                if path and not is_pretrained(storage.local_folder(path, weights=False)):
                     key = "reward.model" if name == "reward" else name.replace("_", ".")
                     raise JaxalignError(f"config key '{key}': {path} is neither a Hugging Face folder (config.json) "
                                         "nor a jaxalign model checkpoint")

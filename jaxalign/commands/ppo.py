@@ -21,9 +21,9 @@ is exported to `OUTPUT_DIR/hf/`.
 import argparse
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
+from jaxalign import storage
 from jaxalign.config import ModelSection, OptimizerConfig, RewardSection, RunConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.errors import JaxalignError
@@ -154,7 +154,7 @@ def evaluator(config: PPOConfig, source, eval_data, tokenizer):
     from jaxalign import sharding as shd
     from jaxalign.rollouts import gather, prompt_messages, prompt_metadata, respond
 
-    out = Path(config.output_dir) / "eval_samples.jsonl"
+    out = storage.location(config.output_dir) / "eval_samples.jsonl"
 
     def evaluate(context):
         rewards, kls, samples = [], [], []
@@ -179,8 +179,7 @@ def evaluator(config: PPOConfig, source, eval_data, tokenizer):
                             "ended": bool(d)}
                            for e, t, s, d in list(zip(answers.examples, answers.texts, scores, answers.ended))[:4]]
         if jax.process_index() == 0 and samples:
-            with open(out, "a") as handle:
-                handle.writelines(json.dumps(sample) + "\n" for sample in samples)
+            storage.append_lines(out, [json.dumps(sample) for sample in samples])
         return {"reward_mean": float(np.mean(np.concatenate(rewards))), "kl": float(np.mean(np.concatenate(kls)))}
 
     return evaluate

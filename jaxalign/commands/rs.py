@@ -29,10 +29,11 @@ with its (resumable) fine-tuning, and a round stopped while sampling samples aga
 import argparse
 import dataclasses
 import json
-import shutil
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jaxalign import storage
 from jaxalign.config import ModelSection, RewardSection, RunConfig
 from jaxalign.data.config import DataConfig
 from jaxalign.errors import JaxalignError
@@ -92,7 +93,7 @@ def train_rs(config: RSConfig, allow_config_change: bool = False) -> int:
 
     run_dir.check_config(config, allow_config_change)
     run_dir.save_config(config)
-    out = Path(config.output_dir)
+    out = storage.location(config.output_dir)
     log = RoundLog(out / "rounds.jsonl")
     if (out / "hf").is_dir() and config.rs.rounds in log.rounds:
         say("rs", f"{out} already finished its {config.rs.rounds} rounds; the policy is in {out / 'hf'}")
@@ -122,7 +123,7 @@ def train_rs(config: RSConfig, allow_config_change: bool = False) -> int:
             statistics = json.loads((folder / "sampling.json").read_text())
             log.write({"round": number, **statistics, **rounds.evaluate(policy)})
     last = out / f"round_{config.rs.rounds}" / "hf"
-    final = export_model(config, lambda folder: on_primary(lambda: shutil.copytree(last, folder), "rs_export"))
+    final = export_model(config, lambda folder: on_primary(lambda: storage.copy_folder(last, folder), "rs_export"))
     say("rs", f"finished {config.rs.rounds} rounds. Outputs in {out}/:\n"
               f"  rounds.jsonl                  sampling scores, pool and eval reward per round\n"
               f"  round_<r>/                    each round's samples, pool and fine-tuning (metrics, checkpoints, hf)\n"
@@ -237,7 +238,7 @@ class Rounds:
 class RoundLog:
     """OUTPUT_DIR/rounds.jsonl: one JSON line per finished round (`round` 0: the starting policy)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: os.PathLike):
         self.path = path
         self.rounds = set()
         if path.is_file():
@@ -247,14 +248,9 @@ class RoundLog:
         import jax
 
         if jax.process_index() == 0:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(line) + "\n")
+            storage.append_lines(self.path, [json.dumps(line)])
         self.rounds.add(line["round"])
 
 
-def _write_json(path: Path, value: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value))
-    partial.replace(path)
+def _write_json(path: os.PathLike, value: dict) -> None:
+    storage.write_text(path, json.dumps(value))

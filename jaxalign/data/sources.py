@@ -1,7 +1,8 @@
 """Reading sources into normalised examples.
 
 Core: JSONL, JSON (a list of records), Parquet (pyarrow), CSV and TSV (a header row names the fields; every cell is
-a string, an empty cell an empty string), globs and folders of those, and `demo:NAME` (the datasets bundled in
+a string, an empty cell an empty string), globs and folders of those, locally or on an object store (`gs://`,
+`s3://` through `jaxalign.storage`; a remote glob matches `*`, `?` and `[...]` within one folder level), and `demo:NAME` (the datasets bundled in
 `jaxalign/demo_data`). Extras, imported only when used: `hf:NAME` (Hugging Face `datasets`,
 a hub name or a local folder / builder such as `json`) and `tfds:NAME` (tensorflow-datasets' `tfds.data_source`,
 random access over array_record files, no TensorFlow needed).
@@ -14,10 +15,12 @@ while other bad records still follow `on_error`.
 
 import csv
 import glob as globlib
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from jaxalign import storage
 from jaxalign.data.config import SourceSpec
 from jaxalign.data.formats import BlankResponse, Example, IdenticalPair, detect_format, parse_record
 from jaxalign.errors import JaxalignError
@@ -54,6 +57,8 @@ def resolve_files(path: str) -> list[Path]:
     """The files of a path, glob or folder, sorted."""
     if path.startswith("demo:"):
         return [demo_path(path[len("demo:") :])]
+    if storage.is_remote(path):
+        return _remote_files(path)
     if any(ch in path for ch in "*?["):
         files = sorted(Path(p) for p in globlib.glob(path, recursive=True) if Path(p).is_file())
         if not files:
@@ -71,6 +76,37 @@ def resolve_files(path: str) -> list[Path]:
         raise JaxalignError(f"data source {path}: file does not exist")
     _check_suffix(p)
     return [p]
+
+
+def _remote_files(path: str) -> list:
+    """`resolve_files` for a `gs://` / `s3://` path, glob or folder."""
+    parts = path.split("/")
+    first = next((i for i, part in enumerate(parts) if any(ch in part for ch in "*?[")), None)
+    if first is not None:
+        if "**" in path:
+            raise JaxalignError(f"data source {path}: '**' globs are not supported on object stores; name each "
+                                "folder level with '*'")
+        files = [f for f in storage.location("/".join(parts[:first])).glob("/".join(parts[first:])) if f.is_file()]
+        if not files:
+            raise JaxalignError(f"data source {path}: the glob matched no files")
+    else:
+        files = storage.files_under(path)
+        if files:
+            files = [f for f in files if f.suffix.lower() in FILE_SUFFIXES]
+            if not files:
+                raise JaxalignError(f"data source {path}: the folder has no {', '.join(FILE_SUFFIXES)} files")
+        elif storage.location(path).is_file():
+            files = [storage.location(path)]
+        else:
+            raise JaxalignError(f"data source {path}: file does not exist")
+    for file in files:
+        _check_suffix(file)
+    return sorted(files, key=str)
+
+
+def _text(path, newline: str | None = None, encoding: str = "utf-8"):
+    """The file at `path` (local or remote) opened as text."""
+    return io.TextIOWrapper(storage.location(path).open("rb"), encoding=encoding, newline=newline)
 
 
 def _check_suffix(file: Path):
@@ -103,7 +139,7 @@ def iter_records(spec: SourceSpec, skipped: list[str], on_error: str):
 
 
 def _jsonl_records(path: Path, skipped: list[str], on_error: str):
-    with open(path, encoding="utf-8") as f:
+    with _text(path) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -134,7 +170,7 @@ def _csv_records(path: Path, delimiter: str, skipped: list[str], on_error: str):
     """Rows of a CSV / TSV file with a header row, as `{column: cell}` records of strings; a row's origin is the
     line it starts on (quoted cells may span lines). A row with more or fewer cells than the header is a bad record."""
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with _text(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter=delimiter)
         try:
             header = next(reader, None)
@@ -171,7 +207,8 @@ def _parquet_records(path: Path):
         raise JaxalignError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
 
     try:
-        table = pyarrow.parquet.read_table(path)
+        with storage.location(path).open("rb") as handle:
+            table = pyarrow.parquet.read_table(handle)
     except pyarrow.ArrowException as err:
         raise JaxalignError(f"{path}: not a readable Parquet file: {err}") from None
     for i, record in enumerate(table.to_pylist()):

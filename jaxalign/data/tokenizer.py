@@ -13,10 +13,10 @@ the `plain` template's "\n\n" before an answer as two tokens, but as one at the 
 """
 
 import json
-from pathlib import Path
 
 import numpy as np
 
+from jaxalign import storage
 from jaxalign.errors import JaxalignError
 
 BYTE_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>", "<|eot|>", "[PAD]")
@@ -75,7 +75,7 @@ def load_tokenizer(spec: str):
     """`byte` -> the built-in byte tokenizer; otherwise a local HF folder (tokenizer.json / tokenizer.model)."""
     if spec == "byte":
         return byte_tokenizer()
-    path = Path(spec)
+    path = storage.local_folder(spec, weights=False)
     if not path.is_dir():
         raise JaxalignError(f"tokenizer {spec!r}: not 'byte' and not a folder (expected a Hugging Face model folder)")
     from transformers import AutoTokenizer

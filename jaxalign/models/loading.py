@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
+import os
 import jax.numpy as jnp
 
+from jaxalign import storage
 from jaxalign.config import MeshConfig, ModelSection, from_dict
 from jaxalign.errors import JaxalignError
 from jaxalign.models.checkpoint import (
@@ -137,15 +139,16 @@ def scratch_model_config(section: ModelSection, tokenizer=None) -> LlamaConfig:
 def pretrained_source(section: ModelSection, head: str = "causal_lm", seed: int = 0) -> ModelSource:
     """The model in `model.path` as stored (config, vocabulary), in `model.param_dtype`, computing in `model.dtype`,
     with `model.config`'s overrides; no weights are read."""
-    path = Path(section.path)
+    path = storage.local_folder(section.path, weights=False)
     where = "config key 'model.path': "
     if is_peft_adapter(path):
-        base = pretrained_source(dataclasses.replace(section, path=str(peft_base_path(path))), head, seed)
-        return dataclasses.replace(base, load=adapter_folder_loader(base.load, base.config, path), adapter=path,
+        adapter = storage.local_folder(section.path)
+        base = pretrained_source(dataclasses.replace(section, path=peft_base_path(adapter)), head, seed)
+        return dataclasses.replace(base, load=adapter_folder_loader(base.load, base.config, adapter), adapter=adapter,
                                    base_load=base.load)
     if not is_pretrained(path):
         raise JaxalignError(
-            f"{where}{path} is neither a Hugging Face folder (config.json) nor a jaxalign model checkpoint "
+            f"{where}{section.path} is neither a Hugging Face folder (config.json) nor a jaxalign model checkpoint "
             f"({CONFIG_FILE}); to train from random weights set model.path=null and model.config"
         )
     stored, stored_head = read_stored_model(path)
@@ -158,7 +161,7 @@ def pretrained_source(section: ModelSection, head: str = "causal_lm", seed: int 
     values = {**dataclasses.asdict(stored), **section.config, "dtype": section.dtype,
               "param_dtype": section.param_dtype}
     config = from_dict(LlamaConfig, values, prefix="model.config")
-    return ModelSource(config, head, params_loader(path, config, stored_head, head, seed, where))
+    return ModelSource(config, head, params_loader(section.path, config, stored_head, head, seed, where))
 
 
 def is_peft_adapter(path: Path) -> bool:
@@ -166,8 +169,9 @@ def is_peft_adapter(path: Path) -> bool:
     return (path / "adapter_config.json").is_file() and not (path / "config.json").is_file()
 
 
-def peft_base_path(path: Path) -> Path:
-    """The local base model folder an adapter folder names (`base_model_name_or_path` of adapter_config.json)."""
+def peft_base_path(path: Path) -> str:
+    """The base model folder (local or on an object store) an adapter folder names (`base_model_name_or_path` of
+    adapter_config.json)."""
     import json
 
     config_file = path / "adapter_config.json"
@@ -175,12 +179,12 @@ def peft_base_path(path: Path) -> Path:
         base = json.loads(config_file.read_text()).get("base_model_name_or_path")
     except (OSError, ValueError) as err:
         raise JaxalignError(f"{config_file}: cannot read it ({err})") from None
-    if not base or not is_pretrained(Path(base)):
+    if not base or not is_pretrained(storage.local_folder(base, weights=False)):
         raise JaxalignError(
-            f"{config_file}: 'base_model_name_or_path' is {base!r}, not a local model folder; the adapter loads onto "
+            f"{config_file}: 'base_model_name_or_path' is {base!r}, not a model folder; the adapter loads onto "
             "its base model, so point it at the base's Hugging Face folder or jaxalign checkpoint"
         )
-    return Path(base)
+    return base
 
 
 def adapter_folder_loader(base_load: ParamsLoader, config: LlamaConfig, path: Path) -> ParamsLoader:
@@ -222,7 +226,7 @@ def read_stored_model(path: Path) -> tuple[LlamaConfig, str]:
     return read_model_config(path), read_model_head(path)
 
 
-def params_loader(path: Path, config: LlamaConfig, stored_head: str, head: str, seed: int, where: str = "",
+def params_loader(path: str | os.PathLike, config: LlamaConfig, stored_head: str, head: str, seed: int, where: str = "",
                   allow_pickle: bool = False) -> ParamsLoader:
     """`load(shardings) -> params` of `model_for_head(config, head)` from the weights in `path` (stored with
     `stored_head`), each placed onto its sharding as it is read. A causal LM asked for as "score" keeps its trunk
@@ -235,18 +239,19 @@ def params_loader(path: Path, config: LlamaConfig, stored_head: str, head: str, 
             f"{where}{path} holds a score model ({CONFIG_FILE} 'head': 'score', a reward or value model), which "
             "has no language-model head; load it with head 'score'"
         )
-    from_hf = (path / "config.json").is_file()
+    from_hf = (storage.local_folder(path, weights=False) / "config.json").is_file()
 
     def load(shardings):
+        folder = storage.local_folder(path)
         if head == stored_head:
             if from_hf:
-                return read_params(path, config, shardings, allow_pickle, head=head)
-            return restore_params(path, abstract_params(model_for_head(config, head), shardings))
+                return read_params(folder, config, shardings, allow_pickle, head=head)
+            return restore_params(folder, abstract_params(model_for_head(config, head), shardings))
         trunk_shardings = {"model": shardings["model"]}
         if from_hf:
-            trunk = read_params(path, config, trunk_shardings, allow_pickle, head=None)
+            trunk = read_params(folder, config, trunk_shardings, allow_pickle, head=None)
         else:
-            trunk = restore_params(path, {"model": abstract_params(model_for_head(config, head), shardings)["model"]})
+            trunk = restore_params(folder, {"model": abstract_params(model_for_head(config, head), shardings)["model"]})
         score = init_score_head(config, jax.random.PRNGKey(seed), shardings["score"])
         return {"model": trunk["model"], "score": score}
 
@@ -302,7 +307,7 @@ def load_model(path: str | Path, dtype: str | None = None, head: str | None = No
     that has no safetensors (trusted files only). Raises `JaxalignError` for a path that holds neither, and for a
     score model asked for as "causal_lm".
     """
-    path = Path(path)
+    path = storage.local_folder(path)
     if not path.is_dir():
         raise JaxalignError(f"model folder {path} does not exist")
     if is_peft_adapter(path):

@@ -19,13 +19,14 @@ reports under the same names. At initialisation (policy = reference) sigmoid DPO
 """
 
 import dataclasses
+import io
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxalign import storage
 from jaxalign.errors import JaxalignError
 from jaxalign.objectives.logprobs import model_token_log_probs, sequence_log_probs
 from jaxalign.train.algorithm import Algorithm, DataSource, Frozen, Mean, Trainable
@@ -320,11 +321,11 @@ def stored_reference(path, splits: Mapping[str, Callable[[], dict[str, np.ndarra
                      sizes: Mapping[str, int]) -> dict[str, dict[str, np.ndarray]]:
     """Per split, the reference tables stored in `path` (an `.npz` of `<split>/<key>` arrays) when they are there
     with `sizes[split]` entries; otherwise computes them with `splits[split]()` and stores them (process 0 writes
-    to a temporary file renamed into place, so an interrupted write leaves no partial file)."""
-    path = Path(path)
+    the file in one step, `storage.write_bytes`, so an interrupted write leaves no partial file)."""
+    path = storage.location(path)
     stored = {}
     if path.is_file():
-        with np.load(path) as archive:
+        with path.open("rb") as handle, np.load(handle) as archive:
             for name in archive.files:
                 split, key = name.split("/", 1)
                 stored.setdefault(split, {})[key] = archive[name]
@@ -337,10 +338,8 @@ def stored_reference(path, splits: Mapping[str, Callable[[], dict[str, np.ndarra
             tables[split] = compute()
             computed = True
     if computed and jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as handle:
-            np.savez(handle, **{f"{split}/{key}": t for split, split_tables in tables.items()
-                                for key, t in split_tables.items()})
-        partial.replace(path)
+        archive = io.BytesIO()
+        np.savez(archive, **{f"{split}/{key}": t for split, split_tables in tables.items()
+                             for key, t in split_tables.items()})
+        storage.write_bytes(path, archive.getvalue())
     return tables

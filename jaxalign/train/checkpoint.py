@@ -11,22 +11,24 @@ optimiser is reported by parameter path, without the storage libraries' own erro
 import contextlib
 import json
 import logging
-import shutil
-from pathlib import Path
+import os
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxalign import storage
 from jaxalign.errors import JaxalignError
 
 logger = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    def __init__(self, directory: str | Path, keep: int, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, keep: int, async_save: bool = True):
+        self.directory = storage.location(directory)
+        if not storage.is_remote(self.directory):
+            self.directory = self.directory.absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
@@ -105,9 +107,7 @@ class Checkpointer:
         if jax.process_index() == 0:
             target = self.directory.parent / "corrupt_checkpoints" / str(step)
             target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():
-                shutil.rmtree(target)
-            shutil.move(str(self.directory / str(step)), str(target))
+            storage.replace_folder(self.directory / str(step), target)
         multihost_utils.sync_global_devices(f"jaxalign-checkpoint-set-aside-done-{step}")
         self.manager.reload()
 

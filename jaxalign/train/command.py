@@ -17,10 +17,11 @@ its export is written only when missing, into a temporary folder that replaces O
 """
 
 import argparse
-import shutil
+import os
 from pathlib import Path
 from typing import Any, Callable
 
+from jaxalign import storage
 from jaxalign.errors import JaxalignError
 
 
@@ -58,7 +59,7 @@ def already_finished(config, command: str, allow_config_change: bool = False) ->
     from jaxalign.train import run_dir
 
     run_dir.check_config(config, allow_config_change)
-    out = Path(config.output_dir)
+    out = storage.location(config.output_dir)
     finished = run_dir.latest_checkpoint_step(out)
     if finished is not None and finished >= config.train.steps and (out / "hf").is_dir():
         say(command, f"{out} already finished at step {finished} (train.steps={config.train.steps}); the model is "
@@ -122,20 +123,22 @@ def with_lora(config, algorithm, source, trained_modules: tuple[str, ...] = (), 
     return adapted.algorithm, adapted.merged
 
 
-def export_model(config, save: Callable[[Path], Any], name: str = "hf") -> Path:
-    """Runs `save(folder)` into OUTPUT_DIR/<name>.partial, then replaces OUTPUT_DIR/<name> with it in one step
-    (process 0), so a failed or interrupted export never leaves a half-written folder. Returns OUTPUT_DIR/<name>."""
+def export_model(config, save: Callable[[Path], Any], name: str = "hf") -> os.PathLike:
+    """Runs `save(folder)` (every process; `folder` a local folder) into OUTPUT_DIR/<name>.partial, then puts it in
+    place of OUTPUT_DIR/<name> (process 0, `storage.replace_folder`), so a failed or interrupted export never
+    replaces a good one with a half-written folder. On an object store `folder` is a local staging folder, uploaded
+    to OUTPUT_DIR/<name>.partial once `save` returns. Returns OUTPUT_DIR/<name>."""
     import jax
 
-    out = Path(config.output_dir)
+    out = storage.location(config.output_dir)
     partial, final = out / f"{name}.partial", out / name
     primary = jax.process_index() == 0
     if primary:
-        shutil.rmtree(partial, ignore_errors=True)
-    save(partial)
+        storage.remove_folder(partial)
+    with storage.staged_folder(partial) as folder:
+        save(folder)
     if primary:
-        shutil.rmtree(final, ignore_errors=True)
-        partial.rename(final)
+        storage.replace_folder(partial, final)
     return final
 
 
@@ -161,22 +164,18 @@ def export_adapter(config, model, state_params, tokenizer=None, name: str = "mod
 
 def report_finished(command: str, config, steps: int, model_line: str) -> None:
     """The closing message: where the curves, checkpoints and the exported model are."""
-    out = Path(config.output_dir)
+    out = storage.location(config.output_dir)
     say(command, f"finished {steps} steps. Outputs in {out}/:\n"
                  f"  metrics.jsonl, tensorboard/   training and eval curves (PNGs: jaxalign plot {out})\n"
                  f"  checkpoints/                  resumable train state\n"
                  f"  hf/                           {model_line}")
 
 
-def write_jsonl(path: Path, lines: list[dict]) -> None:
-    """Writes JSON lines through a temporary file renamed into place (a crash never leaves a partial file)."""
+def write_jsonl(path: os.PathLike, lines: list[dict]) -> None:
+    """Writes JSON lines in one step (`storage.write_text`: a crash never leaves a partial file)."""
     import json
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with open(partial, "w") as handle:
-        handle.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-    partial.replace(path)
+    storage.write_text(path, "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines))
 
 
 def on_primary(action: Callable[[], Any], name: str) -> None:

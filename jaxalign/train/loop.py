@@ -34,7 +34,6 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -46,6 +45,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxalign import sharding as shd
+from jaxalign import storage
 from jaxalign.config import RunConfig
 from jaxalign.errors import JaxalignError
 from jaxalign.train import run_dir
@@ -198,7 +198,7 @@ def train(config: RunConfig, algorithm: Algorithm, *, allow_config_change: bool 
             _say(f"warning: config key '{trainable.optimizer_key}.warmup_steps': {trainable.optimizer.warmup_steps} "
                  f"warmup steps exceed train.steps={config.train.steps}; the learning rate warms up over the whole "
                  "run and never reaches its peak")
-    out = Path(config.output_dir)
+    out = storage.location(config.output_dir)
     changes = run_dir.check_config(config, allow_config_change)
     training_changes = [str(change) for change in changes if not change.changeable]
     if training_changes:
@@ -214,7 +214,7 @@ def train(config: RunConfig, algorithm: Algorithm, *, allow_config_change: bool 
 
 class _Run:
     def __init__(self, config: RunConfig, layout: Layout, algorithm: Algorithm, checkpointer: Checkpointer,
-                 out: Path, previous_steps: int | None):
+                 out: os.PathLike, previous_steps: int | None):
         self.config, self.layout, self.algorithm = config, layout, algorithm
         self.checkpointer, self.out, self.previous_steps = checkpointer, out, previous_steps
         self.source = algorithm.source
@@ -447,7 +447,7 @@ class _MetricsLogger:
     """metrics.jsonl + TensorBoard from process 0. On resume, lines of steps after the restored one (a run that
     went on past its last checkpoint before dying) are dropped so the file reads as one run."""
 
-    def __init__(self, out: Path, start: int, primary: bool):
+    def __init__(self, out: os.PathLike, start: int, primary: bool):
         self.primary = primary
         self.path = out / "metrics.jsonl"
         self.tensorboard = None
@@ -455,18 +455,13 @@ class _MetricsLogger:
             return
         if self.path.exists():
             kept = [line for line in self.path.read_text().splitlines() if _logged_step(line, start)]
-            partial = self.path.with_suffix(".jsonl.partial")
-            partial.write_text("".join(line + "\n" for line in kept))
-            os.replace(partial, self.path)
-        from tensorboardX import SummaryWriter
-
-        self.tensorboard = SummaryWriter(str(out / "tensorboard"), purge_step=start + 1 if start else None)
+            storage.write_text(self.path, "".join(line + "\n" for line in kept))
+        self.tensorboard = storage.tensorboard_writer(out / "tensorboard", purge_step=start + 1 if start else None)
 
     def write(self, line: dict) -> None:
         if not self.primary:
             return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(line) + "\n")
+        storage.append_lines(self.path, [json.dumps(line)])
         for key, value in line.items():
             if key != "step":
                 group = "eval" if key.startswith("eval_") else "train"

@@ -13,11 +13,11 @@ config.yaml then records the new settings.
 import dataclasses
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 import yaml
 
+from jaxalign import storage
 from jaxalign.config import to_dict
 from jaxalign.errors import JaxalignError
 
@@ -75,7 +75,7 @@ def check_config(config: Any, allow_config_change: bool = False) -> list[Change]
 
     Raises `JaxalignError` listing the changes outside `CHANGEABLE_KEYS` unless `allow_config_change`. A config.yaml
     that is not a YAML mapping is an error too."""
-    out = Path(config.output_dir)
+    out = storage.location(config.output_dir)
     path = out / CONFIG_FILE
     changes = []
     if path.exists():
@@ -98,24 +98,21 @@ def check_config(config: Any, allow_config_change: bool = False) -> list[Change]
     return changes
 
 
-def latest_checkpoint_step(output_dir: str | Path) -> int | None:
+def latest_checkpoint_step(output_dir: str | os.PathLike) -> int | None:
     """The newest complete checkpoint step in OUTPUT_DIR/checkpoints (orbax names a step's folder by its number only
     once it is complete), without reading it; None when there is none."""
-    folder = Path(output_dir) / "checkpoints"
+    folder = storage.location(output_dir) / "checkpoints"
     steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
     return max(steps, default=None)
 
 
-def save_config(config: Any) -> Path:
+def save_config(config: Any) -> os.PathLike:
     """Writes `config` to OUTPUT_DIR/config.yaml from process 0 (replacing the file in one step); returns the path."""
     import jax
 
-    path = Path(config.output_dir) / CONFIG_FILE
+    path = storage.location(config.output_dir) / CONFIG_FILE
     if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".yaml.partial")
-        partial.write_text(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
-        os.replace(partial, path)
+        storage.write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True))
     return path
 
 
