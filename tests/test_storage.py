@@ -150,11 +150,16 @@ def test_tensorboard_events_reach_the_store(bucket):
 
 def test_sft_run_with_data_output_and_export_on_a_store(bucket, monkeypatch, capsys):
     """Every file of the run goes to gs://bucket/run (orbax writes its checkpoint arrays to the same folder, here
-    reached by its local path, since orbax's own gs:// support needs the real service); a rerun finds it finished;
-    the export loads from gs://."""
+    reached by its local path, since orbax's own gs:// support needs the real service, and completes a step with a
+    commit file as it does on gs://); a rerun finds it finished; a longer one resumes; the export loads from gs://."""
     manager = ocp.CheckpointManager
-    monkeypatch.setattr(ocp, "CheckpointManager",
-                        lambda directory, *args, **kwargs: manager(LocalBucket.local(directory), *args, **kwargs))
+
+    def on_bucket(directory, options, **kwargs):
+        commit_file = ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
+        return manager(LocalBucket.local(directory), options=dataclasses.replace(options, atomicity_options=commit_file),
+                       **kwargs)
+
+    monkeypatch.setattr(ocp, "CheckpointManager", on_bucket)
     records = [{"instruction": f"Say {i}", "output": f"{i} {i} {i}"} for i in range(16)]
     storage.write_text("gs://bucket/data/train.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     config = from_dict(SFTConfig, apply_overrides({
@@ -168,7 +173,7 @@ def test_sft_run_with_data_output_and_export_on_a_store(bucket, monkeypatch, cap
     written = sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file())
     assert "config.yaml" in written and "metrics.jsonl" in written and "hf/model.safetensors" in written
     assert any(name.startswith("tensorboard/events.out.tfevents") for name in written)
-    assert any(name.startswith("checkpoints/3/") for name in written)
+    assert "checkpoints/3/commit_success.txt" in written
     assert not any(".partial" in name for name in written)
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     capsys.readouterr()

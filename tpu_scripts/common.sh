@@ -17,7 +17,6 @@ SCRIPT_NAME="tpu_scripts/$(basename "$0")"
 WORKER_HOME_NAME="jaxalign-tpu"               # ~/jaxalign-tpu: worker.sh, venv/, src/, logs/, jaxalign.pid
 # shellcheck disable=SC2088,SC2034  # the tilde is for the remote shell to expand
 WORKER_SCRIPT="~/$WORKER_HOME_NAME/worker.sh"
-GCS_MOUNT_ROOT="/mnt/gcs"                     # a RUN_DIR of gs://BUCKET/PATH is /mnt/gcs/BUCKET/PATH on the workers
 
 # Every setting the scripts read; a value set in the environment overrides the env file's.
 SETTING_NAMES=(TPU_NAME PROJECT ZONE ACCELERATOR_TYPE RUNTIME_VERSION SPOT PREEMPTIBLE QUEUED JAXALIGN_REF
@@ -210,28 +209,6 @@ tpu_ssh() {
   local location
   mapfile -t location < <(location_flags)
   run gcloud compute tpus tpu-vm ssh "$TPU_NAME" "${location[@]}" "--worker=$workers" --command "$command"
-}
-
-# The bucket of a gs:// RUN_DIR (empty for any other RUN_DIR).
-run_dir_bucket() {
-  local run_dir="${RUN_DIR:-}"
-  if [[ "$run_dir" == gs://* ]]; then
-    run_dir="${run_dir#gs://}"
-    printf '%s' "${run_dir%%/*}"
-  fi
-}
-
-# RUN_DIR as a path on the workers: gs://BUCKET/PATH is mounted at /mnt/gcs/BUCKET/PATH; other paths are used as
-# they are.
-run_dir_on_workers() {
-  local run_dir="${RUN_DIR:-}"
-  if [[ "$run_dir" == gs://* ]]; then
-    run_dir="${run_dir#gs://}"
-    run_dir="${run_dir%/}"
-    printf '%s' "$GCS_MOUNT_ROOT/$run_dir"
-  else
-    printf '%s' "$run_dir"
-  fi
 }
 
 no_more_args() {

@@ -6,16 +6,16 @@ nohup: closing the ssh connection does not stop it. Each worker logs to ~/jaxali
 (tpu_scripts/logs.sh follows worker 0's) and keeps the process's pid for tpu_scripts/stop.sh. Refuses to start
 while a command it started still runs.
 
-Outputs: with RUN_DIR set, output_dir=<RUN_DIR on the workers> is added to COMMAND (unless COMMAND has its own
-output_dir=...); RUN_DIR=gs://BUCKET/PATH is the Cloud Storage FUSE mount /mnt/gcs/BUCKET/PATH, which every worker
-shares and which outlives the VM. Without RUN_DIR the config's output_dir is a folder on each worker's own disk:
-lost with the VM, and on a multi-host slice not shared, which checkpoints need.
+Outputs: with RUN_DIR set, output_dir=RUN_DIR is added to COMMAND (unless COMMAND has its own output_dir=...);
+jaxalign writes a gs://BUCKET/PATH output_dir straight to Cloud Storage, which every worker shares and which
+outlives the VM. Without RUN_DIR the config's output_dir is a folder on each worker's own disk: lost with the VM,
+and on a multi-host slice not shared, which checkpoints need.
 
 After a preemption or a stop, the same COMMAND (same output_dir) resumes from the latest complete checkpoint."
 SCRIPT_USAGE="[--env FILE] [--dry-run] [--] COMMAND..."
 SCRIPT_OPTIONS=""
 SCRIPT_SETTINGS="  TPU_NAME, PROJECT, ZONE (required)
-  RUN_DIR   the run's output_dir: gs://BUCKET/PATH (mounted at /mnt/gcs/BUCKET/PATH), or a path on the workers"
+  RUN_DIR   the run's output_dir: gs://BUCKET/PATH, or a folder all workers share"
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -27,9 +27,6 @@ require TPU_NAME PROJECT ZONE
 has_output_dir=0
 for word in "${command[@]}"; do
   case "$word" in
-    output_dir=gs://*)
-      usage_error "$word: jaxalign writes output_dir through the file system and does not accept gs:// paths; set RUN_DIR=${word#output_dir=} instead (mounted on the workers with Cloud Storage FUSE)"
-      ;;
     output_dir=*) has_output_dir=1 ;;
   esac
 done
@@ -37,18 +34,13 @@ if [[ -n "${RUN_DIR:-}" ]]; then
   if ((has_output_dir)); then
     say "note: COMMAND sets output_dir itself; RUN_DIR=$RUN_DIR is not used for it"
   else
-    command+=("output_dir=$(run_dir_on_workers)")
+    command+=("output_dir=${RUN_DIR%/}")
   fi
 elif ((!has_output_dir)); then
   say "warning: RUN_DIR is not set: outputs go to the config's output_dir on each worker's disk, which is lost with the VM (and not shared between the hosts of a multi-host slice)"
 fi
 need_gcloud
 
-bucket="$(run_dir_bucket)"
-remote="bash $WORKER_SCRIPT launch"
-if [[ -n "$bucket" ]]; then
-  remote+=" --bucket $(quote "$bucket")"
-fi
-remote+=" -- $(quote_words "${command[@]}")"
+remote="bash $WORKER_SCRIPT launch -- $(quote_words "${command[@]}")"
 tpu_ssh all "$remote"
 ((DRY_RUN)) || say "launched on every worker; follow it with tpu_scripts/logs.sh, stop it with tpu_scripts/stop.sh"

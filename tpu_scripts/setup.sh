@@ -2,17 +2,15 @@
 # Installs jaxalign on every worker of the TPU VM.
 SCRIPT_SUMMARY="Installs jaxalign on every worker of the TPU VM at once (gcloud compute tpus tpu-vm scp/ssh
 --worker=all): a Python venv (~/jaxalign-tpu/venv, Python PYTHON_VERSION from uv) with jax[tpu] (the TPU build
-of JAX) and jaxalign, and ~/jaxalign-tpu/src, where launched commands run. jaxalign comes from this checkout (its
+of JAX) and jaxalign[gcs] (gs:// outputs, data and models), and ~/jaxalign-tpu/src, where launched commands run. jaxalign comes from this checkout (its
 committed HEAD, sent as a \`git archive\` tarball: commit changes to jaxalign/ first), or with JAXALIGN_REF set,
 from \`pip install \"jaxalign @ git+JAXALIGN_REPO@JAXALIGN_REF\"\`. configs/ is sent as it is in this working tree,
-so a config you just wrote goes along. With RUN_DIR=gs://BUCKET/... the bucket is mounted on every worker at
-/mnt/gcs/BUCKET (Cloud Storage FUSE). Run it again after changing the code; outputs in src/runs/ are kept."
+so a config you just wrote goes along. Run it again after changing the code; outputs in src/runs/ are kept."
 SCRIPT_USAGE="[--env FILE] [--dry-run]"
 SCRIPT_OPTIONS=""
 SCRIPT_SETTINGS="  TPU_NAME, PROJECT, ZONE (required)
   JAXALIGN_REF     git ref to install instead of this checkout (a branch, tag or commit)
   JAXALIGN_REPO    git URL for JAXALIGN_REF (default: this checkout's origin remote)
-  RUN_DIR          gs://BUCKET/PATH: mount BUCKET on the workers
   PYTHON_VERSION   Python of the venv (default 3.12)"
 # shellcheck source-path=SCRIPTDIR
 # shellcheck source=common.sh
@@ -34,11 +32,10 @@ if [[ -n "${JAXALIGN_REF:-}" ]]; then
       JAXALIGN_REPO="ssh://${BASH_REMATCH[1]}${BASH_REMATCH[2]}/${BASH_REMATCH[3]}"
     fi
   fi
-  package_spec="jaxalign @ git+$JAXALIGN_REPO@$JAXALIGN_REF"
+  package_spec="jaxalign[gcs] @ git+$JAXALIGN_REPO@$JAXALIGN_REF"
 elif ! git -C "$REPO_ROOT" diff-index --quiet HEAD -- jaxalign pyproject.toml 2>/dev/null; then
   say "warning: jaxalign/ or pyproject.toml has uncommitted changes, which are not sent (the workers get HEAD, $(git -C "$REPO_ROOT" rev-parse --short HEAD))"
 fi
-bucket="$(run_dir_bucket)"
 need_gcloud
 
 staging="$(mktemp -d "${TMPDIR:-/tmp}/jaxalign-tpu-setup.XXXXXX")"
@@ -58,9 +55,6 @@ remote="mkdir -p ~/$WORKER_HOME_NAME && mv ~/jaxalign-tpu-worker.sh $WORKER_SCRI
 remote+=" && bash $WORKER_SCRIPT setup --python $(quote "$PYTHON_VERSION")"
 if [[ -n "$package_spec" ]]; then
   remote+=" --package $(quote "$package_spec")"
-fi
-if [[ -n "$bucket" ]]; then
-  remote+=" --bucket $(quote "$bucket")"
 fi
 tpu_ssh all "$remote"
 ((DRY_RUN)) || say "every worker is set up; next: tpu_scripts/launch.sh jaxalign sft CONFIG ..."

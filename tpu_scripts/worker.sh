@@ -2,9 +2,8 @@
 # Runs on every worker of a TPU VM (setup.sh copies it to ~/jaxalign-tpu/worker.sh); the other tpu_scripts call it
 # over `gcloud compute tpus tpu-vm ssh --worker=...`. Not meant to be run on your own machine.
 #
-#   worker.sh setup [--python VERSION] [--package SPEC] [--bucket BUCKET]
-#   worker.sh mount BUCKET
-#   worker.sh launch [--bucket BUCKET] -- COMMAND...
+#   worker.sh setup [--python VERSION] [--package SPEC]
+#   worker.sh launch -- COMMAND...
 #   worker.sh stop [--wait]
 #   worker.sh logs [--follow]
 #   worker.sh status
@@ -21,7 +20,6 @@ VENV="$HOME_DIR/venv"
 SRC="$HOME_DIR/src"
 LOGS="$HOME_DIR/logs"
 PID_FILE="$HOME_DIR/jaxalign.pid"
-GCS_MOUNT_ROOT="/mnt/gcs"
 HOST="$(hostname)"
 
 say() { printf '%s: %s\n' "$HOST" "$*"; }
@@ -30,15 +28,14 @@ fail() {
   exit 1
 }
 
-# setup: a Python venv with jax[tpu] and jaxalign (from ~/jaxalign-src.tar.gz, or the pip SPEC given with
-# --package), the configs from ~/jaxalign-configs.tar.gz, and the bucket mounted when --bucket is given.
+# setup: a Python venv with jax[tpu] and jaxalign with its Cloud Storage extra (from ~/jaxalign-src.tar.gz, or the
+# pip SPEC given with --package) and the configs from ~/jaxalign-configs.tar.gz.
 setup() {
-  local python_version=3.12 package="" bucket=""
+  local python_version=3.12 package=""
   while (($#)); do
     case "$1" in
       --python) python_version="$2"; shift ;;
       --package) package="$2"; shift ;;
-      --bucket) bucket="$2"; shift ;;
       *) fail "setup: unknown argument $1" ;;
     esac
     shift
@@ -57,38 +54,12 @@ setup() {
   find "$SRC" -mindepth 1 -maxdepth 1 ! -name runs -exec rm -rf {} +
   if [[ -z "$package" ]]; then
     tar -xzf "$HOME/jaxalign-src.tar.gz" -C "$SRC"
-    package="$SRC"
+    package="${SRC}[gcs]"
   fi
   tar -xzf "$HOME/jaxalign-configs.tar.gz" -C "$SRC"
   "$VENV/bin/pip" install --quiet --upgrade pip
   "$VENV/bin/pip" install --quiet "jax[tpu]" "$package"
-  if [[ -n "$bucket" ]]; then
-    mount_bucket "$bucket"
-  fi
   say "ready: $("$VENV/bin/python" -c 'import jax, jaxalign; print("jaxalign", jaxalign.__version__, "jax", jax.__version__)')"
-}
-
-# mount: gs://BUCKET at /mnt/gcs/BUCKET with Cloud Storage FUSE (installed on first use), with metadata caching off
-# (all hosts write the same checkpoint folders) and directory renames allowed (checkpoints are written to a
-# temporary folder and renamed when complete). Does nothing when it is mounted already.
-mount_bucket() {
-  local bucket="$1" target="$GCS_MOUNT_ROOT/$1"
-  if mountpoint -q "$target" 2>/dev/null; then
-    return 0
-  fi
-  if ! command -v gcsfuse >/dev/null 2>&1; then
-    curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg |
-      sudo gpg --dearmor --yes -o /usr/share/keyrings/cloud.google.gpg
-    echo "deb [signed-by=/usr/share/keyrings/cloud.google.gpg] https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -cs) main" |
-      sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null
-    sudo apt-get update -qq
-    sudo apt-get install -y -qq gcsfuse
-  fi
-  sudo mkdir -p "$target"
-  sudo chown "$(id -u):$(id -g)" "$target"
-  gcsfuse --implicit-dirs --rename-dir-limit=1000000 --metadata-cache-ttl-secs=0 \
-    --metadata-cache-negative-ttl-secs=0 "$bucket" "$target"
-  say "gs://$bucket mounted at $target"
 }
 
 # The pid in the pid file when that process still runs (same pid and start time), else nothing.
@@ -106,10 +77,8 @@ running_pid() {
 # launch: COMMAND in the background, detached from the ssh session (setsid + nohup), in src/ with the venv first on
 # PATH, writing to logs/<time>.log; refuses while a command it launched still runs.
 launch() {
-  local bucket=""
   while (($#)); do
     case "$1" in
-      --bucket) bucket="$2"; shift ;;
       --) shift; break ;;
       *) fail "launch: unknown argument $1 (the command goes after --)" ;;
     esac
@@ -121,9 +90,6 @@ launch() {
   pid="$(running_pid)"
   if [[ -n "$pid" ]]; then
     fail "a command launched earlier still runs (pid $pid, $(readlink -f "$LOGS/latest.log")); stop it first with tpu_scripts/stop.sh"
-  fi
-  if [[ -n "$bucket" ]]; then
-    mount_bucket "$bucket"
   fi
   mkdir -p "$LOGS"
   local log
@@ -203,12 +169,11 @@ status() {
   fi
 }
 
-(($#)) || fail "usage: worker.sh setup|mount|launch|stop|logs|status ..."
+(($#)) || fail "usage: worker.sh setup|launch|stop|logs|status ..."
 command="$1"
 shift
 case "$command" in
   setup) setup "$@" ;;
-  mount) mount_bucket "$@" ;;
   launch) launch "$@" ;;
   stop) stop "$@" ;;
   logs) logs "$@" ;;

@@ -22,6 +22,7 @@ from jaxalign.config import to_dict
 from jaxalign.errors import JaxalignError
 
 CONFIG_FILE = "config.yaml"
+COMMIT_SUCCESS_FILE = "commit_success.txt"
 
 CHANGEABLE_KEYS = (
     "output_dir",  # the folder may be moved or reached by another path
@@ -99,10 +100,14 @@ def check_config(config: Any, allow_config_change: bool = False) -> list[Change]
 
 
 def latest_checkpoint_step(output_dir: str | os.PathLike) -> int | None:
-    """The newest complete checkpoint step in OUTPUT_DIR/checkpoints (orbax names a step's folder by its number only
-    once it is complete), without reading it; None when there is none."""
+    """The newest complete checkpoint step in OUTPUT_DIR/checkpoints, without reading it; None when there is none.
+
+    Orbax names a step's folder by its number only once it is complete, except on `gs://`, where it writes the
+    numbered folder directly and marks it complete with a `commit_success.txt` file."""
     folder = storage.location(output_dir) / "checkpoints"
-    steps = [int(p.name) for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+    marked = os.fspath(folder).startswith("gs://")
+    steps = [int(p.name) for p in folder.iterdir()
+             if p.name.isdigit() and (not marked or (p / COMMIT_SUCCESS_FILE).exists())] if folder.is_dir() else []
     return max(steps, default=None)
 
 
