@@ -26,6 +26,7 @@ import copy
 import dataclasses
 import importlib
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from jaxalign import storage
 from jaxalign.config import load_yaml
 from jaxalign.errors import JaxalignError
 
@@ -59,7 +61,7 @@ class Stage:
 
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
-    output_dir: Path
+    output_dir: os.PathLike
     stages: tuple[Stage, ...]
 
 
@@ -70,7 +72,7 @@ def load_pipeline(path: str | Path) -> Pipeline:
     data = load_yaml(path)
     if not isinstance(data, dict) or set(data) - {"output_dir", "stages"} or not isinstance(data.get("stages"), dict):
         raise JaxalignError(f"{path}: expected a mapping with 'output_dir' and 'stages' (a mapping of stage names)")
-    out = Path(data.get("output_dir") or "runs/pipeline")
+    out = storage.location(data.get("output_dir") or "runs/pipeline")
     stages = []
     for name, spec in data["stages"].items():
         where = f"{path}: stage '{name}'"
@@ -115,24 +117,21 @@ def run_pipeline(pipeline: Pipeline, allow_config_change: bool = False) -> int:
     return 0
 
 
-def write_report(pipeline: Pipeline) -> Path:
+def write_report(pipeline: Pipeline) -> os.PathLike:
     """OUTPUT_DIR/report.md: per stage what it did, its key numbers and a figure (OUTPUT_DIR/report/<stage>.png)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    figures = pipeline.output_dir / "report"
-    figures.mkdir(parents=True, exist_ok=True)
     seconds = {line["stage"]: line["seconds"] for line in _read_jsonl(pipeline.output_dir / "stages.jsonl")}
     lines = [f"# Pipeline report: {pipeline.output_dir}", ""]
-    for stage in pipeline.stages:
-        folder = Path(stage.config.output_dir)
-        took = f", {seconds[stage.name]:.0f} s" if stage.name in seconds else ""
-        lines += [f"## {stage.name} (`jaxalign {stage.command}`{took})", ""]
-        summary = REPORTERS[stage.command](folder, figures / f"{stage.name}.png")
-        lines += [*summary, "", f"![{stage.name}](report/{stage.name}.png)", ""]
-    path = pipeline.output_dir / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    with storage.staged_folder(pipeline.output_dir / "report") as figures:
+        for stage in pipeline.stages:
+            folder = storage.location(stage.config.output_dir)
+            took = f", {seconds[stage.name]:.0f} s" if stage.name in seconds else ""
+            lines += [f"## {stage.name} (`jaxalign {stage.command}`{took})", ""]
+            summary = REPORTERS[stage.command](folder, figures / f"{stage.name}.png")
+            lines += [*summary, "", f"![{stage.name}](report/{stage.name}.png)", ""]
+    return storage.write_text(pipeline.output_dir / "report.md", "\n".join(lines))
 
 
 def _report_sft(folder: Path, png: Path) -> list[str]:
@@ -307,10 +306,8 @@ def _read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _append(path: Path, line: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        handle.write(json.dumps(line) + "\n")
+def _append(path: os.PathLike, line: dict) -> None:
+    storage.append_lines(path, [json.dumps(line)])
 
 
 def _say(message: str) -> None:

@@ -15,7 +15,9 @@ Metrics per iteration: `reward_mean`, `reward_std` (the weighted sum), `reward/<
 `reward_std/<function>`, `accuracy` (the share of samples the first reward function scores above 0: the
 correctness reward of a verifiable task), `all_equal_groups`, `response_length`, `eos_fraction`, `generation_s`,
 `scoring_s`, `training_s`; per step `policy_loss`, `clipfrac`, `approx_kl`, `entropy` and `kl` when on. Every
-`train.eval_every` steps: greedy answers to the eval prompts, `eval_accuracy` and `eval_reward/<function>`. The
+`train.eval_every` steps: greedy answers to the eval prompts, `eval_accuracy` and `eval_reward/<function>`; with
+`grpo.eval_samples` = k > 0 also k samples per eval prompt at the generation temperature and
+`eval_sampled_accuracy`, their mean accuracy (pass@1 estimated from k samples, as DeepSeek-R1 reports it). The
 policy is exported to `OUTPUT_DIR/hf/` (with `model.lora`: merged, and the PEFT adapter in `OUTPUT_DIR/adapter/`).
 """
 
@@ -76,6 +78,8 @@ class GRPOConfig(RunConfig):
             raise JaxalignError(f"config key 'train.steps': {self.train.steps} is not a whole number of iterations of "
                                 f"{per_iteration} minibatch steps; e.g. train.steps={whole}")
         self.generation.check_room(self.train.seq_len)
+        if g.eval_samples < 0:
+            raise JaxalignError(f"config key 'grpo.eval_samples': expected >= 0, got {g.eval_samples}")
         if g.overlong_cache is not None and not 0 < g.overlong_cache <= self.generation.max_new_tokens:
             raise JaxalignError(f"config key 'grpo.overlong_cache': expected 1..generation.max_new_tokens, got "
                                 f"{g.overlong_cache}")
@@ -143,7 +147,9 @@ def train_grpo(config: GRPOConfig, allow_config_change: bool = False) -> int:
 
 def evaluator(config: GRPOConfig, rollouts, eval_data):
     """`evaluate(context)`: greedy answers to the eval prompts (`train.eval_batches` batches, all when 0):
-    `accuracy` (share scored above 0 by the first reward function) and `reward/<function>`."""
+    `accuracy` (share scored above 0 by the first reward function) and `reward/<function>`; with
+    `grpo.eval_samples` = k > 0 also `sampled_accuracy`, the share of k samples per prompt at the generation
+    temperature scored above 0 (the same seed at every evaluation)."""
     import itertools
 
     import jax
@@ -151,18 +157,31 @@ def evaluator(config: GRPOConfig, rollouts, eval_data):
 
     from jaxalign.rollouts import prompt_messages, prompt_metadata, respond
 
+    correctness = config.rewards[0].function
+
+    def scored(context, answers) -> dict[str, np.ndarray]:
+        return {name: np.asarray(values, np.float32) for name, values in rollouts.reward(
+            context, [prompt_messages(e) for e in answers.examples], answers.texts,
+            [prompt_metadata(e) for e in answers.examples]).items()}
+
     def evaluate(context):
         scores: dict[str, list] = {}
+        sampled = []
         loader = eval_data()
-        for local in itertools.islice(loader, config.train.eval_batches or None):
-            answers = respond(rollouts.sampler, rollouts.policy_params(context), rollouts.tokenizer, loader, local,
-                              context, jax.random.PRNGKey(0), greedy=True)
-            for name, values in rollouts.reward(context, [prompt_messages(e) for e in answers.examples],
-                                                answers.texts,
-                                                [prompt_metadata(e) for e in answers.examples]).items():
-                scores.setdefault(name, []).append(np.asarray(values, np.float32))
+        params = rollouts.policy_params(context)
+        for number, local in enumerate(itertools.islice(loader, config.train.eval_batches or None)):
+            answers = respond(rollouts.sampler, params, rollouts.tokenizer, loader, local, context,
+                              jax.random.PRNGKey(0), greedy=True)
+            for name, values in scored(context, answers).items():
+                scores.setdefault(name, []).append(values)
+            if config.grpo.eval_samples:
+                samples = respond(rollouts.sampler, params, rollouts.tokenizer, loader, local, context,
+                                  jax.random.fold_in(jax.random.PRNGKey(1), number), repeat=config.grpo.eval_samples)
+                sampled.append(scored(context, samples)[correctness])
         out = {f"reward/{name}": float(np.mean(np.concatenate(v))) for name, v in scores.items()}
-        out["accuracy"] = float(np.mean(np.concatenate(scores[config.rewards[0].function]) > 0))
+        out["accuracy"] = float(np.mean(np.concatenate(scores[correctness]) > 0))
+        if sampled:
+            out["sampled_accuracy"] = float(np.mean(np.concatenate(sampled) > 0))
         return out
 
     return evaluate

@@ -31,7 +31,8 @@ class GRPOSettings:
     `advantage` (grpo | dr_grpo | rloo) with `eps` and `ddof` (the std of GRPO), `aggregation` (token_mean |
     sequence_mean | token_sum_norm), `clip_low` / `clip_high` (ε; DAPO: 0.2 / 0.28), `kl_beta` (the k3 KL loss
     weight; 0 = no reference model), `dynamic_sampling` (mask out all-equal groups), `overlong_cache` (DAPO's soft
-    overlong penalty over the last L_cache tokens before `generation.max_new_tokens`; null = off)."""
+    overlong penalty over the last L_cache tokens before `generation.max_new_tokens`; null = off), `eval_samples`
+    (evaluation also samples each eval prompt this many times at the generation temperature; 0 = greedy only)."""
 
     prompts_per_iteration: int = 8
     group_size: int = 4
@@ -45,6 +46,7 @@ class GRPOSettings:
     kl_beta: float = 0.0
     dynamic_sampling: bool = False
     overlong_cache: int | None = None
+    eval_samples: int = 0
 
     @property
     def rollout_size(self) -> int:

@@ -38,7 +38,7 @@ def iterations(lines):
 @pytest.fixture(scope="module")
 def learning_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("grpo")
-    return out, run(out, f"train.steps={20 * ITERATION}")
+    return out, run(out, f"train.steps={20 * ITERATION}", "train.eval_every=20", "grpo.eval_samples=3")
 
 
 def test_reward_rises_and_the_metrics_are_logged(learning_run):
@@ -52,6 +52,9 @@ def test_reward_rises_and_the_metrics_are_logged(learning_run):
             "all_equal_groups", "response_length", "eos_fraction", "generation_s", "policy_loss", "clipfrac",
             "approx_kl", "entropy"} <= set(lines[1])
     assert "kl" not in lines[1]  # kl_beta 0: no KL term, no reference model
+    evals = [line for line in learning_run[1] if "eval_accuracy" in line]
+    assert [line["step"] for line in evals] == [20, 40]
+    assert all(0 <= line["eval_sampled_accuracy"] <= 1 and 0 <= line["eval_accuracy"] <= 1 for line in evals)
     assert (learning_run[0] / "hf" / "model.safetensors").is_file()
 
 
@@ -124,6 +127,7 @@ def test_lora_policy_takes_its_kl_to_the_base_and_exports_its_adapter(tmp_path, 
     (["train.steps=3"], "'train.steps': 3 is not a whole number of iterations of 2"),
     (["rewards=[]"], "'rewards': at least one"),
     (["grpo.overlong_cache=40"], "'grpo.overlong_cache'"),
+    (["grpo.eval_samples=-1"], "'grpo.eval_samples': expected >= 0"),
 ])
 def test_bad_configs_name_their_key(tmp_path, overrides, message):
     with pytest.raises(JaxalignError, match=message):
