@@ -1,17 +1,24 @@
-"""Generation throughput: jaxalign `generate` against transformers `generate` (PyTorch, KV cache, greedy).
+"""Generation throughput: jaxalign `generate` against transformers `generate` (PyTorch, KV cache, greedy) and,
+with `--tunix-python`, Tunix's sampler (the JAX peer).
 
-Both generate exactly `--new-tokens` tokens (stop tokens off) for the same `--batch` prompts of different lengths
-with the same weights, in the same process, alternating runs. Prints tokens/s of each, their ratio, how many rows
-agree token for token, and jaxalign's compile time (XLA compilation, measured separately from the timed runs).
+All generate exactly `--new-tokens` tokens (stop tokens off) for the same `--batch` prompts of different lengths
+with the same weights. jaxalign and transformers run in this process, alternating runs; Tunix runs in its own
+virtual environment (`benchmarks/tunix_peer.py`, started after the alternating runs, with the same number of timed
+runs after an untimed one). Prints tokens/s of each, the ratios, how many rows agree token for token, and
+jaxalign's compile time (XLA compilation, measured separately from the timed runs).
 
     python benchmarks/generate_throughput.py                    # ~58M random LLaMA and SmolLM2-135M
     python benchmarks/generate_throughput.py --models random    # only the random model
+    python benchmarks/generate_throughput.py --tunix-python ~/tunix-venv/bin/python
 """
 
 import argparse
+import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -122,6 +129,15 @@ def bench(name: str, folder: Path, args) -> dict:
         "first_call_s": first_call,
         "rows_equal": f"{agree}/{len(prompts)}",
     }
+    if args.tunix_python:
+        tunix = tunix_runs(args.tunix_python, folder, prompts, args.new_tokens, args.repeats)
+        tunix_s = statistics.median(tunix["runs_s"])
+        out.update(tunix_tok_s=tokens / tunix_s, tunix_ratio=tunix_s / ours_s,
+                   tunix_rows_equal=f"{sum(row.tolist() == ref for row, ref in zip(result.tokens, tunix['tokens']))}"
+                                    f"/{len(prompts)}")
+        print(f"{name}: Tunix {tunix['tunix']} {out['tunix_tok_s']:.0f} tok/s, jaxalign / Tunix "
+              f"{out['tunix_ratio']:.2f}x; greedy rows identical to jaxalign's {out['tunix_rows_equal']}; first call "
+              f"{tunix['first_call_s']:.1f} s; runs (s) {[round(t, 2) for t in tunix['runs_s']]}", flush=True)
     print(
         f"{name} ({out['params_m']:.0f}M params): jaxalign {out['jaxalign_tok_s']:.0f} tok/s, transformers "
         f"{out['transformers_tok_s']:.0f} tok/s, ratio {out['ratio']:.2f}x; jaxalign XLA compile {timer.seconds:.1f} s "
@@ -130,6 +146,18 @@ def bench(name: str, folder: Path, args) -> dict:
         flush=True,
     )
     return out
+
+
+def tunix_runs(python: str, folder: Path, prompts, new_tokens: int, repeats: int) -> dict:
+    """`benchmarks/tunix_peer.py sample` in the Python of Tunix's virtual environment."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as request:
+        json.dump({"model": str(folder), "prompts": prompts, "new_tokens": new_tokens, "repeats": repeats}, request)
+        request.flush()
+        result = subprocess.run([python, str(Path(__file__).with_name("tunix_peer.py")), "sample", request.name],
+                                capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    if result.returncode:
+        sys.exit(f"Tunix peer failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def _shapes(folder: Path):
@@ -149,6 +177,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tunix-python", default=None,
+                        help="Python of a virtual environment with google-tunix: also time Tunix's sampler")
     args = parser.parse_args()
     print(
         f"{time.strftime('%Y-%m-%d %H:%M')} {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "

@@ -2,11 +2,14 @@
 
     python benchmarks/sft_throughput.py                  # CPU: ~60M-parameter LLaMA, batch 8 x 512, float32
     python benchmarks/sft_throughput.py --device gpu     # GPU: ~1B-parameter LLaMA, batch 8 x 2048, bfloat16
+    python benchmarks/sft_throughput.py --tunix-python ~/tunix-venv/bin/python   # also Tunix (CPU, float32)
 
 Both sides train the same architecture (untied LLaMA, SwiGLU, RoPE, full attention) with AdamW and global-norm
 clipping at 1.0 on identical random token batches, loss on every token. Each side runs one untimed step first
 (compilation, allocation), then `--steps` timed steps alternating between the two sides (a shared machine's load
-changes hit both alike); tokens/s uses the median step. Printed: tokens/s of each, their ratio, and jaxalign's model
+changes hit both alike); tokens/s uses the median step. With `--tunix-python`, Tunix's PeftTrainer train step
+(`benchmarks/tunix_peer.py sft`, in Tunix's own virtual environment) takes its turn in the same alternation, on the
+same input rows (its loss predicts the L - 1 next tokens inside each row; the work per step is the same). Printed: tokens/s of each, their ratio, and jaxalign's model
 FLOP/s as a fraction of the matmul peak measured in the same run (jitted square matmuls in the same dtype).
 
 Model FLOPs per token = 6 x (weights used in matmuls, i.e. all but the input embedding table)
@@ -243,6 +246,35 @@ def torch_steps(setup: Setup, batches: list[dict], device: str):
         yield time.perf_counter() - start, loss
 
 
+def tunix_steps(python: str, setup: Setup, batches: list[dict]):
+    """Generator of (seconds, loss) per step of Tunix's SFT train step, run by `tunix_peer.py sft` in `python`."""
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    request = {"model": {k: getattr(setup, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                        "num_layers", "num_heads")},
+               "batches": [b["input_ids"].tolist() for b in batches]}
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as file:
+        json.dump(request, file)
+        file.flush()
+        peer = subprocess.Popen([python, str(Path(__file__).with_name("tunix_peer.py")), "sft", file.name],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        try:
+            while True:
+                peer.stdin.write("step\n")
+                peer.stdin.flush()
+                line = peer.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"the Tunix peer ended (status {peer.wait()})")
+                result = json.loads(line)
+                yield result["seconds"], result["loss"]
+        finally:
+            peer.stdin.close()
+            peer.wait()
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=sorted(SETUPS), default="cpu")
@@ -254,6 +286,8 @@ def main(argv=None) -> None:
     parser.add_argument("--logits-chunk-length", type=int, default=None,
                         help="positions per slice of the LM head's logits (default: about 2**25 logits per slice)")
     parser.add_argument("--skip-torch", action="store_true", help="measure jaxalign only")
+    parser.add_argument("--tunix-python", default=None,
+                        help="Python of a virtual environment with google-tunix: also time Tunix's train step")
     parser.add_argument("--breakdown", action="store_true", help="also time the parts of one jaxalign step")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -282,6 +316,10 @@ def main(argv=None) -> None:
     runners = {"jaxalign": jaxalign_steps(setup, batches, breakdown)}
     if not args.skip_torch:
         runners["torch"] = torch_steps(setup, batches, args.device)
+    if args.tunix_python:
+        if args.device != "cpu":
+            parser.error("--tunix-python: the Tunix side runs on CPU in float32 only")
+        runners["tunix"] = tunix_steps(args.tunix_python, setup, batches)
     # First (compiling / allocating) step of each, then timed steps alternating between the two, so that a change
     # of load on a shared machine hits both sides alike; tokens/s uses the median step.
     for name, runner in runners.items():
@@ -303,6 +341,8 @@ def main(argv=None) -> None:
     if "torch" in results:
         results["torch"]["threads"] = __import__("torch").get_num_threads()
         results["speedup_vs_torch"] = results["jaxalign"]["tokens_per_s"] / results["torch"]["tokens_per_s"]
+    if "tunix" in results:
+        results["speedup_vs_tunix"] = results["jaxalign"]["tokens_per_s"] / results["tunix"]["tokens_per_s"]
     results["load_average_after"] = os.getloadavg()
 
     print(f"model: {setup.total_params() / 1e6:.1f}M parameters, batch {setup.batch_size} x {setup.seq_len}, "
@@ -317,6 +357,10 @@ def main(argv=None) -> None:
         print(f"pytorch:  {th['tokens_per_s']:.0f} tokens/s (median {th['step_s']:.2f} s/step of {th['step_s_all']}, "
               f"{th['threads']} threads)")
         print(f"jaxalign / pytorch: {results['speedup_vs_torch']:.2f}x")
+    if "tunix" in results:
+        tx = results["tunix"]
+        print(f"tunix:    {tx['tokens_per_s']:.0f} tokens/s (median {tx['step_s']:.2f} s/step of {tx['step_s_all']})")
+        print(f"jaxalign / tunix: {results['speedup_vs_tunix']:.2f}x")
     if "breakdown_s" in jx:
         print("jaxalign step parts (s): " + ", ".join(f"{k} {v}" for k, v in jx["breakdown_s"].items()))
     print(f"load average before / after: {results['load_average_before']} / {results['load_average_after']}")
