@@ -2,15 +2,16 @@
 builds the parser, which must stay fast."""
 
 import argparse
-from pathlib import Path
+
+from jaxalign import storage
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """`--model`, `--tokenizer` and `--dtype`, for commands that load a model with
     `jaxalign.models.loading.load_model`."""
-    parser.add_argument("--model", type=Path, required=True,
+    parser.add_argument("--model", type=storage.location, required=True,
                         help="a Hugging Face model folder or a jaxalign model checkpoint folder")
-    parser.add_argument("--tokenizer", type=Path, default=None,
+    parser.add_argument("--tokenizer", type=storage.location, default=None,
                         help="folder with the tokenizer (default: the model folder)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                         help="compute dtype (default: the model's)")

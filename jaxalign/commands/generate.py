@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from jaxalign import storage
 from jaxalign.arguments import add_model_arguments, add_sampling_arguments
 from jaxalign.commands.jsonl import read_objects
 from jaxalign.data.templates import BUILTIN_TEMPLATES, prompt_template
@@ -24,8 +25,8 @@ from jaxalign.errors import JaxalignError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_sampling_arguments(parser)
-    parser.add_argument("--prompts", type=Path, required=True, help="JSONL file of {prompt} or {messages} lines")
-    parser.add_argument("--out", type=Path, required=True, help="JSONL file to write")
+    parser.add_argument("--prompts", type=storage.location, required=True, help="JSONL file of {prompt} or {messages} lines")
+    parser.add_argument("--out", type=storage.location, required=True, help="JSONL file to write")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("--min-new-tokens", type=int, default=0, help="stop tokens are masked until this many exist")
     parser.add_argument("--num-samples", type=int, default=1, help="completions per prompt")

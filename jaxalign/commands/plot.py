@@ -3,6 +3,7 @@
 import argparse
 from pathlib import Path
 
+from jaxalign import storage
 from jaxalign.commands.jsonl import read_objects
 from jaxalign.errors import JaxalignError
 
@@ -13,8 +14,8 @@ PANELS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("output_dir", type=Path, help="a run's output folder (the one holding metrics.jsonl)")
-    parser.add_argument("--out", type=Path, default=None, help="where to write the PNGs (default: OUTPUT_DIR/plots)")
+    parser.add_argument("output_dir", type=storage.location, help="a run's output folder (the one holding metrics.jsonl)")
+    parser.add_argument("--out", type=storage.location, default=None, help="where to write the PNGs (default: OUTPUT_DIR/plots)")
 
 
 def read_metrics(path: Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -39,24 +40,24 @@ def run(args: argparse.Namespace) -> int:
 
     series = read_metrics(args.output_dir / "metrics.jsonl")
     out_dir = args.out or args.output_dir / "plots"
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for file_name, (title, names) in PANELS.items():
-        present = [name for name in names if name in series]
-        if not present:
-            continue
-        figure, axis = plt.subplots(figsize=(7, 4))
-        for name in present:
-            steps, values = series[name]
-            axis.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=name)
-        axis.set_xlabel("step")
-        axis.set_title(title)
-        axis.grid(alpha=0.3)
-        axis.legend()
-        figure.tight_layout()
-        figure.savefig(out_dir / file_name, dpi=100)
-        plt.close(figure)
-        written.append(out_dir / file_name)
+    with storage.staged_folder(out_dir) as folder:
+        for file_name, (title, names) in PANELS.items():
+            present = [name for name in names if name in series]
+            if not present:
+                continue
+            figure, axis = plt.subplots(figsize=(7, 4))
+            for name in present:
+                steps, values = series[name]
+                axis.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=name)
+            axis.set_xlabel("step")
+            axis.set_title(title)
+            axis.grid(alpha=0.3)
+            axis.legend()
+            figure.tight_layout()
+            figure.savefig(folder / file_name, dpi=100)
+            plt.close(figure)
+            written.append(out_dir / file_name)
     if not written:
         raise JaxalignError(f"{args.output_dir / 'metrics.jsonl'} has none of the metrics loss, eval_loss, lr")
     for path in written:

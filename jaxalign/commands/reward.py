@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from jaxalign import storage
 from jaxalign.arguments import add_model_arguments
 from jaxalign.commands.jsonl import read_objects
 from jaxalign.errors import JaxalignError
@@ -20,9 +21,9 @@ from jaxalign.errors import JaxalignError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--data", type=Path, required=True,
+    parser.add_argument("--data", type=storage.location, required=True,
                         help="JSONL file of {prompt, response} records or preference pairs")
-    parser.add_argument("--out", type=Path, default=None, help="write the JSON lines here (default: stdout)")
+    parser.add_argument("--out", type=storage.location, default=None, help="write the JSON lines here (default: stdout)")
     parser.add_argument("--template", default="tokenizer",
                         help="template the reward model was trained with (default: the tokenizer's chat template)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")
