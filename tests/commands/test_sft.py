@@ -160,7 +160,7 @@ def test_smollm2_fine_tune_lowers_eval_loss_and_exports(smollm2_dir, llamafactor
         "model": {"path": str(smollm2_dir)},
         "data": {"train": str(llamafactory_data / "alpaca_en_demo.json"), "eval_fraction": 0.02,
                  "template": "alpaca", "mask": "prompt", "pad_token": "[PAD]"},
-        "train": {"steps": 2, "batch_size": 8, "seq_len": 128, "log_every": 1, "eval_every": 2},
+        "train": {"steps": 2, "batch_size": 8, "seq_len": 64, "log_every": 1, "eval_every": 2},
         "optimizer": {"name": "adamw", "lr": 1e-4, "schedule": "constant", "weight_decay": 0.0},
         "checkpoint": {"every": 0, "keep": 1, "async_save": False},
     })
@@ -170,7 +170,7 @@ def test_smollm2_fine_tune_lowers_eval_loss_and_exports(smollm2_dir, llamafactor
     params, grown = resize_embeddings(params, model.config, len(tokenizer))
     loss_fn = jax.jit(make_loss_fn(type(model)(grown)))
     sums = [loss_fn(params, batch, None) for batch in
-            build_loader(config.data, tokenizer, batch_size=8, seq_len=128, split="eval")]
+            build_loader(config.data, tokenizer, batch_size=8, seq_len=64, split="eval")]
     before = sum(float(objective.total) for objective, _ in sums) / sum(float(objective.count) for objective, _ in sums)
 
     assert train_sft(config) == 0
