@@ -9,7 +9,8 @@ clipping at 1.0 on identical random token batches, loss on every token. Each sid
 (compilation, allocation), then `--steps` timed steps alternating between the two sides (a shared machine's load
 changes hit both alike); tokens/s uses the median step. With `--tunix-python`, Tunix's PeftTrainer train step
 (`benchmarks/tunix_peer.py sft`, in Tunix's own virtual environment) takes its turn in the same alternation, on the
-same input rows (its loss predicts the L - 1 next tokens inside each row; the work per step is the same). Printed: tokens/s of each, their ratio, and jaxalign's model
+same input rows (its loss predicts the L - 1 next tokens inside each row; the work per step is the same).
+Printed: tokens/s of each, their ratio, and jaxalign's model
 FLOP/s as a fraction of the matmul peak measured in the same run (jitted square matmuls in the same dtype).
 
 Model FLOPs per token = 6 x (weights used in matmuls, i.e. all but the input embedding table)

@@ -156,8 +156,8 @@ def test_sft_run_with_data_output_and_export_on_a_store(bucket, monkeypatch, cap
 
     def on_bucket(directory, options, **kwargs):
         commit_file = ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE)
-        return manager(LocalBucket.local(directory), options=dataclasses.replace(options, atomicity_options=commit_file),
-                       **kwargs)
+        options = dataclasses.replace(options, atomicity_options=commit_file)
+        return manager(LocalBucket.local(directory), options=options, **kwargs)
 
     monkeypatch.setattr(ocp, "CheckpointManager", on_bucket)
     records = [{"instruction": f"Say {i}", "output": f"{i} {i} {i}"} for i in range(16)]

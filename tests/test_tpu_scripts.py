@@ -208,7 +208,8 @@ def test_setup_installs_a_ref_with_the_cloud_storage_extra(tmp_path, checkout):
     assert ssh[-1] == (f"mkdir -p ~/jaxalign-tpu && mv ~/jaxalign-tpu-worker.sh {WORKER} && bash {WORKER} setup "
                        "--python 3.11 --package 'jaxalign[gcs] @ git+ssh://git@github.com/someone/jaxalign.git@v1.2'")
     settings["JAXALIGN_REPO"] = "https://example.org/jaxalign.git"
-    assert "'jaxalign[gcs] @ git+https://example.org/jaxalign.git@v1.2'" in run.dry_run("setup", settings=settings)[-1][-1]
+    ssh = run.dry_run("setup", settings=settings)[-1]
+    assert "'jaxalign[gcs] @ git+https://example.org/jaxalign.git@v1.2'" in ssh[-1]
 
 
 def test_setup_for_real_uploads_the_source_and_configs(tmp_path, checkout):

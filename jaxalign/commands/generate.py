@@ -25,7 +25,8 @@ from jaxalign.errors import JaxalignError
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_sampling_arguments(parser)
-    parser.add_argument("--prompts", type=storage.location, required=True, help="JSONL file of {prompt} or {messages} lines")
+    parser.add_argument("--prompts", type=storage.location, required=True,
+                        help="JSONL file of {prompt} or {messages} lines")
     parser.add_argument("--out", type=storage.location, required=True, help="JSONL file to write")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (0 = greedy)")
     parser.add_argument("--min-new-tokens", type=int, default=0, help="stop tokens are masked until this many exist")

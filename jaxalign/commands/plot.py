@@ -14,8 +14,10 @@ PANELS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("output_dir", type=storage.location, help="a run's output folder (the one holding metrics.jsonl)")
-    parser.add_argument("--out", type=storage.location, default=None, help="where to write the PNGs (default: OUTPUT_DIR/plots)")
+    parser.add_argument("output_dir", type=storage.location,
+                        help="a run's output folder (the one holding metrics.jsonl)")
+    parser.add_argument("--out", type=storage.location, default=None,
+                        help="where to write the PNGs (default: OUTPUT_DIR/plots)")
 
 
 def read_metrics(path: Path) -> dict[str, tuple[list[int], list[float]]]:

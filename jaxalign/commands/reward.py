@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--data", type=storage.location, required=True,
                         help="JSONL file of {prompt, response} records or preference pairs")
-    parser.add_argument("--out", type=storage.location, default=None, help="write the JSON lines here (default: stdout)")
+    parser.add_argument("--out", type=storage.location, default=None,
+                        help="write the JSON lines here (default: stdout)")
     parser.add_argument("--template", default="tokenizer",
                         help="template the reward model was trained with (default: the tokenizer's chat template)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default 8)")

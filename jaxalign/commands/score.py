@@ -12,10 +12,13 @@ from jaxalign.errors import JaxalignError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", type=storage.location, required=True, help="HF model folder or jaxalign model checkpoint")
+    parser.add_argument("--model", type=storage.location, required=True,
+                        help="HF model folder or jaxalign model checkpoint")
     parser.add_argument("--data", type=storage.location, required=True, help='JSONL file, one {"text": ...} per line')
-    parser.add_argument("--out", type=storage.location, default=None, help="write the JSON lines here (default: stdout)")
-    parser.add_argument("--tokenizer", type=storage.location, default=None, help="tokenizer folder (default: the model folder)")
+    parser.add_argument("--out", type=storage.location, default=None,
+                        help="write the JSON lines here (default: stdout)")
+    parser.add_argument("--tokenizer", type=storage.location, default=None,
+                        help="tokenizer folder (default: the model folder)")
     parser.add_argument("--batch-size", type=int, default=8, help="texts per forward pass (default 8)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="longest allowed text in tokens (default: the model's max_position_embeddings)")

@@ -2,10 +2,10 @@
 
 Core: JSONL, JSON (a list of records), Parquet (pyarrow), CSV and TSV (a header row names the fields; every cell is
 a string, an empty cell an empty string), globs and folders of those, locally or on an object store (`gs://`,
-`s3://` through `jaxalign.storage`; a remote glob matches `*`, `?` and `[...]` within one folder level), and `demo:NAME` (the datasets bundled in
-`jaxalign/demo_data`). Extras, imported only when used: `hf:NAME` (Hugging Face `datasets`,
-a hub name or a local folder / builder such as `json`) and `tfds:NAME` (tensorflow-datasets' `tfds.data_source`,
-random access over array_record files, no TensorFlow needed).
+`s3://` through `jaxalign.storage`; a remote glob matches `*`, `?` and `[...]` within one folder level), and
+`demo:NAME` (the datasets bundled in `jaxalign/demo_data`). Extras, imported only when used: `hf:NAME` (Hugging
+Face `datasets`, a hub name or a local folder / builder such as `json`) and `tfds:NAME` (tensorflow-datasets'
+`tfds.data_source`, random access over array_record files, no TensorFlow needed).
 
 Every record carries its origin (`file:line`, `file: record i`, `hf:name[split] row i`) for error messages. With
 `on_error='skip'` a bad record (malformed line, missing field, wrong type...) is skipped and reported instead; with

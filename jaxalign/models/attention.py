@@ -92,8 +92,9 @@ def _blocks(x: jax.Array, block: int, axis: int, fill=0) -> jax.Array:
 
 
 def blockwise_attention(q, k, v, inputs: MaskInputs, sliding_window: int | None, block: int) -> jax.Array:
-    """Attention by tiles of at most `block × block` (queries × keys) with an online softmax and a FlashAttention backward pass, never holding
-    more than one tile's scores (see the module docstring for shapes). Equal to `dense_attention` up to rounding."""
+    """Attention by tiles of at most `block × block` (queries × keys) with an online softmax and a FlashAttention
+    backward pass, never holding more than one tile's scores (see the module docstring for shapes). Equal to
+    `dense_attention` up to rounding."""
     batch, length, kv_heads, groups, head_dim = q.shape
     query_block, key_block = min(block, length), min(block, k.shape[2])
     # One barrier over q and the mask inputs makes the masks depend on q: differentiated inside the layer scan, JAX

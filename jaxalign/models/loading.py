@@ -17,11 +17,11 @@ initialised score head; a score model has no LM head, so loading it as "causal_l
 """
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
-import os
 import jax.numpy as jnp
 
 from jaxalign import storage
@@ -226,8 +226,8 @@ def read_stored_model(path: Path) -> tuple[LlamaConfig, str]:
     return read_model_config(path), read_model_head(path)
 
 
-def params_loader(path: str | os.PathLike, config: LlamaConfig, stored_head: str, head: str, seed: int, where: str = "",
-                  allow_pickle: bool = False) -> ParamsLoader:
+def params_loader(path: str | os.PathLike, config: LlamaConfig, stored_head: str, head: str, seed: int,
+                  where: str = "", allow_pickle: bool = False) -> ParamsLoader:
     """`load(shardings) -> params` of `model_for_head(config, head)` from the weights in `path` (stored with
     `stored_head`), each placed onto its sharding as it is read. A causal LM asked for as "score" keeps its trunk
     (the LM head is not read) and gets a score head initialised from `seed`; a score model asked for as "causal_lm"
@@ -239,10 +239,10 @@ def params_loader(path: str | os.PathLike, config: LlamaConfig, stored_head: str
             f"{where}{path} holds a score model ({CONFIG_FILE} 'head': 'score', a reward or value model), which "
             "has no language-model head; load it with head 'score'"
         )
-    from_hf = (storage.local_folder(path, weights=False) / "config.json").is_file()
 
     def load(shardings):
         folder = storage.local_folder(path)
+        from_hf = (folder / "config.json").is_file()
         if head == stored_head:
             if from_hf:
                 return read_params(folder, config, shardings, allow_pickle, head=head)
@@ -251,7 +251,8 @@ def params_loader(path: str | os.PathLike, config: LlamaConfig, stored_head: str
         if from_hf:
             trunk = read_params(folder, config, trunk_shardings, allow_pickle, head=None)
         else:
-            trunk = restore_params(folder, {"model": abstract_params(model_for_head(config, head), shardings)["model"]})
+            abstract = abstract_params(model_for_head(config, head), shardings)
+            trunk = restore_params(folder, {"model": abstract["model"]})
         score = init_score_head(config, jax.random.PRNGKey(seed), shardings["score"])
         return {"model": trunk["model"], "score": score}
 
