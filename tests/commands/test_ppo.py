@@ -80,16 +80,6 @@ def test_nothing_recompiles_after_the_first_iteration(tmp_path):
     assert five == two
 
 
-def test_a_resumed_run_repeats_the_uninterrupted_one_bit_for_bit(learning_run, tmp_path):
-    run(tmp_path, f"train.steps={2 * ITERATION}")
-    resumed = run(tmp_path, f"train.steps={4 * ITERATION}")
-    uninterrupted = [line for line in learning_run[1] if line["step"] <= 4 * ITERATION]
-    assert len(resumed) == len(uninterrupted)
-    for ours, theirs in zip(resumed, uninterrupted):
-        assert {k: v for k, v in ours.items() if k not in TIMING} == {k: v for k, v in theirs.items()
-                                                                       if k not in TIMING}
-
-
 @pytest.mark.parametrize("overrides, message", [
     (["ppo.rollout_size=24"], "'ppo.rollout_size': 24 samples do not split into minibatches"),
     (["train.steps=6"], "'train.steps': 6 is not a whole number of iterations of 4"),

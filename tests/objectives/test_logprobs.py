@@ -140,7 +140,7 @@ def test_statistics_by_slices_equal_those_of_the_full_logits(tiny_lm, chunk):
         return (jnp.sum(token_log_probs(out, batch["targets"], 0.9) * batch["loss_mask"])
                 + jnp.sum(entropy_from_logits(out, batch["loss_mask"], 0.9)))
 
-    for got, want in zip(jax.tree.leaves(jax.jit(jax.grad(sliced))(params)), jax.tree.leaves(jax.grad(full)(params))):
+    for got, want in zip(jax.tree.leaves(jax.jit(jax.grad(sliced))(params)), jax.tree.leaves(jax.jit(jax.grad(full))(params))):
         np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-4)
 
 
