@@ -10,6 +10,13 @@ jaxalign's compile time (XLA compilation, measured separately from the timed run
     python benchmarks/generate_throughput.py                    # ~58M random LLaMA and SmolLM2-135M
     python benchmarks/generate_throughput.py --models random    # only the random model
     python benchmarks/generate_throughput.py --tunix-python ~/tunix-venv/bin/python
+    python benchmarks/generate_throughput.py --models smollm2 --breakdown   # where a decode step's time goes
+
+`--breakdown` times jaxalign's decode step ((run with N new tokens - run with 8) / (N - 8)), also with the model
+loaded with `scan_layers=False` (a module per layer, so no per-step slice of the stacked weights), against the matrix
+products of the same step alone, on the model's own weights at batch `--batch`: the layer weights read through a scan
+over the stacked layer axis (as the model reads them), the same products on weights split per layer beforehand, and
+the language-model head alone.
 """
 
 import argparse
@@ -64,7 +71,7 @@ class CompileTimer:
 
 
 def jaxalign_runner(folder: Path, prompts, new_tokens: int):
-    model, params = jaxalign.load_pretrained(folder, dtype="float32")
+    model, params = jaxalign.load_pretrained(folder, dtype="float32", scan_layers=False)  # as `jaxalign generate`
 
     def run():
         return generate(model, params, prompts, new_tokens, stop_token_ids=())
@@ -148,6 +155,62 @@ def bench(name: str, folder: Path, args) -> dict:
     return out
 
 
+def _timed(fn, *args, repeats: int = 20) -> float:
+    """Median seconds of `fn(*args)` (compiled first)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def decode_breakdown(name: str, folder: Path, args) -> None:
+    """Prints the decode step's time and that of its matrix products alone (see the module docstring)."""
+    import jax.numpy as jnp
+
+    config = transformers.AutoConfig.from_pretrained(folder)
+    prompts = make_prompts(args.batch, config.vocab_size, args.seed)
+    model, params = jaxalign.load_pretrained(folder, dtype="float32")
+
+    def decode_step(model, params) -> float:
+        runs = {n: _timed(lambda n=n: generate(model, params, prompts, n, stop_token_ids=()).tokens, repeats=3)
+                for n in (8, args.new_tokens)}
+        return (runs[args.new_tokens] - runs[8]) / (args.new_tokens - 8)
+
+    step = decode_step(model, params)
+    unrolled_step = decode_step(*jaxalign.load_pretrained(folder, dtype="float32", scan_layers=False))
+    layers = params["model"]["layers"]
+    stacked = []
+    for block, proj in (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
+                        ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj")):
+        kernel = layers[block][proj]["kernel"]  # [layers, in..., out...] as 2-D products per layer
+        stacked.append(kernel.reshape(kernel.shape[0], -1, kernel.shape[-1]) if proj == "o_proj" else
+                       kernel.reshape(kernel.shape[0], kernel.shape[1], -1))
+    head = params.get("lm_head", {}).get("kernel")
+    head = params["model"]["embed_tokens"]["embedding"].T if head is None else head
+    per_layer = [[k[i] for k in stacked] for i in range(stacked[0].shape[0])]
+    x = jnp.ones((args.batch, config.hidden_size), jnp.float32) / config.hidden_size
+
+    def products(h, weights):
+        q, k, v, o, gate, up, down = weights
+        total = jnp.sum(h @ k) + jnp.sum(h @ v)
+        h = h + (h @ q) @ o * 1e-3
+        return h + ((h @ gate) * (h @ up)) @ down * 1e-3 + total * 0.0
+
+    scanned = jax.jit(lambda h, ws: jax.lax.scan(lambda h, w: (products(h, w), None), h, ws)[0])
+    looped = jax.jit(lambda h, ws: [h := products(h, w) for w in ws][-1])
+    logits = jax.jit(lambda h, w: h @ w)
+    scan_s, loop_s, head_s = _timed(scanned, x, tuple(stacked)), _timed(looped, x, per_layer), _timed(logits, x, head)
+    flops = 2 * args.batch * (sum(k.size for k in stacked) + head.size)
+    print(f"{name} decode step at batch {args.batch}: {step * 1e3:.1f} ms (loaded with scan_layers=False: "
+          f"{unrolled_step * 1e3:.1f} ms); its matrix products alone: layers through "
+          f"the stacked scan {scan_s * 1e3:.1f} ms, layers on per-layer weights {loop_s * 1e3:.1f} ms, head "
+          f"{head_s * 1e3:.1f} ms; products at {flops / 1e9 / (loop_s + head_s):.0f} GFLOP/s; everything else "
+          f"{(step - scan_s - head_s) * 1e3:.1f} ms", flush=True)
+
+
 def tunix_runs(python: str, folder: Path, prompts, new_tokens: int, repeats: int) -> dict:
     """`benchmarks/tunix_peer.py sample` in the Python of Tunix's virtual environment."""
     with tempfile.NamedTemporaryFile("w", suffix=".json") as request:
@@ -177,6 +240,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only time jaxalign's decode step against its matrix products (no peers)")
     parser.add_argument("--tunix-python", default=None,
                         help="Python of a virtual environment with google-tunix: also time Tunix's sampler")
     args = parser.parse_args()
@@ -189,10 +254,9 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
-            if name == "random":
-                bench("random LLaMA", random_llama(Path(tmp) / "random"), args)
-            else:
-                bench("SmolLM2-135M", args.smollm2, args)
+            label, folder = (("random LLaMA", random_llama(Path(tmp) / "random")) if name == "random" else
+                             ("SmolLM2-135M", args.smollm2))
+            (decode_breakdown if args.breakdown else bench)(label, folder, args)
     print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     if args.template and args.no_chat_template:
         raise JaxalignError("--template and --no-chat-template exclude each other: choose one")
     sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    model, params = load_model(args.model, args.dtype, head="causal_lm")
+    model, params = load_model(args.model, args.dtype, head="causal_lm", scan_layers=False)  # faster decoding
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     stops = stop_token_ids(model.config, tokenizer)
     if args.no_chat_template:

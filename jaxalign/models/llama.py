@@ -576,6 +576,23 @@ class LlamaForCausalLM(nn.Module):
         return logits
 
 
+def per_layer_params(params: dict) -> dict:
+    """The params of a `scan_layers=True` model (a leading layer axis under `model/layers`) as the same model with
+    `scan_layers=False` takes them (`model/layers_0`, `model/layers_1`, ...), other entries unchanged.
+
+    `params` is consumed: its stacked leaves are split and dropped one at a time, so the weights are held about
+    once. Inference prefers this layout on CPU, where a decoding step of the scanned model copies each layer's
+    weights out of the stack before its matrix products (`benchmarks/generate_throughput.py --breakdown`).
+    """
+    leaves, treedef = jax.tree.flatten(params["model"].pop("layers"))
+    columns = []
+    while leaves:
+        columns.append(list(leaves.pop(0)))
+    for i, layer in enumerate(zip(*columns)):
+        params["model"][f"layers_{i}"] = jax.tree.unflatten(treedef, layer)
+    return params
+
+
 def logical_axes(model: nn.Module, *example_args, **example_kwargs) -> Any:
     """PartitionSpec pytree of logical axis names matching the params of `model` (traced abstractly, no FLOPs).
 

@@ -36,7 +36,7 @@ from jaxalign.models.checkpoint import (
     restore_params,
 )
 from jaxalign.models.heads import HEADS, init_score_head, model_for_head
-from jaxalign.models.llama import DTYPES, LlamaConfig
+from jaxalign.models.llama import DTYPES, LlamaConfig, per_layer_params
 
 # LlamaConfig fields that `model.config` may change on top of a pretrained model: numerics and regularisation, not
 # the shapes of the weights.
@@ -297,7 +297,7 @@ def with_stop_token(config: LlamaConfig, token_id: int) -> LlamaConfig:
 
 
 def load_model(path: str | Path, dtype: str | None = None, head: str | None = None, seed: int = 0,
-               allow_pickle: bool = False) -> tuple[Any, Any]:
+               allow_pickle: bool = False, scan_layers: bool = True) -> tuple[Any, Any]:
     """`(model, params)` on the first local device from a Hugging Face folder (config.json), a jaxalign model
     checkpoint (`jaxalign_model.json`) or a PEFT adapter folder (its adapters folded into the base model that
     `base_model_name_or_path` names).
@@ -315,7 +315,7 @@ def load_model(path: str | Path, dtype: str | None = None, head: str | None = No
         model, base = load_model(peft_base_path(path), dtype, head, seed, allow_pickle)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         load = adapter_folder_loader(lambda shardings: base, model.config, path)
-        return model, load(jax.tree.map(lambda _: device, base))
+        return _layout(model, load(jax.tree.map(lambda _: device, base)), scan_layers)
     if not is_pretrained(path):
         raise JaxalignError(
             f"{path} is neither a Hugging Face model folder (config.json) nor a jaxalign model checkpoint "
@@ -332,5 +332,12 @@ def load_model(path: str | Path, dtype: str | None = None, head: str | None = No
     load = params_loader(path, config, stored_head, head, seed, allow_pickle=allow_pickle)
     model = model_for_head(config, head)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return model, load(jax.tree.map(lambda _: device, abstract_params(model)))
+    return _layout(model, load(jax.tree.map(lambda _: device, abstract_params(model))), scan_layers)
+
+
+def _layout(model, params, scan_layers: bool) -> tuple[Any, Any]:
+    """`(model, params)` as loaded (layers stacked), or with a module per layer for `scan_layers=False`."""
+    if scan_layers:
+        return model, params
+    return model.clone(config=dataclasses.replace(model.config, scan_layers=False)), per_layer_params(params)
 

@@ -64,6 +64,18 @@ def test_a_score_checkpoint_reloads_as_a_score_model_with_the_same_scores(tmp_pa
 
 
 @pytest.mark.parametrize("source", ["lm_checkpoint", "lm_hf_folder"])
+def test_scan_layers_false_loads_a_module_per_layer_with_the_same_weights_and_logits(source, causal_lm, request):
+    model, params = causal_lm
+    loaded, per_layer = load_model(request.getfixturevalue(source), scan_layers=False)
+    assert not loaded.config.scan_layers
+    assert "layers" not in per_layer["model"]
+    for i in range(model.config.num_layers):
+        assert_same(jax.tree.map(lambda leaf: leaf[i], params["model"]["layers"]), per_layer["model"][f"layers_{i}"])
+    np.testing.assert_allclose(loaded.apply({"params": per_layer}, IDS), model.apply({"params": params}, IDS),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("source", ["lm_checkpoint", "lm_hf_folder"])
 def test_a_causal_lm_loaded_with_a_score_head_keeps_its_trunk(source, causal_lm, request, monkeypatch):
     path = request.getfixturevalue(source)
     read = []
