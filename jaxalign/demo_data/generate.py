@@ -457,7 +457,6 @@ def arithmetic_scratchpad(a: int, op: str, b: int) -> str:
     it ("06 * 3: 6*3=18, 0*3=0, 0+1=1, so 18": the steps then read as those of two-digit factors); a leading 0 is
     dropped from the result."""
     (a1, a0), (b1, b0) = _digits(a), _digits(b)
-    head = f"{a:02d} * {b}:" if op == "*" else f"{a} {op} {b}:"
     if op == "+":
         ones = a0 + b0
         tens = a1 + b1 + ones // 10
@@ -472,23 +471,37 @@ def arithmetic_scratchpad(a: int, op: str, b: int) -> str:
         tens = a1 * b + product // 10
         steps = [f"{a0}*{b}={product}", f"{a1}*{b}={a1 * b}", f"{a1 * b}+{product // 10}={tens}"]
     result = 10 * tens + (product if op == "*" else ones) % 10
-    return f"{head} {', '.join(steps)}, so {result}"
+    return f"{_stated(a, op, b)}: {', '.join(steps)}, so {result}"
+
+
+def arithmetic_direct(a: int, op: str, b: int) -> str:
+    """The direct answer to `a op b`: the problem as `arithmetic_scratchpad` states it, then its result, no steps:
+    "44 + 63 = 107", "06 * 3 = 18"."""
+    return f"{_stated(a, op, b)} = {_apply(a, op, b)}"
+
+
+def _stated(a: int, op: str, b: int) -> str:
+    """`a op b` as a worked or direct answer restates it (a single-digit first factor with its tens digit 0)."""
+    return f"{a:02d} * {b}" if op == "*" else f"{a} {op} {b}"
 
 
 def arithmetic_sft(rng: random.Random, n: int = 3600) -> list[dict]:
-    """`n` alpaca records to fine-tune a small model on before RL on `demo:arithmetic`, asked in its phrasings (the
-    whole prompt as the instruction, no input) and answered with a short worked solution built from single-digit
-    facts (`arithmetic_scratchpad`: "44 + 63: 4+3=7, 4+6+0=10, so 107"), the format a small model learns and
-    generalises from, so RL starts from a policy that is right on part of `demo:arithmetic`. Addition and
-    subtraction (4 in 9 each) of 1-2 digit numbers with a result >= 0, none of them a problem of `demo:arithmetic`
-    (in either order of the operands of +), none repeated. Multiplication (1 in 9) is a 1-2 digit number times a
-    single digit (mostly 10-99 times 1-9), none a problem of `demo:arithmetic` either: `demo:arithmetic` multiplies
-    single digits 2-9, so almost every such fact is one of its problems; the facts are taught only as steps of the
-    worked answers to other problems ("23 * 4: 3*4=12, ..."), never as a question of their own, so answering
-    "What is 3 times 4?" there still takes carrying the step over to a new problem (few records have a
-    single-digit first factor: outside `demo:arithmetic` only those with a factor 1 and a few other pairs remain, so
-    a tiny warm-started model seldom gets its multiplications right). Redraws a few times to avoid a repeat
-    (multiplication, from a smaller pool, repeats with another phrasing)."""
+    """`n` arithmetic problems, each answered twice, as alpaca records (2n) to fine-tune a small model on before RL
+    on `demo:arithmetic`: asked in its phrasings (the whole prompt as the instruction, no input), answered once with
+    a short worked solution built from single-digit facts (`arithmetic_scratchpad`: "44 + 63: 4+3=7, 4+6+0=10, so
+    107") and once directly (`arithmetic_direct`: "44 + 63 = 107"), both right. A small model fine-tuned on them
+    answers in either style about equally often, and its worked answers are right far more often than its direct
+    ones (the style a small model learns and generalises from): RL with a correctness reward then has a choice to
+    learn, working the problems out, besides sharpening the steps. Addition and subtraction (4 in 9 each) of 1-2
+    digit numbers with a result >= 0, none of them a problem of `demo:arithmetic` (in either order of the operands
+    of +), none repeated. Multiplication (1 in 9) is a 1-2 digit number times a single digit (mostly 10-99 times
+    1-9), none a problem of `demo:arithmetic` either: `demo:arithmetic` multiplies single digits 2-9, so almost
+    every such fact is one of its problems; the facts are taught only as steps of the worked answers to other
+    problems ("23 * 4: 3*4=12, ..."), never as a question of their own, so answering "What is 3 times 4?" there
+    still takes carrying the step over to a new problem (few records have a single-digit first factor: outside
+    `demo:arithmetic` only those with a factor 1 and a few other pairs remain, so a tiny warm-started model seldom
+    gets its multiplications right). Redraws a few times to avoid a repeat (multiplication, from a smaller pool,
+    repeats with another phrasing)."""
     held_out = {problem_key(*arithmetic_operands(r["prompt"])) for r in arithmetic(random.Random(_seed("arithmetic")))}
     records, seen = [], set()
     for i in range(n):
@@ -506,8 +519,9 @@ def arithmetic_sft(rng: random.Random, n: int = 3600) -> list[dict]:
         else:
             raise RuntimeError(f"no new {op} problem outside demo:arithmetic after 50 draws")
         seen.add(key)
-        records.append({"instruction": _arithmetic_prompt(rng, a, op, b), "input": "",
-                        "output": arithmetic_scratchpad(a, op, b)})
+        instruction = _arithmetic_prompt(rng, a, op, b)
+        records += [{"instruction": instruction, "input": "", "output": answer(a, op, b)}
+                    for answer in (arithmetic_scratchpad, arithmetic_direct)]
     return records
 
 

@@ -7,7 +7,8 @@ import pytest
 
 from jaxalign.data.config import SourceSpec
 from jaxalign.data.sources import DEMO_DIR, load_source
-from jaxalign.demo_data.generate import CAPITALS, OPPOSITES, PLURALS, arithmetic, arithmetic_scratchpad, render_all
+from jaxalign.demo_data.generate import (CAPITALS, OPPOSITES, PLURALS, arithmetic, arithmetic_direct,
+                                         arithmetic_scratchpad, render_all)
 
 EXPECTED = {
     "instructions": ("alpaca", 480),
@@ -16,7 +17,7 @@ EXPECTED = {
     "preferences": ("preference", 420),
     "prompts": ("prompt", 320),
     "arithmetic": ("prompt", 400),
-    "arithmetic_sft": ("alpaca", 3600),
+    "arithmetic_sft": ("alpaca", 7200),
     "instruction_following": ("messages", 480),
     "preferences_safety": ("preference", 168),
 }
@@ -142,8 +143,16 @@ def _problem(a: int, op: str, b: int) -> tuple:
     return (op, *sorted((a, b))) if op in "+*" else (op, a, b)
 
 
-def test_arithmetic_sft_answers_are_right_worked_solutions_to_unseen_problems():
-    records = _records("arithmetic_sft")
+def test_arithmetic_sft_answers_unseen_problems_worked_and_directly_both_right():
+    pairs = _records("arithmetic_sft")
+    # each problem twice in a row: the worked answer, then the direct one
+    assert all(w["instruction"] == d["instruction"] for w, d in zip(pairs[::2], pairs[1::2]))
+    for direct in pairs[1::2]:
+        a, op, b = _operands(direct["instruction"])
+        head = f"{a:02d} * {b}" if op == "*" else f"{a} {op} {b}"
+        assert set(direct) == {"instruction", "input", "output"} and direct["input"] == ""
+        assert direct["output"] == f"{head} = {eval(f'{a} {op} {b}')}", direct
+    records = pairs[::2]
     rl_problems = {_problem(*_operands(r["prompt"])) for r in _records("arithmetic")}
     rl_prompts = {r["prompt"] for r in _records("arithmetic")}
     ops, problems = Counter(), set()
@@ -178,13 +187,15 @@ def test_arithmetic_sft_answers_are_right_worked_solutions_to_unseen_problems():
     assert phrasing["What is N + N?"] > len(records) / 2
 
 
-def test_arithmetic_scratchpad_examples():
+def test_arithmetic_worked_and_direct_answer_examples():
     assert arithmetic_scratchpad(44, "+", 63) == "44 + 63: 4+3=7, 4+6+0=10, so 107"
     assert arithmetic_scratchpad(7, "+", 5) == "7 + 5: 7+5=12, 0+0+1=1, so 12"
     assert arithmetic_scratchpad(92, "-", 46) == "92 - 46: 12-6=6, 9-4-1=4, so 46"
     assert arithmetic_scratchpad(52, "-", 46) == "52 - 46: 12-6=6, 5-4-1=0, so 6"
     assert arithmetic_scratchpad(23, "*", 4) == "23 * 4: 3*4=12, 2*4=8, 8+1=9, so 92"
     assert arithmetic_scratchpad(6, "*", 3) == "06 * 3: 6*3=18, 0*3=0, 0+1=1, so 18"
+    assert arithmetic_direct(44, "+", 63) == "44 + 63 = 107"
+    assert arithmetic_direct(6, "*", 3) == "06 * 3 = 18"
 
 
 def test_arithmetic_is_deterministic():
