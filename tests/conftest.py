@@ -33,16 +33,13 @@ def _pip_download(requirement: str, dest: Path, source: bool = False) -> Path:
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """One persistent XLA compilation cache for the session: runs that build the same programs (the tiny recipes,
-    repeated short trainings, a command run again in a subprocess to be killed or resumed) compile each once. The
-    environment variables hand it to the subprocesses the tests start."""
+    """One persistent XLA compilation cache for the session: in-process runs that build the same programs (the tiny
+    recipes, repeated short trainings) compile each once."""
     import jax
 
-    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla-cache")),
-                "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": -1}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-        os.environ[name.upper()] = str(value)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla-cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -23,8 +23,8 @@ TOY_METRICS = ("loss", "grad_norm", "grad_norm/policy", "grad_norm/value", "poli
 
 
 @pytest.fixture(scope="module")
-def driver() -> Driver:
-    return Driver()
+def driver(tmp_path_factory) -> Driver:
+    return Driver(tmp_path_factory.mktemp("jax-compile-cache"))
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,10 @@ COMMON = [f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=3"]
 
 
 class Driver:
-    """Runs tests/train/tiny_run.py in subprocesses (which share the session's JAX compilation cache: compiling
-    dominates)."""
+    """Runs tests/train/tiny_run.py in subprocesses that share a JAX compilation cache (compiling dominates)."""
+
+    def __init__(self, cache_dir: Path):
+        self.cache_dir = cache_dir
 
     def command(self, out: Path, *args: str) -> list[str]:
         return [sys.executable, str(DRIVER), str(out), *COMMON, *args]
@@ -31,7 +33,8 @@ class Driver:
     def env(self, devices: int = 8) -> dict:
         env = dict(os.environ)
         env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-                   PYTHONPATH=str(ROOT))
+                   PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(self.cache_dir),
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
         return env
 
     def run(self, out: Path, *args: str, devices: int = 8) -> subprocess.CompletedProcess:
@@ -53,8 +56,8 @@ def handles_sigterm(proc: subprocess.Popen) -> bool:
 
 
 @pytest.fixture(scope="module")
-def driver() -> Driver:
-    return Driver()
+def driver(tmp_path_factory) -> Driver:
+    return Driver(tmp_path_factory.mktemp("jax-compile-cache"))
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 240.0) -> None:
