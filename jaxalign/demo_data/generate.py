@@ -490,9 +490,9 @@ def arithmetic_sft(rng: random.Random, n: int = 3600) -> list[dict]:
     on `demo:arithmetic`: asked in its phrasings (the whole prompt as the instruction, no input), answered once with
     a short worked solution built from single-digit facts (`arithmetic_scratchpad`: "44 + 63: 4+3=7, 4+6+0=10, so
     107") and once directly (`arithmetic_direct`: "44 + 63 = 107"), both right. A small model fine-tuned on them
-    answers in either style about equally often, and its worked answers are right far more often than its direct
-    ones (the style a small model learns and generalises from): RL with a correctness reward then has a choice to
-    learn, working the problems out, besides sharpening the steps. Addition and subtraction (4 in 9 each) of 1-2
+    answers in both styles, and its worked answers are right far more often than its direct ones (the style a small
+    model learns and generalises from): RL with a correctness reward then has a choice to learn, working the
+    problems out, besides sharpening the steps. Addition and subtraction (4 in 9 each) of 1-2
     digit numbers with a result >= 0, none of them a problem of `demo:arithmetic` (in either order of the operands
     of +), none repeated. Multiplication (1 in 9) is a 1-2 digit number times a single digit (mostly 10-99 times
     1-9), none a problem of `demo:arithmetic` either: `demo:arithmetic` multiplies single digits 2-9, so almost
