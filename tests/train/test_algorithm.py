@@ -51,12 +51,13 @@ def test_toy_algorithm_on_one_device_equals_eight(driver, toy_reference, tmp_pat
     result = driver.run(tmp_path, *TOY, "mesh.fsdp=1", devices=1)
     assert result.returncode == 0, result.stderr[-3000:]
     one, eight = training_lines(tmp_path), toy_reference[1]
-    # float32 sums in another order on 8 shards: ~1e-5 apart at step 4, up to ~1.5e-4 by step 6 (the rollouts are
-    # sampled from the policy being trained, so the differences compound)
+    # float32 sums in another order on 8 shards: up to ~6e-5 apart at step 4, up to ~5e-4 by step 6 on an AMD EPYC
+    # host, ~1.5e-4 on others (the rollouts are sampled from the policy being trained and Adam scales each update to
+    # the learning rate, so the differences compound; the value head's grow fastest)
     for step in range(1, STEPS + 1):
         assert set(one[step]) == set(eight[step])
         for key in set(TOY_METRICS) & set(eight[step]):
-            assert one[step][key] == pytest.approx(eight[step][key], rel=5e-4, abs=1e-6), (step, key)
+            assert one[step][key] == pytest.approx(eight[step][key], rel=1e-3, abs=1e-6), (step, key)
 
 
 def test_toy_algorithm_resumes_after_sigkill_bit_identically(driver, toy_reference, tmp_path):
