@@ -145,24 +145,19 @@ def _problem(a: int, op: str, b: int) -> tuple:
 
 def test_arithmetic_sft_answers_unseen_problems_worked_and_directly_both_right():
     pairs = _records("arithmetic_sft")
-    # each problem twice in a row: the worked answer, then the direct one
-    assert all(w["instruction"] == d["instruction"] for w, d in zip(pairs[::2], pairs[1::2]))
-    for direct in pairs[1::2]:
-        a, op, b = _operands(direct["instruction"])
-        head = f"{a:02d} * {b}" if op == "*" else f"{a} {op} {b}"
-        assert set(direct) == {"instruction", "input", "output"} and direct["input"] == ""
-        assert direct["output"] == f"{head} = {eval(f'{a} {op} {b}')}", direct
     records = pairs[::2]
     rl_problems = {_problem(*_operands(r["prompt"])) for r in _records("arithmetic")}
     rl_prompts = {r["prompt"] for r in _records("arithmetic")}
     ops, problems = Counter(), set()
-    for record in records:
+    # each problem twice in a row: the worked answer, then the direct one "a op b = result"
+    for record, direct in zip(records, pairs[1::2], strict=True):
         assert set(record) == {"instruction", "input", "output"} and record["input"] == ""
         a, op, b = _operands(record["instruction"])
         result = eval(f"{a} {op} {b}")
         assert result >= 0 and max(a, b) <= 99 and (op != "*" or b <= 9)
-        # "a op b: step, step, so result", each step a right single-digit fact (or a carry added to a product)
         head = f"{a:02d} * {b}" if op == "*" else f"{a} {op} {b}"
+        assert direct == {"instruction": record["instruction"], "input": "", "output": f"{head} = {result}"}
+        # "a op b: step, step, so result", each step a right single-digit fact (or a carry added to a product)
         m = re.fullmatch(rf"{re.escape(head)}: (.*), so {result}", record["output"])
         assert m, record
         steps = m[1].split(", ")
