@@ -158,7 +158,12 @@ def test_recipe_specifics():
     assert dpo.optimizer.weight_decay == 0.0 and dpo.reference.precompute
 
 
-@pytest.mark.parametrize("name", sorted(RECIPES))
+# One recipe runs in the default selection; the others (10-30 s each) run with `-m slow`.
+ALWAYS_RUN = "alpaca"
+
+
+@pytest.mark.parametrize("name", [name if name == ALWAYS_RUN else pytest.param(name, marks=pytest.mark.slow)
+                                  for name in sorted(RECIPES)])
 def test_recipe_runs_at_tiny_scale_as_documented(name, tiny_run):
     output_dir = tiny_run(name)
     low = -10 if name in PPO_RECIPES or name in GRPO_RECIPES else 0  # a policy-gradient loss may be negative
@@ -166,6 +171,7 @@ def test_recipe_runs_at_tiny_scale_as_documented(name, tiny_run):
     assert (output_dir / "hf" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_orca_stage2_starts_from_stage1_export(tiny_run, tmp_path):
     stage1 = tiny_run("orca_stage1")
     argv = [arg for arg in in_output_dir(TINY["orca_stage2"], tmp_path)

@@ -157,6 +157,7 @@ def test_bad_pairs_name_their_line_and_identical_pairs_are_skipped(policy_dir, t
     assert lines[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_lora_reference_is_the_base_and_equals_an_explicit_frozen_copy(policy_dir, tmp_path, monkeypatch):
     from jaxalign.train import loop
 

@@ -40,6 +40,7 @@ def learning_run(tmp_path_factory):
     return out, run(out, f"train.steps={16 * ITERATION}")
 
 
+@pytest.mark.slow
 def test_reward_rises_while_kl_stays_bounded(learning_run):
     lines = iterations(learning_run[1])
     assert len(lines) == 16
@@ -50,14 +51,15 @@ def test_reward_rises_while_kl_stays_bounded(learning_run):
     assert all(line["kl"] < 5.0 for line in lines)
 
 
-def test_logs_the_iteration_and_step_metrics(learning_run):
-    line = iterations(learning_run[1])[1]
+def test_logs_the_iteration_and_step_metrics(tmp_path):
+    lines = iterations(run(tmp_path, f"train.steps={2 * ITERATION}", "checkpoint.every=0"))
+    line = lines[1]
     assert {"reward_mean", "reward_std", "kl", "kl_beta", "response_length", "eos_fraction", "explained_variance",
             "generation_s", "scoring_s", "training_s", "policy_loss", "value_loss", "entropy", "clipfrac",
             "approx_kl", "grad_norm/policy", "grad_norm/value", "lr/policy", "lr/value"} <= set(line)
     assert 0 < line["response_length"] <= 16 and 0.0 <= line["eos_fraction"] <= 1.0
-    assert iterations(learning_run[1])[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # policy = reference at first
-    assert (learning_run[0] / "hf" / "model.safetensors").is_file()
+    assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # policy = reference at first
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
 def test_nothing_recompiles_after_the_first_iteration(tmp_path):
@@ -117,6 +119,7 @@ def test_the_prompts_of_a_preference_file_serve_as_prompts(tmp_path):
     assert samples and samples[0]["prompt"][-1]["role"] == "user"
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_repeats_the_uninterrupted_run(learning_run, tmp_path):
     """A run killed (SIGKILL, no chance to save) after its second iteration's checkpoint, then run again: every
     iteration's metrics equal the uninterrupted run's bit for bit."""

@@ -106,6 +106,7 @@ def test_starts_from_a_jaxalign_model_checkpoint(memorised_run, tmp_path):
     assert line["loss"] < 0.05
 
 
+@pytest.mark.slow
 def test_losses_do_not_depend_on_devices_or_accumulation(tmp_path):
     """(1 device, accumulation 1) in a fresh process vs (8 fake devices, accumulation 2), same global batch."""
     common = ["train.steps=3", "data.eval_fraction=0.05", "train.eval_every=3", "data.pack=true"]

@@ -109,7 +109,7 @@ def _train_step_temp_bytes(config: LlamaConfig, length: int) -> int:
     return step.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("remat", ["none", "dots_no_batch"])
+@pytest.mark.parametrize("remat", ["none", pytest.param("dots_no_batch", marks=pytest.mark.slow)])
 def test_train_step_memory_grows_linearly_with_length(remat):
     config = LlamaConfig.tiny(max_position_embeddings=8192, remat=remat)
     short, long = _train_step_temp_bytes(config, 2048), _train_step_temp_bytes(config, 8192)

@@ -119,7 +119,7 @@ def test_bad_config_values_are_reported():
         LlamaConfig.tiny(rope_scaling={"rope_type": "yarn", "factor": 2.0})
 
 
-@pytest.mark.parametrize("attention", ["dense", "blockwise"])
+@pytest.mark.parametrize("attention", [pytest.param("dense", marks=pytest.mark.slow), "blockwise"])
 def test_sharded_forward_and_gradients_equal_unsharded(attention):
     config = LlamaConfig.tiny(attention=attention, attention_block=4)
     model, params = _init(config)

@@ -93,7 +93,7 @@ def test_zero_initialised_adapters_start_at_the_base_model(base, batches, single
     np.testing.assert_array_equal(np.asarray(adapted), np.asarray(plain))
 
 
-@pytest.mark.parametrize("mesh", [(1, 8, 1), (2, 2, 2)])
+@pytest.mark.parametrize("mesh", [pytest.param((1, 8, 1), marks=pytest.mark.slow), (2, 2, 2)])
 def test_sharded_steps_equal_one_device(base, batches, single_device, mesh):
     losses, params, _, _, layout = run_steps(base, batches[:2], run_config(*mesh))
     ref_losses, ref_params = single_device[:2]

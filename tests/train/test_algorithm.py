@@ -47,6 +47,7 @@ def test_toy_algorithm_logs_every_metric_and_checkpoints_between_iterations(toy_
     assert lines[1]["lr/value"] == pytest.approx(lines[1]["lr/policy"] / 2)
 
 
+@pytest.mark.slow
 def test_toy_algorithm_on_one_device_equals_eight(driver, toy_reference, tmp_path):
     result = driver.run(tmp_path, *TOY, "mesh.fsdp=1", devices=1)
     assert result.returncode == 0, result.stderr[-3000:]
