@@ -50,7 +50,7 @@ def assert_close(lines, reference, steps) -> None:
 
 @pytest.mark.slow
 def test_two_processes_train_save_and_resume_like_one(driver, tmp_path):
-    single = driver.run(tmp_path / "single", devices=4)
+    single = driver.run_apart(tmp_path / "single", devices=4)
     assert single.returncode == 0, single.stderr[-3000:]
     reference = training_lines(tmp_path / "single")
 

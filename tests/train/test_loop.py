@@ -1,7 +1,10 @@
-"""The training loop end to end in real subprocesses: exact resume after SIGKILL, SIGTERM, NaN, a damaged newest
-checkpoint, and a resume onto a different mesh (8 devices -> 1); exit statuses of a stop by signal at any moment;
-the run directory's config.yaml refusing a rerun with other settings; what the console shows."""
+"""The training loop end to end, with runs stopped or started in real subprocesses: exact resume after SIGKILL,
+SIGTERM, NaN, a damaged newest checkpoint, and a resume onto a different mesh (8 devices -> 1); exit statuses of a
+stop by signal at any moment; the run directory's config.yaml refusing a rerun with other settings; what the console
+shows."""
 
+import contextlib
+import io
 import json
 import os
 import random
@@ -15,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.train import tiny_run
+
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = ROOT / "tests" / "train" / "tiny_run.py"
 STEPS = 6
@@ -22,7 +27,8 @@ COMMON = [f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=3"]
 
 
 class Driver:
-    """Runs tests/train/tiny_run.py in subprocesses that share a JAX compilation cache (compiling dominates)."""
+    """Runs tests/train/tiny_run.py: in this process (its 8 devices and compilation cache), or in subprocesses that
+    share a JAX compilation cache of their own (compiling dominates)."""
 
     def __init__(self, cache_dir: Path):
         self.cache_dir = cache_dir
@@ -37,7 +43,15 @@ class Driver:
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
         return env
 
-    def run(self, out: Path, *args: str, devices: int = 8) -> subprocess.CompletedProcess:
+    def run(self, out: Path, *args: str) -> subprocess.CompletedProcess:
+        """The driver's `main` called here, with what it prints to stdout / stderr captured."""
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = tiny_run.main([str(out), *COMMON, *args])
+        return subprocess.CompletedProcess(args, code, stdout.getvalue(), stderr.getvalue())
+
+    def run_apart(self, out: Path, *args: str, devices: int = 8) -> subprocess.CompletedProcess:
+        """The driver in a fresh process (other device counts; what reaches the terminal, library logs included)."""
         return subprocess.run(self.command(out, *args), env=self.env(devices), capture_output=True, text=True,
                               timeout=300)
 
@@ -217,7 +231,7 @@ def test_extending_a_decaying_schedule_says_where_the_learning_rate_jumps(driver
 def test_checkpoint_that_does_not_fit_is_reported_without_library_noise(driver, reference, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference[0], out)
-    result = driver.run(out, "optimizer.name=sgd", "--allow-config-change")
+    result = driver.run_apart(out, "optimizer.name=sgd", "--allow-config-change")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines[0].startswith("jaxalign: warning: continuing") and 'optimizer.name: "adamw" → "sgd"' in lines[0]
@@ -241,7 +255,7 @@ def test_damaged_newest_checkpoint_is_skipped(driver, reference, tmp_path):
     for path in (out / "checkpoints" / str(STEPS) / "state").rglob("*"):
         if path.is_file():
             path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
-    result = driver.run(out)
+    result = driver.run_apart(out)  # the warning is logged: it reaches the terminal, not this process's stderr
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"checkpoint step {STEPS}" in result.stderr and "cannot be restored" in result.stderr
     assert f"at step {STEPS - 2}" in result.stderr
@@ -255,7 +269,7 @@ def test_resume_on_a_different_mesh(driver, reference, tmp_path):
     shutil.copytree(reference[0], out)
     for step in (4, 6):
         shutil.rmtree(out / "checkpoints" / str(step))
-    result = driver.run(out, "mesh.fsdp=1", devices=1)
+    result = driver.run_apart(out, "mesh.fsdp=1", devices=1)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "at step 2" in result.stderr
     lines = training_lines(out)
