@@ -10,7 +10,11 @@ import zipfile
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# 8 devices share the 2 cores of a CI machine, so one device's part of a program can start tens of seconds after
+# another's; XLA:CPU aborts the process when a collective waits longer than its default 40 s.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=900").strip()
 
 import pytest  # noqa: E402
 

@@ -374,11 +374,10 @@ class _Run:
                                        in_shardings=(layout.shardings.params, layout.frozen_shardings,
                                                      jax.tree.map(lambda x: x.sharding, batch)),
                                        out_shardings=replicated)
-            sums = self.eval_fn(state.params, self.frozen, batch)
+            sums = jax.device_get(self.eval_fn(state.params, self.frozen, batch))  # summed on the host
             totals = sums if totals is None else add_means(totals, sums)
         if totals is None:
             raise JaxalignError("the evaluation data yielded no batches")
-        totals = jax.device_get(totals)
         return {"step": step, **{f"eval_{k}": m.value() for k, m in totals.items() if k == "loss" or m.count}}
 
 

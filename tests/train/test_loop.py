@@ -38,7 +38,8 @@ class Driver:
 
     def env(self, devices: int = 8) -> dict:
         env = dict(os.environ)
-        env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+        env.update(XLA_FLAGS=f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}",
+                   JAX_PLATFORMS="cpu",
                    PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(self.cache_dir),
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
         return env
