@@ -105,6 +105,50 @@ def matmul_peak(dtype: str, sizes: tuple[int, ...], repeats: int = 20) -> tuple[
     return best_rate, best_size
 
 
+def step_matmuls(setup: Setup) -> list[tuple[str, tuple, tuple, int]]:
+    """The matrix products of one training step as `(einsum, lhs shape, rhs shape, count)`: every weight's forward
+    product and its two backward products (input and weight gradients), with the token dimension as the model has
+    it (`[B * L, ...]` token matrices; the LM head in the slices the log-probs are computed in), and attention's two
+    forward and four backward products per batch row and head. Their FLOPs are the model FLOPs of
+    `Setup.flops_per_token` (plus the LM head slices' padding)."""
+    tokens, hidden, inter = setup.batch_size * setup.seq_len, setup.hidden_size, setup.intermediate_size
+    weights = [((hidden, hidden), 4 * setup.num_layers), ((hidden, inter), 2 * setup.num_layers),
+               ((inter, hidden), setup.num_layers)]
+    chunk = setup.logits_chunk_length or max(1, 2**25 // (setup.batch_size * setup.vocab_size))
+    chunk = min(chunk, setup.seq_len)
+    slices = -(-setup.seq_len // chunk)
+    products = []
+    for rows, count in [(tokens, None), (setup.batch_size * chunk, slices)]:
+        for (k, n), times in (weights if count is None else [((hidden, setup.vocab_size), count)]):
+            products += [("tk,kn->tn", (rows, k), (k, n), times),  # forward
+                         ("tn,kn->tk", (rows, n), (k, n), times),  # input gradient
+                         ("tk,tn->kn", (rows, k), (rows, n), times)]  # weight gradient
+    rows, length, head_dim = setup.batch_size * setup.num_heads, setup.seq_len, setup.hidden_size // setup.num_heads
+    products += [("bld,bsd->bls", (rows, length, head_dim), (rows, length, head_dim), 2 * setup.num_layers),
+                 ("bls,bsd->bld", (rows, length, length), (rows, length, head_dim), 4 * setup.num_layers)]
+    return products
+
+
+def model_matmul_peak(setup: Setup, repeats: int = 5) -> float:
+    """FLOP/s of the step's own matrix products (`step_matmuls`) run alone: their FLOPs over the sum of their best
+    times, each product jitted by itself in `setup.dtype`. A step made of nothing but these products would run at
+    this rate; the square-matmul peak is what the cores reach on large square products."""
+    import jax
+    import jax.numpy as jnp
+
+    total_flops = total_seconds = 0.0
+    for spec, lhs_shape, rhs_shape, count in step_matmuls(setup):
+        lhs = jnp.ones(lhs_shape, setup.dtype)
+        rhs = jnp.ones(rhs_shape, setup.dtype)
+        product = jax.jit(lambda a, b, spec=spec: jnp.einsum(spec, a, b, preferred_element_type=jnp.float32))
+        seconds = _best_time(product, lhs, rhs, repeats=repeats)
+        contracted = lhs_shape[0] if spec == "tk,tn->kn" else lhs_shape[-1]
+        flops = 2.0 * np.prod(jax.eval_shape(product, lhs, rhs).shape) * contracted
+        total_flops += count * flops
+        total_seconds += count * seconds
+    return total_flops / total_seconds
+
+
 def jaxalign_model(setup: Setup):
     from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM
 
@@ -313,6 +357,7 @@ def main(argv=None) -> None:
     sizes = (1024, 2048) if args.device == "cpu" else (4096, 8192)
     results["matmul_peak_flops"], peak_size = matmul_peak(setup.dtype, sizes)
     results["matmul_peak_size"] = peak_size
+    results["model_matmul_peak_flops"] = model_matmul_peak(setup)
     breakdown = {} if args.breakdown else None
     runners = {"jaxalign": jaxalign_steps(setup, batches, breakdown)}
     if not args.skip_torch:
@@ -339,6 +384,7 @@ def main(argv=None) -> None:
     model_flops = results["jaxalign"]["tokens_per_s"] * setup.flops_per_token()
     results["jaxalign"]["model_flops_per_s"] = model_flops
     results["jaxalign"]["fraction_of_matmul_peak"] = model_flops / results["matmul_peak_flops"]
+    results["jaxalign"]["fraction_of_model_matmul_peak"] = model_flops / results["model_matmul_peak_flops"]
     if "torch" in results:
         results["torch"]["threads"] = __import__("torch").get_num_threads()
         results["speedup_vs_torch"] = results["jaxalign"]["tokens_per_s"] / results["torch"]["tokens_per_s"]
@@ -348,11 +394,13 @@ def main(argv=None) -> None:
 
     print(f"model: {setup.total_params() / 1e6:.1f}M parameters, batch {setup.batch_size} x {setup.seq_len}, "
           f"{setup.dtype}, remat {setup.remat}; {results['machine']}")
-    print(f"{setup.dtype} matmul peak ({peak_size}^3): {results['matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
+    print(f"{setup.dtype} matmul peak ({peak_size}^3): {results['matmul_peak_flops'] / 1e9:.1f} GFLOP/s; "
+          f"the step's own matmul shapes alone: {results['model_matmul_peak_flops'] / 1e9:.1f} GFLOP/s")
     jx = results["jaxalign"]
     print(f"jaxalign: {jx['tokens_per_s']:.0f} tokens/s (median {jx['step_s']:.2f} s/step of {jx['step_s_all']}, "
           f"first step {jx['first_step_s']:.1f} s)"
-          f", {model_flops / 1e9:.1f} model GFLOP/s = {100 * jx['fraction_of_matmul_peak']:.1f}% of matmul peak")
+          f", {model_flops / 1e9:.1f} model GFLOP/s = {100 * jx['fraction_of_matmul_peak']:.1f}% of the square "
+          f"matmul peak, {100 * jx['fraction_of_model_matmul_peak']:.1f}% of the step's own matmul shapes' peak")
     if "torch" in results:
         th = results["torch"]
         print(f"pytorch:  {th['tokens_per_s']:.0f} tokens/s (median {th['step_s']:.2f} s/step of {th['step_s_all']}, "
