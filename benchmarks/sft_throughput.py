@@ -11,7 +11,8 @@ changes hit both alike); tokens/s uses the median step. With `--tunix-python`, T
 (`benchmarks/tunix_peer.py sft`, in Tunix's own virtual environment) takes its turn in the same alternation, on the
 same input rows (its loss predicts the L - 1 next tokens inside each row; the work per step is the same).
 Printed: tokens/s of each, their ratio, and jaxalign's model
-FLOP/s as a fraction of the matmul peak measured in the same run (jitted square matmuls in the same dtype).
+FLOP/s as a fraction of two peaks measured in the same run: jitted square matmuls in the same dtype, and the step's
+own matrix products (`step_matmuls`) each run alone.
 
 Model FLOPs per token = 6 x (weights used in matmuls, i.e. all but the input embedding table)
                         + 12 x layers x seq_len x hidden (attention scores and weighted sum, forward + backward),
