@@ -115,8 +115,9 @@ def step_matmuls(setup: Setup) -> list[tuple[str, tuple, tuple, int]]:
     tokens, hidden, inter = setup.batch_size * setup.seq_len, setup.hidden_size, setup.intermediate_size
     weights = [((hidden, hidden), 4 * setup.num_layers), ((hidden, inter), 2 * setup.num_layers),
                ((inter, hidden), setup.num_layers)]
-    chunk = setup.logits_chunk_length or max(1, 2**25 // (setup.batch_size * setup.vocab_size))
-    chunk = min(chunk, setup.seq_len)
+    from jaxalign.objectives.logprobs import logits_slice_length
+
+    chunk = min(logits_slice_length(jaxalign_model(setup).config, setup.batch_size), setup.seq_len)
     slices = -(-setup.seq_len // chunk)
     products = []
     for rows, count in [(tokens, None), (setup.batch_size * chunk, slices)]:
@@ -152,8 +153,11 @@ def model_matmul_peak(*measurements: list[tuple[float, int, float]]) -> float:
     time the best of `measurements` (passes of `step_matmul_times`, e.g. before and after the timed steps, so a
     slower spell of a shared machine does not lower the peak). A step made of nothing but these products would run
     at this rate; the square-matmul peak is what the cores reach on large square products."""
-    flops = sum(f * count for f, count, _ in measurements[0])
-    seconds = sum(count * min(m[i][2] for m in measurements) for i, (_, count, _) in enumerate(measurements[0]))
+    flops = seconds = 0.0
+    for passes in zip(*measurements):
+        product_flops, count, _ = passes[0]
+        flops += count * product_flops
+        seconds += count * min(best for _, _, best in passes)
     return flops / seconds
 
 

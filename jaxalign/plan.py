@@ -33,6 +33,7 @@ from typing import Any
 from jaxalign.errors import JaxalignError
 from jaxalign.models import attention
 from jaxalign.models.llama import LlamaConfig
+from jaxalign.objectives.logprobs import logits_slice_length
 
 GiB = 2**30
 # bf16 peak FLOP/s and memory per chip (vendor figures).
@@ -117,8 +118,7 @@ def layer_backward_bytes(cfg: LlamaConfig, rows: int, length: int, dense: bool) 
 def logits_bytes(cfg: LlamaConfig, rows: int, length: int, global_rows: int) -> int:
     """Float32 logit slices alive at once on a device holding `rows` of the step's `global_rows` (the slice length
     is chosen from the global batch, see `jaxalign.objectives.logprobs.model_token_statistics`)."""
-    chunk = cfg.logits_chunk_length or max(1, 2**25 // (global_rows * cfg.vocab_size))
-    return 3 * 4 * rows * min(chunk, length) * cfg.vocab_size
+    return 3 * 4 * rows * min(logits_slice_length(cfg, global_rows), length) * cfg.vocab_size
 
 
 def matmul_weights(cfg: LlamaConfig, lm_head: bool = True) -> int:

@@ -65,6 +65,12 @@ def model_token_log_probs(
     return model_token_statistics(model, params, batch, temperature=temperature, rng=rng).log_probs
 
 
+def logits_slice_length(config, batch_size: int) -> int:
+    """Positions per slice of the LM head's logits in `model_token_statistics`: `config.logits_chunk_length`, or about
+    2**25 float32 logits (128 MiB) per slice of a `batch_size`-row batch."""
+    return config.logits_chunk_length or max(1, 2**25 // (batch_size * config.vocab_size))
+
+
 def model_token_statistics(
     model,
     params,
@@ -109,7 +115,7 @@ def model_token_statistics(
             (jnp.argmax(logits, axis=-1) == values["targets"]).astype(jnp.float32) if correct else None,
         )
 
-    chunk = model.config.logits_chunk_length or max(1, 2**25 // (batch_size * model.config.vocab_size))
+    chunk = logits_slice_length(model.config, batch_size)
     if length <= chunk:
         return statistics(hidden, per_position)
     count = -(-length // chunk)
