@@ -113,7 +113,8 @@ def test_losses_do_not_depend_on_devices_or_accumulation(tmp_path):
     single = tmp_path / "single"
     config_file = tmp_path / "run.yaml"
     config_file.write_text(json.dumps(apply_overrides(TINY_RUN, common)))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=1",
+           "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
         [sys.executable, "-m", "jaxalign.cli", "sft", str(config_file), f"output_dir={single}", "mesh.fsdp=1"],
         env=env, capture_output=True, text=True, timeout=300,

@@ -390,7 +390,8 @@ def test_two_real_processes_make_one_global_batch(byte_tok, numbered, tmp_path):
         port = sock.getsockname()[1]
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=2",
+           "JAX_PLATFORMS": "cpu"}
     procs = [
         subprocess.Popen([sys.executable, str(script), str(port), str(i), str(numbered), str(tmp_path / f"{i}.json")],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
