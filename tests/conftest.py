@@ -38,6 +38,18 @@ def _pip_download(requirement: str, dest: Path, source: bool = False) -> Path:
     return found[0]
 
 
+@pytest.fixture(scope="session")
+def cpu_process_env():
+    """`env(devices)`: the environment for a child Python process: this one's, on `devices` fake CPU devices, with
+    the suite's other XLA flags."""
+
+    def env(devices: int) -> dict:
+        return {**os.environ, "JAX_PLATFORMS": "cpu",
+                "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"}
+
+    return env
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     """One persistent XLA compilation cache for the session: in-process runs that build the same programs (the tiny

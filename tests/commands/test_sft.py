@@ -107,17 +107,15 @@ def test_starts_from_a_jaxalign_model_checkpoint(memorised_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_losses_do_not_depend_on_devices_or_accumulation(tmp_path):
+def test_losses_do_not_depend_on_devices_or_accumulation(tmp_path, cpu_process_env):
     """(1 device, accumulation 1) in a fresh process vs (8 fake devices, accumulation 2), same global batch."""
     common = ["train.steps=3", "data.eval_fraction=0.05", "train.eval_every=3", "data.pack=true"]
     single = tmp_path / "single"
     config_file = tmp_path / "run.yaml"
     config_file.write_text(json.dumps(apply_overrides(TINY_RUN, common)))
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=1",
-           "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
         [sys.executable, "-m", "jaxalign.cli", "sft", str(config_file), f"output_dir={single}", "mesh.fsdp=1"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=cpu_process_env(1), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     sharded = tmp_path / "sharded"

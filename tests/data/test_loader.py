@@ -377,10 +377,9 @@ json.dump({"rows": rows, "state": loader.state_dict()}, open(out, "w"))
 """
 
 
-def test_two_real_processes_make_one_global_batch(byte_tok, numbered, tmp_path):
+def test_two_real_processes_make_one_global_batch(byte_tok, numbered, tmp_path, cpu_process_env):
     """Two jax.distributed processes (2 CPU devices each): each loads its own share, the global array is the
     concatenation of the shares in process order, identical to what the single-process simulation gives."""
-    import os
     import socket
     import subprocess
     import sys
@@ -390,11 +389,9 @@ def test_two_real_processes_make_one_global_batch(byte_tok, numbered, tmp_path):
         port = sock.getsockname()[1]
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    env = {**os.environ, "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count=2",
-           "JAX_PLATFORMS": "cpu"}
     procs = [
         subprocess.Popen([sys.executable, str(script), str(port), str(i), str(numbered), str(tmp_path / f"{i}.json")],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         env=cpu_process_env(2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)
     ]
     for proc in procs:
