@@ -51,35 +51,46 @@ def test_reward_rises_while_kl_stays_bounded(learning_run):
     assert all(line["kl"] < 5.0 for line in lines)
 
 
-def test_logs_the_iteration_and_step_metrics(tmp_path):
-    lines = iterations(run(tmp_path, f"train.steps={2 * ITERATION}", "checkpoint.every=0"))
-    line = lines[1]
-    assert {"reward_mean", "reward_std", "kl", "kl_beta", "response_length", "eos_fraction", "explained_variance",
-            "generation_s", "scoring_s", "training_s", "policy_loss", "value_loss", "entropy", "clipfrac",
-            "approx_kl", "grad_norm/policy", "grad_norm/value", "lr/policy", "lr/value"} <= set(line)
-    assert 0 < line["response_length"] <= 16 and 0.0 <= line["eos_fraction"] <= 1.0
-    assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # policy = reference at first
-    assert (tmp_path / "hf" / "model.safetensors").is_file()
+@pytest.fixture(scope="module")
+def traced_run(tmp_path_factory):
+    """A run of five iterations (periodic checkpoints off: orbax traces its own copies at every save): its output
+    folder and, per iteration, its metrics line and how many programs had been traced when it was written."""
+    from jaxalign.train import loop
 
-
-def test_nothing_recompiles_after_the_first_iteration(tmp_path):
-    traces = []
+    traces, logged = [], []
 
     def listener(event, duration, **kwargs):
         if event == "/jax/core/compile/jaxpr_trace_duration":
             traces.append(event)
 
+    write = loop._MetricsLogger.write
+    out = tmp_path_factory.mktemp("ppo-traced")
     jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        # periodic checkpoints off: orbax traces its own copies at every save
-        run(tmp_path / "two", f"train.steps={2 * ITERATION}", "checkpoint.every=0")
-        two = len(traces)
-        traces.clear()
-        run(tmp_path / "five", f"train.steps={5 * ITERATION}", "checkpoint.every=0")
-        five = len(traces)
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-    assert five == two
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop._MetricsLogger, "write", lambda self, line: (logged.append((line, len(traces))),
+                                                                        write(self, line))[1])
+        try:
+            run(out, f"train.steps={5 * ITERATION}", "checkpoint.every=0")
+        finally:
+            jax.monitoring.unregister_event_duration_listener(listener)
+    return out, [(line, count) for line, count in logged if "reward_mean" in line]
+
+
+def test_logs_the_iteration_and_step_metrics(traced_run):
+    out, logged = traced_run
+    lines = [line for line, _ in logged]
+    assert {"reward_mean", "reward_std", "kl", "kl_beta", "response_length", "eos_fraction", "explained_variance",
+            "generation_s", "scoring_s", "training_s", "policy_loss", "value_loss", "entropy", "clipfrac",
+            "approx_kl", "grad_norm/policy", "grad_norm/value", "lr/policy", "lr/value"} <= set(lines[1])
+    assert 0 < lines[1]["response_length"] <= 16 and 0.0 <= lines[1]["eos_fraction"] <= 1.0
+    assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-4)  # policy = reference at first
+    assert (out / "hf" / "model.safetensors").is_file()
+
+
+def test_nothing_recompiles_after_the_first_iteration(traced_run):
+    traced = [count for _, count in traced_run[1]]
+    assert len(traced) == 5 and traced[0] > 0
+    assert traced[1:] == [traced[1]] * 4
 
 
 @pytest.mark.parametrize("overrides, message", [
