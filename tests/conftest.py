@@ -38,27 +38,35 @@ def _pip_download(requirement: str, dest: Path, source: bool = False) -> Path:
     return found[0]
 
 
-@pytest.fixture(scope="session")
-def cpu_process_env():
-    """`env(devices)`: the environment for a child Python process: this one's, on `devices` fake CPU devices, with
-    the suite's other XLA flags."""
-
-    def env(devices: int) -> dict:
-        return {**os.environ, "JAX_PLATFORMS": "cpu",
-                "XLA_FLAGS": f"{os.environ['XLA_FLAGS']} --xla_force_host_platform_device_count={devices}"}
-
-    return env
-
-
 @pytest.fixture(scope="session", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """One persistent XLA compilation cache for the session: in-process runs that build the same programs (the tiny
-    recipes, repeated short trainings) compile each once."""
+def compilation_cache(tmp_path_factory) -> Path:
+    """One persistent XLA compilation cache for the session, also for the child processes of `cpu_process_env`:
+    runs that build the same programs (the tiny recipes, repeated short trainings, a run and its resumption in
+    another process) compile each once."""
     import jax
 
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla-cache")))
+    path = tmp_path_factory.mktemp("xla-cache")
+    jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cpu_process_env(compilation_cache):
+    """`env(devices)`: the environment for a child Python process: this one's, on `devices` fake CPU devices, with
+    the suite's other XLA flags and its compilation cache (the cache keys programs by their XLA flags, so on 8
+    devices a child reuses what this process compiled)."""
+
+    def env(devices: int) -> dict:
+        flags = [flag for flag in os.environ["XLA_FLAGS"].split()
+                 if not flag.startswith("--xla_force_host_platform_device_count=")]
+        return {**os.environ, "JAX_PLATFORMS": "cpu",
+                "XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]),
+                "JAX_COMPILATION_CACHE_DIR": str(compilation_cache),
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+
+    return env
 
 
 @pytest.fixture(scope="session", autouse=True)

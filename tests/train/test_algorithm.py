@@ -23,8 +23,8 @@ TOY_METRICS = ("loss", "grad_norm", "grad_norm/policy", "grad_norm/value", "poli
 
 
 @pytest.fixture(scope="module")
-def driver(tmp_path_factory, cpu_process_env) -> Driver:
-    return Driver(tmp_path_factory.mktemp("jax-compile-cache"), cpu_process_env)
+def driver(cpu_process_env) -> Driver:
+    return Driver(cpu_process_env)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from tests.train.test_loop import STEPS, Driver, checkpoint_steps, training_line
 
 
 @pytest.fixture(scope="module")
-def driver(tmp_path_factory, cpu_process_env) -> Driver:
-    return Driver(tmp_path_factory.mktemp("jax-compile-cache"), cpu_process_env)
+def driver(cpu_process_env) -> Driver:
+    return Driver(cpu_process_env)
 
 
 def free_port() -> int:

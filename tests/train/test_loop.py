@@ -27,20 +27,17 @@ COMMON = [f"train.steps={STEPS}", "checkpoint.every=2", "checkpoint.keep=3"]
 
 
 class Driver:
-    """Runs tests/train/tiny_run.py: in this process (its 8 devices and compilation cache), or in subprocesses that
-    share a JAX compilation cache of their own (compiling dominates)."""
+    """Runs tests/train/tiny_run.py: in this process, or in subprocesses that share its compilation cache
+    (compiling dominates)."""
 
-    def __init__(self, cache_dir: Path, cpu_process_env):
-        self.cache_dir = cache_dir
+    def __init__(self, cpu_process_env):
         self.cpu_process_env = cpu_process_env
 
     def command(self, out: Path, *args: str) -> list[str]:
         return [sys.executable, str(DRIVER), str(out), *COMMON, *args]
 
     def env(self, devices: int = 8) -> dict:
-        return {**self.cpu_process_env(devices), "PYTHONPATH": str(ROOT),
-                "JAX_COMPILATION_CACHE_DIR": str(self.cache_dir), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+        return {**self.cpu_process_env(devices), "PYTHONPATH": str(ROOT)}
 
     def run(self, out: Path, *args: str) -> subprocess.CompletedProcess:
         """The driver's `main` called here, with what it prints to stdout / stderr captured."""
@@ -69,8 +66,8 @@ def handles_sigterm(proc: subprocess.Popen) -> bool:
 
 
 @pytest.fixture(scope="module")
-def driver(tmp_path_factory, cpu_process_env) -> Driver:
-    return Driver(tmp_path_factory.mktemp("jax-compile-cache"), cpu_process_env)
+def driver(cpu_process_env) -> Driver:
+    return Driver(cpu_process_env)
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 240.0) -> None:
