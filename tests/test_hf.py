@@ -14,6 +14,8 @@ from jaxalign.errors import JaxalignError
 from jaxalign.hf import config_from_hf, config_to_hf, load_tokenizer
 from jaxalign.models.llama import LlamaConfig, init_cache
 
+from tests.params import init_params
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -294,7 +296,7 @@ def byte_model():
     from jaxalign.models.llama import LlamaForCausalLM
 
     model = LlamaForCausalLM(LlamaConfig.tiny(vocab_size=264, hidden_size=32, intermediate_size=32))
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = init_params(model, jax.random.PRNGKey(0))
     return model, params
 
 

@@ -7,13 +7,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 import jaxalign
 from jaxalign.errors import JaxalignError
 from jaxalign.models.heads import LlamaForScore, last_token_scores
 from jaxalign.models.llama import LlamaConfig
 from jaxalign.models.loading import load_model
+
+from tests.params import init_params
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -45,7 +46,7 @@ def transformers_rewards(hf_model, ids) -> np.ndarray:
 def test_exported_reward_model_scores_in_transformers_like_jaxalign(tmp_path):
     config = LlamaConfig.tiny(vocab_size=256, pad_token_id=PAD, eos_token_id=2, bos_token_id=1)
     model = LlamaForScore(config)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = init_params(model, jax.random.PRNGKey(0))
     params["score"]["kernel"] = params["score"]["kernel"] * 20.0  # rewards of order 1
     jaxalign.save_pretrained(model, params, tmp_path / "rm")
     hf = json.loads((tmp_path / "rm" / "config.json").read_text())

@@ -8,6 +8,8 @@ import pytest
 from jaxalign.errors import JaxalignError
 from jaxalign.rewards import combine_llama2, function_reward, llama2_final_reward, whiten
 
+from tests.params import init_params
+
 HELPFUL = [2.0, 0.0, -1.0, 3.0]
 SAFETY = [1.0, -3.0, 0.5, 2.0]
 IS_SAFETY = [0, 0, 1, 0]
@@ -65,8 +67,6 @@ def test_llama2_reward_combines_two_reward_functions_with_the_safety_flag():
 
 def test_model_reward_scores_a_response_as_the_pair_pipeline_does():
     import jax
-    import jax.numpy as jnp
-    from flax import linen as nn
 
     from jaxalign.data.config import DataConfig
     from jaxalign.data.formats import parse_record
@@ -77,7 +77,7 @@ def test_model_reward_scores_a_response_as_the_pair_pipeline_does():
 
     tokenizer = load_tokenizer("byte")
     model = LlamaForScore(LlamaConfig.tiny(vocab_size=len(tokenizer), max_position_embeddings=320))
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = init_params(model, jax.random.PRNGKey(0))
     reward = ModelReward(model, params, tokenizer, DataConfig(template="alpaca"), batch_size=2)
     singles = reward(["What is 2+2?", "Say hi."], ["4.", "Hi!"], [{}, {}])
     pair = parse_record({"prompt": "What is 2+2?", "chosen": "4.", "rejected": "5."}, "preference", "pair")

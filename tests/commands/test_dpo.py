@@ -7,9 +7,7 @@ import math
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import pytest
-from flax import linen as nn
 
 import jaxalign
 from jaxalign.commands.dpo import DPOConfig, train_dpo
@@ -17,6 +15,8 @@ from jaxalign.config import load_config
 from jaxalign.data.tokenizer import load_tokenizer
 from jaxalign.errors import JaxalignError
 from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM
+
+from tests.params import init_params
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "dpo.yaml"
 DEMO = Path(__file__).resolve().parents[2] / "jaxalign" / "demo_data" / "preferences.jsonl"
@@ -30,7 +30,7 @@ def policy_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("policy")
     tokenizer = load_tokenizer("byte")
     model = LlamaForCausalLM(LlamaConfig.tiny(vocab_size=len(tokenizer), max_position_embeddings=320))
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = init_params(model, jax.random.PRNGKey(0))
     jaxalign.save_pretrained(model, params, out, tokenizer=tokenizer)
     return out
 

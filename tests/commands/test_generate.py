@@ -9,6 +9,8 @@ from jaxalign.cli import main
 from jaxalign.hf import load_tokenizer
 from jaxalign.sampling import generate
 
+from tests.params import init_params
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -159,7 +161,6 @@ def export_trained_format(folder, template: str):
     """A random tiny model exported with the byte tokenizer as `jaxalign sft` exports a model trained with
     `data.template=template` (no training: the export's format is what is tested)."""
     import jax
-    import jax.numpy as jnp
 
     from jaxalign.data import DataConfig, prepare_tokenizer
     from jaxalign.data.templates import chat_format
@@ -172,7 +173,7 @@ def export_trained_format(folder, template: str):
     prepare_tokenizer(data, tokenizer)
     model = LlamaForCausalLM(LlamaConfig.tiny(vocab_size=264, hidden_size=32, intermediate_size=64,
                                               max_position_embeddings=320))
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = init_params(model, jax.random.PRNGKey(0))
     params = jax.tree.map(lambda p: p * 20.0, params)
     save_pretrained(model, params, folder, tokenizer=tokenizer, chat_format=chat_format(data, tokenizer))
     return folder

@@ -11,6 +11,8 @@ from jaxalign.commands.rm import RMConfig, train_rm
 from jaxalign.config import load_config
 from jaxalign.errors import JaxalignError
 
+from tests.params import init_params
+
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "rm.yaml"
 DEMO = Path(__file__).resolve().parents[2] / "jaxalign" / "demo_data" / "preferences.jsonl"
 
@@ -59,8 +61,6 @@ def test_a_reward_model_starts_from_a_language_model_whose_vocabulary_grows(tmp_
     """A causal-LM export as `model.path` with a token the data config adds: the LM head is dropped, a score head
     put on the trunk, the embeddings grown (mean row) — all inside the loop's mesh."""
     import jax
-    import jax.numpy as jnp
-    from flax import linen as nn
 
     import jaxalign
     from jaxalign.data.tokenizer import load_tokenizer
@@ -69,7 +69,7 @@ def test_a_reward_model_starts_from_a_language_model_whose_vocabulary_grows(tmp_
 
     tokenizer = load_tokenizer("byte")
     lm = LlamaForCausalLM(LlamaConfig.tiny(vocab_size=len(tokenizer), max_position_embeddings=320))
-    params = nn.meta.unbox(lm.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = init_params(lm, jax.random.PRNGKey(0))
     jaxalign.save_pretrained(lm, params, tmp_path / "sft", tokenizer=tokenizer)
     config = load_config(RMConfig, CONFIG, [f"output_dir={tmp_path / 'rm'}", f"model.path={tmp_path / 'sft'}",
                                             "model.config={}", "data.tokenizer=null", "data.added_tokens=['<x>']",
@@ -87,15 +87,13 @@ def test_dropped_pairs_are_logged_as_a_share(tiny_rm):
 
 def test_reward_refuses_a_language_model(tmp_path, capsys):
     import jax
-    import jax.numpy as jnp
-    from flax import linen as nn
 
     import jaxalign
     from jaxalign.data.tokenizer import load_tokenizer
     from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM
 
     model = LlamaForCausalLM(LlamaConfig.tiny())
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = init_params(model, jax.random.PRNGKey(0))
     jaxalign.save_pretrained(model, params, tmp_path / "lm", tokenizer=load_tokenizer("byte"))
     data = tmp_path / "one.jsonl"
     data.write_text(json.dumps({"prompt": "Hi", "response": "Hello"}) + "\n")
@@ -131,9 +129,7 @@ def test_a_lora_reward_model_trains_its_adapters_and_its_whole_score_head(tmp_pa
     """model.lora on a causal-LM export: the trunk stays frozen under adapters, the fresh score head trains fully,
     and the export folds the adapters into a plain sequence classifier."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    from flax import linen as nn
 
     import jaxalign
     from jaxalign.data.tokenizer import load_tokenizer
@@ -142,7 +138,7 @@ def test_a_lora_reward_model_trains_its_adapters_and_its_whole_score_head(tmp_pa
 
     tokenizer = load_tokenizer("byte")
     lm = LlamaForCausalLM(LlamaConfig.tiny(vocab_size=len(tokenizer), max_position_embeddings=320))
-    params = nn.meta.unbox(lm.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = init_params(lm, jax.random.PRNGKey(0))
     jaxalign.save_pretrained(lm, params, tmp_path / "sft", tokenizer=tokenizer)
     config = load_config(RMConfig, CONFIG, [f"output_dir={tmp_path / 'rm'}", f"model.path={tmp_path / 'sft'}",
                                             "model.config={}", "data.tokenizer=null", "train.steps=2",

@@ -6,18 +6,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from jaxalign.errors import JaxalignError
 from jaxalign.models.checkpoint import CONFIG_FILE, is_model_checkpoint, load_model_checkpoint, save_model_checkpoint
 from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM, logical_axes
+
+from tests.params import init_params
 
 
 def test_round_trip_restores_config_and_params_onto_shardings(tmp_path):
     config = LlamaConfig.tiny(rope_scaling={"rope_type": "linear", "factor": 2.0}, eos_token_id=(2, 3),
                               residual_dropout=(0.0, 0.2), param_dtype="bfloat16")
     model = LlamaForCausalLM(config)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = init_params(model, jax.random.PRNGKey(0))
     save_model_checkpoint(tmp_path / "ckpt", config, params)
     assert is_model_checkpoint(tmp_path / "ckpt") and not (tmp_path / "ckpt" / "config.json").exists()
 
@@ -46,7 +47,7 @@ def test_bad_checkpoint_folders_are_reported(tmp_path):
 
 def test_the_recorded_head_must_match_the_params(tmp_path):
     config = LlamaConfig.tiny()
-    params = nn.meta.unbox(LlamaForCausalLM(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+    params = init_params(LlamaForCausalLM(config), jax.random.PRNGKey(0))
     with pytest.raises(JaxalignError, match="head 'score': the params lack a 'score' head"):
         save_model_checkpoint(tmp_path / "rm", config, params, head="score")
     save_model_checkpoint(tmp_path / "lm", config, params)

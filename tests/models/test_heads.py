@@ -3,18 +3,19 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 
 from jaxalign.models.heads import LlamaForScore, last_token_scores, score_params_from_causal_lm
 from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel, logical_axes
+
+from tests.params import init_params
 
 
 def test_scores_are_a_linear_head_on_the_trunk_hidden_states():
     config = LlamaConfig.tiny(dtype="bfloat16")
     ids = jax.random.randint(jax.random.PRNGKey(0), (2, 6), 3, config.vocab_size)
-    lm_params = nn.meta.unbox(LlamaForCausalLM(config).init(jax.random.PRNGKey(1), ids)["params"])
+    lm_params = init_params(LlamaForCausalLM(config), jax.random.PRNGKey(1), ids)
     model = LlamaForScore(config)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(2), ids)["params"])
+    params = init_params(model, jax.random.PRNGKey(2), ids)
     params = score_params_from_causal_lm(lm_params, params)
     assert set(params["score"]) == {"kernel"}  # bias-free, as transformers' sequence classifiers
     scores = model.apply({"params": params}, ids)

@@ -11,10 +11,12 @@ from flax import linen as nn
 from jaxalign.errors import JaxalignError
 from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel, init_cache, logical_axes
 
+from tests.params import init_params
+
 
 def _init(config, length=8):
     model = LlamaForCausalLM(config)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, length), jnp.int32))["params"])
+    params = init_params(model, jax.random.PRNGKey(0), jnp.zeros((1, length), jnp.int32))
     return model, params
 
 

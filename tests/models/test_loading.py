@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from jaxalign import hf
 from jaxalign.config import MeshConfig, ModelSection, from_dict
@@ -20,11 +19,13 @@ from jaxalign.models.loading import load_model, model_source
 from jaxalign.sharding import logical_rules, make_mesh
 from jaxalign.train.state import param_shardings
 
+from tests.params import init_params
+
 IDS = jnp.asarray([[1, 5, 9, 17, 33, 2]], jnp.int32)
 
 
 def init(model, seed=0):
-    return nn.meta.unbox(model.init(jax.random.PRNGKey(seed), IDS)["params"])
+    return init_params(model, jax.random.PRNGKey(seed), IDS)
 
 
 def assert_same(tree_a, tree_b):

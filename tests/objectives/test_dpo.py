@@ -7,12 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 from jaxalign.data import packing
 from jaxalign.errors import JaxalignError
 from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM
 from jaxalign.objectives import dpo
+
+from tests.params import init_params
 
 
 def softplus(x: float) -> float:
@@ -124,7 +125,7 @@ def test_pair_metrics_are_trls_implicit_rewards_over_real_pairs():
 def tiny_policy_and_batch():
     config = LlamaConfig.tiny(vocab_size=40, max_position_embeddings=32)
     model = LlamaForCausalLM(config)
-    init = lambda seed: nn.meta.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32))["params"])  # noqa: E731
+    init = lambda seed: init_params(model, jax.random.PRNGKey(seed))  # noqa: E731
     rng = np.random.default_rng(0)
 
     def half(prompt, answer):

@@ -16,6 +16,8 @@ from jaxalign.objectives.logprobs import (
     token_log_probs,
 )
 
+from tests.params import init_params
+
 
 def test_hand_computed_values_with_and_without_temperature():
     logits = jnp.log(jnp.array([1.0, 2.0, 5.0]))
@@ -100,7 +102,7 @@ def test_entropy_from_logits():
 @pytest.fixture(scope="module")
 def tiny_lm():
     config = LlamaConfig.tiny(residual_dropout=(0.1, 0.1))
-    params = LlamaForCausalLM(config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    params = init_params(LlamaForCausalLM(config), jax.random.key(0))
     rng = np.random.default_rng(0)
     batch = {
         "input_ids": jnp.asarray(rng.integers(3, 256, (2, 21)), jnp.int32),
@@ -118,13 +120,28 @@ def full_logits(config, params, batch, rng=None):
         deterministic=rng is None, rngs=None if rng is None else {"dropout": rng})
 
 
-@pytest.mark.parametrize("chunk", [None, 1, 4])
-def test_statistics_by_slices_equal_those_of_the_full_logits(tiny_lm, chunk):
+@pytest.fixture(scope="module")
+def full_reference(tiny_lm):
+    """From the full logits of `tiny_lm`: its logits, and the gradient of the sum of masked log-probs and entropies
+    at temperature 0.9."""
     config, params, batch = tiny_lm
+
+    def full(p):
+        out = full_logits(config, p, batch)
+        return (jnp.sum(token_log_probs(out, batch["targets"], 0.9) * batch["loss_mask"])
+                + jnp.sum(entropy_from_logits(out, batch["loss_mask"], 0.9)))
+
+    return jax.jit(full_logits, static_argnums=0)(config, params, batch), jax.jit(jax.grad(full))(params)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 4])
+def test_statistics_by_slices_equal_those_of_the_full_logits(tiny_lm, full_reference, chunk):
+    config, params, batch = tiny_lm
+    logits, full_grad = full_reference
     model = LlamaForCausalLM(dataclasses.replace(config, logits_chunk_length=chunk))
     temperature = jnp.asarray([[0.7], [1.3]])
-    logits = full_logits(config, params, batch)
-    stats = model_token_statistics(model, params, batch, temperature=temperature, entropy=True, correct=True)
+    stats = jax.jit(lambda p: model_token_statistics(model, p, batch, temperature=temperature, entropy=True,
+                                                     correct=True))(params)
     np.testing.assert_allclose(stats.log_probs, token_log_probs(logits, batch["targets"], temperature), atol=2e-6)
     np.testing.assert_allclose(stats.entropy, entropy_from_logits(logits, batch["loss_mask"], temperature),
                                atol=2e-6)
@@ -135,16 +152,11 @@ def test_statistics_by_slices_equal_those_of_the_full_logits(tiny_lm, chunk):
         out = model_token_statistics(model, p, batch, temperature=0.9, entropy=True)
         return jnp.sum(out.log_probs * batch["loss_mask"]) + jnp.sum(out.entropy)
 
-    def full(p):
-        out = full_logits(config, p, batch)
-        return (jnp.sum(token_log_probs(out, batch["targets"], 0.9) * batch["loss_mask"])
-                + jnp.sum(entropy_from_logits(out, batch["loss_mask"], 0.9)))
-
-    for got, want in zip(jax.tree.leaves(jax.jit(jax.grad(sliced))(params)), jax.tree.leaves(jax.jit(jax.grad(full))(params))):
+    for got, want in zip(jax.tree.leaves(jax.jit(jax.grad(sliced))(params)), jax.tree.leaves(full_grad)):
         np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-4)
 
 
-def test_log_probs_are_deterministic_without_an_rng_and_draw_dropout_from_one(tiny_lm):
+def test_log_probs_are_deterministic_without_an_rng_and_draw_dropout_from_one(tiny_lm, full_reference):
     config, params, batch = tiny_lm
     model = LlamaForCausalLM(dataclasses.replace(config, logits_chunk_length=5))
     key = jax.random.key(3)
@@ -152,8 +164,7 @@ def test_log_probs_are_deterministic_without_an_rng_and_draw_dropout_from_one(ti
     np.testing.assert_allclose(model_token_log_probs(model, params, batch, rng=key), expected, atol=2e-6)
     deterministic = model_token_log_probs(model, params, batch)
     assert not np.allclose(deterministic, expected, atol=1e-3)
-    np.testing.assert_allclose(deterministic, token_log_probs(full_logits(config, params, batch), batch["targets"]),
-                               atol=2e-6)
+    np.testing.assert_allclose(deterministic, token_log_probs(full_reference[0], batch["targets"]), atol=2e-6)
 
 
 def test_a_128k_vocabulary_step_holds_less_than_its_full_logits():

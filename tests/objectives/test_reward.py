@@ -11,6 +11,8 @@ from jaxalign.models.heads import LlamaForScore
 from jaxalign.models.llama import LlamaConfig
 from jaxalign.objectives.reward import make_loss_fn, pair_metrics, pair_rewards, pairwise_loss
 
+from tests.params import init_params
+
 R_CHOSEN = jnp.array([1.0, 0.5, -0.2])
 R_REJECTED = jnp.array([0.0, 0.7, -1.2])
 
@@ -58,8 +60,7 @@ def test_pair_metrics_overall_and_per_strength_bucket():
 @pytest.fixture(scope="module")
 def score_model():
     model = LlamaForScore(LlamaConfig.tiny(vocab_size=32))
-    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
+    params = init_params(model, jax.random.key(0))
     return model, params
 
 

@@ -9,6 +9,8 @@ import pytest
 from jaxalign.errors import JaxalignError
 from jaxalign.objectives.sft import make_loss_fn, perplexity, resize_embeddings
 
+from tests.params import init_params
+
 
 class TableModel:
     """Hidden states looked up per input token and used as the logits: enough to check masking and sums without a
@@ -82,8 +84,7 @@ def tiny_model():
 
     config = LlamaConfig.tiny(vocab_size=64)
     model = LlamaForCausalLM(config)
-    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    return config, model, jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
+    return config, model, init_params(model, jax.random.key(0))
 
 
 def test_resize_embeddings_appends_mean_rows_and_keeps_old_logits(tiny_model):
@@ -160,8 +161,7 @@ def test_residual_dropout_is_active_only_with_an_rng():
     from jaxalign.models.llama import LlamaConfig, LlamaForCausalLM
 
     model = LlamaForCausalLM(LlamaConfig.tiny(vocab_size=11, residual_dropout=(0.0, 0.3)))
-    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    params = jax.tree.map(lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value"))
+    params = init_params(model, jax.random.key(0))
     batch = lm_batch(np.random.default_rng(4))
     loss_fn = jax.jit(make_loss_fn(model))
     deterministic = float(loss_fn(params, batch, None)[0].total)
