@@ -64,11 +64,15 @@ def traced_run(tmp_path_factory):
             traces.append(event)
 
     write = loop._MetricsLogger.write
+
+    def counting_write(self, line):
+        logged.append((line, len(traces)))
+        write(self, line)
+
     out = tmp_path_factory.mktemp("ppo-traced")
-    jax.monitoring.register_event_duration_secs_listener(listener)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(loop._MetricsLogger, "write", lambda self, line: (logged.append((line, len(traces))),
-                                                                        write(self, line))[1])
+        patch.setattr(loop._MetricsLogger, "write", counting_write)
+        jax.monitoring.register_event_duration_secs_listener(listener)
         try:
             run(out, f"train.steps={5 * ITERATION}", "checkpoint.every=0")
         finally:
