@@ -2,7 +2,6 @@
 
 import io
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -78,14 +77,9 @@ def test_text_stream_prints_only_complete_characters():
 
 
 @pytest.fixture(scope="module")
-def quickstart_model(tmp_path_factory):
-    """The Quickstart run (configs/tiny/sft.yaml: alpaca, byte tokenizer, a 320-position context), cut to 2 steps."""
-    out = tmp_path_factory.mktemp("quickstart")
-    config = Path(__file__).resolve().parents[2] / "configs" / "tiny" / "sft.yaml"
-    assert main(["sft", str(config), f"output_dir={out}", "train.steps=2", "train.batch_size=8",
-                 "data.train=[{path: 'demo:instructions', limit: 16}]", "data.eval_fraction=0",
-                 "optimizer.warmup_steps=0"]) == 0
-    return out / "hf"
+def quickstart_model(quickstart_run):
+    """The Quickstart run's model (configs/tiny/sft.yaml: alpaca, byte tokenizer, a 320-position context)."""
+    return quickstart_run[0] / "hf"
 
 
 def test_the_quickstart_model_chats_in_alpaca_with_the_default_reply_length(quickstart_model, monkeypatch, capsys):
