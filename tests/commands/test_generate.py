@@ -65,7 +65,8 @@ def test_greedy_lines_keep_their_fields_and_match_the_library(model_dir, tmp_pat
     expected = generate(model, params, encoded, 8, stop_token_ids=(tokenizer.eos_token_id,))
     for line, tokens, logprobs in zip(lines, expected.completions(), expected.completion_logprobs()):
         assert line["tokens"] == tokens
-        assert line["logprobs"] == pytest.approx(logprobs, abs=1e-6)
+        # the command decodes with unrolled layers, `load_pretrained` scans them: two programs, float32 rounding apart
+        assert line["logprobs"] == pytest.approx(logprobs, rel=1e-6, abs=1e-6)
         assert line["completion"] == tokenizer.decode(tokens, skip_special_tokens=True)
 
 
