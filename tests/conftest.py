@@ -14,10 +14,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # another's; XLA:CPU aborts the process when a collective waits longer than its default 40 s. Compiling the tests'
 # tiny programs takes about half of the suite's time; XLA:CPU's older fusion code generator compiles a train step
 # in about 20% less time than its default MLIR fusion emitters and runs it about as fast, and LLVM's optimisation
-# level 1 instead of the default 2 cuts the rest of the compile time by about a fifth (the models' loops, the
-# training and resume modules: 121 s -> 95 s of compiling, 250 s -> 232 s in all). Programs that compute the same
-# values in another order (unrolled and scanned layers, say) round apart in the last bits at either level; the tests
-# compare them with float32 tolerances.
+# level 1 instead of the default 2 cuts the rest of the compile time by about a fifth (test_loop, test_llama and
+# test_grpo: 121 s -> 95 s of compiling, 250 s -> 232 s in all). Programs that compute the same values in another
+# order (unrolled and scanned layers, say) round apart in the last bits at either level; the tests compare them with
+# float32 tolerances.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
                            " --xla_cpu_collective_call_terminate_timeout_seconds=900"

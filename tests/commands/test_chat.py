@@ -76,17 +76,13 @@ def test_text_stream_prints_only_complete_characters():
     assert out.getvalue() == "hé🙂"
 
 
-@pytest.fixture(scope="module")
-def quickstart_model(quickstart_run):
-    """The Quickstart run's model (configs/tiny/sft.yaml: alpaca, byte tokenizer, a 320-position context)."""
-    return quickstart_run[0] / "hf"
-
-
-def test_the_quickstart_model_chats_in_alpaca_with_the_default_reply_length(quickstart_model, monkeypatch, capsys):
+def test_the_quickstart_model_chats_in_alpaca_with_the_default_reply_length(quickstart_run, monkeypatch, capsys):
     """Default --max-new-tokens (512) on a 320-position model: every turn gets a reply that fits what the context
     leaves, prompted in Alpaca as the model was trained; a conversation that fills the context asks for /reset."""
     import jaxalign
     from jaxalign.data.tokenizer import encode_chat
+
+    quickstart_model = quickstart_run[0] / "hf"
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("Name a colour.\nAnother one.\n/reset\nName a colour.\n"))
     assert main(["chat", "--model", str(quickstart_model), "--temperature", "0"]) == 0

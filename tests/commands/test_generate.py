@@ -54,7 +54,7 @@ def test_greedy_lines_keep_their_fields_and_match_the_library(model_dir, tmp_pat
     assert lines[1]["messages"] == RECORDS[1]["messages"]
 
     tokenizer = load_tokenizer(model_dir)
-    model, params = jaxalign.load_pretrained(model_dir)
+    model, params = jaxalign.load_pretrained(model_dir, scan_layers=False)  # unrolled, as the command decodes
     chats = [[{"role": "user", "content": RECORDS[0]["prompt"]}], RECORDS[1]["messages"],
              [{"role": "user", "content": RECORDS[2]["prompt"]}]]
     encoded = [
@@ -65,8 +65,7 @@ def test_greedy_lines_keep_their_fields_and_match_the_library(model_dir, tmp_pat
     expected = generate(model, params, encoded, 8, stop_token_ids=(tokenizer.eos_token_id,))
     for line, tokens, logprobs in zip(lines, expected.completions(), expected.completion_logprobs()):
         assert line["tokens"] == tokens
-        # the command decodes with unrolled layers, `load_pretrained` scans them: two programs, float32 rounding apart
-        assert line["logprobs"] == pytest.approx(logprobs, rel=1e-6, abs=1e-6)
+        assert line["logprobs"] == pytest.approx(logprobs, abs=1e-6)
         assert line["completion"] == tokenizer.decode(tokens, skip_special_tokens=True)
 
 
