@@ -144,7 +144,7 @@ def stacked_sequence_log_probs(model, params, batch: Mapping[str, jax.Array], pr
     keys = ("input_ids", "targets", "positions", "segment_ids")
     stacked = {k: jnp.concatenate([batch[f"{p}{k}"] for p in prefixes], axis=0) for k in keys}
     mask = jnp.concatenate([batch[f"{p}loss_mask"] for p in prefixes], axis=0)
-    sums, counts = sequence_log_probs(model_token_log_probs(model, params, stacked, rng=rng), mask)
+    sums, counts = sequence_log_probs(model_token_log_probs(model, params, stacked, rng=rng, needed=mask), mask)
     rows = batch[f"{prefixes[0]}input_ids"].shape[0]
     return [(sums[i * rows:(i + 1) * rows], counts[i * rows:(i + 1) * rows]) for i in range(len(prefixes))]
 

@@ -61,11 +61,11 @@ def experience(policy, reference, temperature: float, with_reference: bool) -> C
     def fn(policy_params, reference_params, batch, advantages, row_mask):
         mask = batch["loss_mask"] * row_mask[:, None].astype(batch["loss_mask"].dtype)
         valid = mask != 0
-        old_logp = model_token_log_probs(policy, policy_params, batch, temperature=temperature)
+        old_logp = model_token_log_probs(policy, policy_params, batch, temperature=temperature, needed=mask)
         out = {**batch, "loss_mask": mask, "old_logp": jnp.where(valid, old_logp, 0.0),
                "advantages": jnp.where(valid, advantages[:, None], 0.0)}
         if with_reference:
-            ref_logp = model_token_log_probs(reference, reference_params, batch, temperature=temperature)
+            ref_logp = model_token_log_probs(reference, reference_params, batch, temperature=temperature, needed=mask)
             out["ref_logp"] = jnp.where(valid, ref_logp, 0.0)
         return out
 
@@ -79,7 +79,8 @@ def make_loss_fn(policy, settings: GRPOSettings, temperature: float, max_length:
 
     def loss(params, frozen, batch, rng):
         mask = batch["loss_mask"]
-        stats = model_token_statistics(policy, params["policy"], batch, temperature=temperature, entropy=True)
+        stats = model_token_statistics(policy, params["policy"], batch, temperature=temperature, entropy=True,
+                                       needed=mask)
         logp = stats.log_probs
         per_token, clipped = ppo.policy_loss(logp, batch["old_logp"], batch["advantages"], mask, settings.clip_low,
                                              settings.clip_high)

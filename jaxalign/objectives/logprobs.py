@@ -53,6 +53,7 @@ def model_token_log_probs(
     *,
     temperature: float | jax.Array = 1.0,
     rng: jax.Array | None = None,
+    needed: jax.Array | None = None,
 ) -> jax.Array:
     """log p(`targets[b, t]` | the row's tokens up to t), float32 `[B, L]`, from one forward pass of `model`.
 
@@ -60,9 +61,10 @@ def model_token_log_probs(
       builds them (other keys, such as `loss_mask`, are ignored: padding and prompt slots hold log-probs of
       whatever their target is, to be masked by the caller).
     With `rng` the forward pass runs in training mode (dropout draws from it); with `rng=None` it is
-    deterministic, as reference models, PPO's recomputation and evaluation need.
+    deterministic, as reference models, PPO's recomputation and evaluation need. `needed`: see
+    `model_token_statistics` (slices of positions it masks in every row skip the LM head and hold 0).
     """
-    return model_token_statistics(model, params, batch, temperature=temperature, rng=rng).log_probs
+    return model_token_statistics(model, params, batch, temperature=temperature, rng=rng, needed=needed).log_probs
 
 
 def logits_slice_length(config, batch_size: int) -> int:
@@ -80,6 +82,7 @@ def model_token_statistics(
     rng: jax.Array | None = None,
     entropy: bool = False,
     correct: bool = False,
+    needed: jax.Array | None = None,
 ) -> TokenStatistics:
     """`model_token_log_probs` plus, on request, the entropy (needs `batch["loss_mask"]`) and the arg-max match of
     every position, without holding the float32 logits `[B, L, V]` of the whole batch.
@@ -88,7 +91,17 @@ def model_token_statistics(
     time (default: about 2**25 logits per slice), and the backward pass recomputes each slice's logits, so a
     128K-token vocabulary costs `[B, chunk, V]` float32 of memory rather than `[B, L, V]`. `temperature`: a number,
     or an array broadcastable to `[B, L]`.
+    `needed` (`[B, L]`, optional; the caller's loss mask) lets positions where it is 0 skip the LM head: each row's
+    needed positions are moved to the front (a stable per-row permutation: every value depends on its own position
+    only), and the slices of that order in which no row needs a position skip the head, forward and backward, and
+    hold 0 in every returned value. A preference or rollout batch whose prompts fill half of each row so projects
+    about half of its positions through the head. Values where `needed` is non-zero are unchanged. The skipping
+    applies when the computation runs on one device (one JAX device, or a mesh of one): under a larger mesh the
+    head's branch would hold collectives (the gathered head weights), which XLA:CPU deadlocks on inside a
+    conditional, so there `needed` is ignored and every position is computed.
     """
+    if needed is not None and not _single_device():
+        needed = None
     deterministic = rng is None
     hidden = model.apply(
         {"params": params},
@@ -105,6 +118,8 @@ def model_token_statistics(
         per_position["temperature"] = jnp.broadcast_to(jnp.asarray(temperature, jnp.float32), (batch_size, length))
     if entropy:
         per_position["mask"] = batch["loss_mask"]
+    if needed is not None:
+        per_position["needed"] = needed
 
     def statistics(hidden_slice, values):
         logits = model.apply({"params": params}, hidden_slice, method="logits")
@@ -115,18 +130,45 @@ def model_token_statistics(
             (jnp.argmax(logits, axis=-1) == values["targets"]).astype(jnp.float32) if correct else None,
         )
 
+    def statistics_or_zeros(args):
+        hidden_slice, values = args
+        if needed is None:
+            return statistics(hidden_slice, values)
+
+        def zeros(hidden_slice, values):
+            zero = jnp.zeros(values["targets"].shape, jnp.float32)
+            return TokenStatistics(zero, zero if entropy else None, zero if correct else None)
+
+        return jax.lax.cond(jnp.any(values["needed"] != 0), statistics, zeros, hidden_slice, values)
+
     chunk = logits_slice_length(model.config, batch_size)
     if length <= chunk:
-        return statistics(hidden, per_position)
+        return statistics_or_zeros((hidden, per_position))
     count = -(-length // chunk)
+
+    def permute(x, order):
+        return jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    if needed is not None:
+        needed_first = jnp.argsort(needed == 0, axis=1, stable=True)
+        hidden = permute(hidden, needed_first)
+        per_position = jax.tree.map(lambda x: permute(x, needed_first), per_position)
 
     def slices(x):
         x = jnp.pad(x, [(0, 0), (0, count * chunk - length)] + [(0, 0)] * (x.ndim - 2))
         return jnp.moveaxis(x.reshape(batch_size, count, chunk, *x.shape[2:]), 1, 0)
 
-    out = jax.lax.map(jax.checkpoint(lambda args: statistics(*args)),
-                      (slices(hidden), jax.tree.map(slices, per_position)))
-    return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(batch_size, count * chunk)[:, :length], out)
+    out = jax.lax.map(jax.checkpoint(statistics_or_zeros), (slices(hidden), jax.tree.map(slices, per_position)))
+    out = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(batch_size, count * chunk)[:, :length], out)
+    if needed is not None:
+        out = jax.tree.map(lambda x: permute(x, jnp.argsort(needed_first, axis=1)), out)
+    return out
+
+
+def _single_device() -> bool:
+    """Whether the computation being traced can only run on one device: one JAX device, or a mesh of one."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.device_count() == 1 or (not mesh.empty and mesh.size == 1)
 
 
 def entropy_from_logits(logits: jax.Array, mask: jax.Array | None = None,

@@ -74,8 +74,8 @@ def experience(policy, value_model, reference, settings: PPOSettings, temperatur
 
     def fn(policy_params, value_params, reference_params, batch, scores, beta):
         mask = batch["loss_mask"]
-        old_logp = model_token_log_probs(policy, policy_params, batch, temperature=temperature)
-        ref_logp = model_token_log_probs(reference, reference_params, batch, temperature=temperature)
+        old_logp = model_token_log_probs(policy, policy_params, batch, temperature=temperature, needed=mask)
+        ref_logp = model_token_log_probs(reference, reference_params, batch, temperature=temperature, needed=mask)
         values = critic_values(value_model, value_params, batch)
         kl = ppo.kl_penalty(old_logp, ref_logp, settings.kl_kind)
         rewards = ppo.sequence_score_rewards(kl, scores, mask, beta)
@@ -104,7 +104,8 @@ def make_loss_fn(policy, value_model, settings: PPOSettings, temperature: float)
 
     def loss(params, frozen, batch, rng):
         mask = batch["loss_mask"]
-        stats = model_token_statistics(policy, params["policy"], batch, temperature=temperature, entropy=True)
+        stats = model_token_statistics(policy, params["policy"], batch, temperature=temperature, entropy=True,
+                                       needed=mask)
         logp = stats.log_probs
         policy_losses, clipped = ppo.policy_loss(logp, batch["old_logp"], batch["advantages"], mask,
                                                  settings.clip_low, settings.clip_high, settings.dual_clip)

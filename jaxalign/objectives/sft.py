@@ -29,7 +29,7 @@ def make_loss_fn(model) -> Callable:
     """
 
     def loss_fn(params, batch: Mapping[str, jax.Array], rng: jax.Array | None):
-        stats = model_token_statistics(model, params, batch, rng=rng, correct=True)
+        stats = model_token_statistics(model, params, batch, rng=rng, correct=True, needed=batch["loss_mask"])
         mask = batch["loss_mask"].astype(jnp.float32)
         loss_sum = -jnp.sum(stats.log_probs * mask)
         correct = jnp.sum(stats.correct * mask)

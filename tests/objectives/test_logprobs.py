@@ -181,3 +181,47 @@ def test_a_128k_vocabulary_step_holds_less_than_its_full_logits():
     memory = jax.jit(jax.value_and_grad(loss)).lower(params, batch).compile().memory_analysis()
     full_logits_bytes = length * config.vocab_size * 4
     assert memory.temp_size_in_bytes < full_logits_bytes / 2
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_slices_not_needed_skip_the_head_and_leave_needed_values_and_gradients_unchanged(tiny_lm, full_reference,
+                                                                                          chunk):
+    config, params, batch = tiny_lm
+    logits, full_grad = full_reference
+    model = LlamaForCausalLM(dataclasses.replace(config, logits_chunk_length=chunk))
+    needed = batch["loss_mask"]
+    skipped = np.zeros((2, 21), bool)
+    if chunk == 4:
+        # needed first: row 0's 12 needed positions, row 1's 11 (10-20) fill slices 0-2 (order 0-11); order 12-20
+        # is needed in no row, so skipped: all 9 unneeded positions of row 0 and positions 1-9 of row 1 (its
+        # position 0 sits at order 11, computed)
+        skipped[0] = np.asarray(needed[0]) == 0
+        skipped[1, 1:10] = True
+
+    def sliced(p):
+        out = model_token_statistics(model, p, batch, temperature=0.9, entropy=True, needed=needed)
+        return jnp.sum(out.log_probs * batch["loss_mask"]) + jnp.sum(out.entropy)
+
+    with jax.set_mesh(jax.make_mesh((1,), ("data",))):
+        stats = jax.jit(lambda p: model_token_statistics(model, p, batch, temperature=0.9, entropy=True,
+                                                         correct=True, needed=needed))(params)
+        grads = jax.jit(jax.grad(sliced))(params)
+        nothing_needed = model_token_log_probs(model, params, batch, needed=jnp.zeros_like(needed))
+    expected = (token_log_probs(logits, batch["targets"], 0.9), entropy_from_logits(logits, batch["loss_mask"], 0.9),
+                (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32))
+    for got, want in zip(stats, expected):
+        np.testing.assert_allclose(got, np.where(skipped, 0.0, want), atol=2e-6)
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grad)):
+        np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-4)
+    np.testing.assert_array_equal(nothing_needed, np.zeros((2, 21)))
+
+
+def test_needed_is_ignored_on_a_mesh_of_several_devices(tiny_lm, full_reference):
+    config, params, batch = tiny_lm
+    model = LlamaForCausalLM(dataclasses.replace(config, logits_chunk_length=4))
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    log_probs = jax.jit(lambda p, b: model_token_log_probs(model, p, b, needed=b["loss_mask"]))(
+        params, jax.device_put(batch, rows))
+    assert log_probs.sharding.num_devices == 2
+    np.testing.assert_allclose(log_probs, token_log_probs(full_reference[0], batch["targets"]), atol=2e-6)
