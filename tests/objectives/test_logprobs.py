@@ -183,20 +183,18 @@ def test_a_128k_vocabulary_step_holds_less_than_its_full_logits():
     assert memory.temp_size_in_bytes < full_logits_bytes / 2
 
 
-@pytest.mark.parametrize("chunk", [None, 4])
-def test_slices_not_needed_skip_the_head_and_leave_needed_values_and_gradients_unchanged(tiny_lm, full_reference,
-                                                                                          chunk):
+def test_slices_not_needed_skip_the_head_and_leave_needed_values_and_gradients_unchanged(tiny_lm, full_reference):
     config, params, batch = tiny_lm
     logits, full_grad = full_reference
-    model = LlamaForCausalLM(dataclasses.replace(config, logits_chunk_length=chunk))
+    model = LlamaForCausalLM(dataclasses.replace(config, logits_chunk_length=4))
+    unsliced = LlamaForCausalLM(config)
     needed = batch["loss_mask"]
+    # needed first: row 0's 12 needed positions, row 1's 11 (10-20) fill slices 0-2 (order 0-11); order 12-20 is
+    # needed in no row, so skipped: all 9 unneeded positions of row 0 and positions 1-9 of row 1 (its position 0
+    # sits at order 11, computed)
     skipped = np.zeros((2, 21), bool)
-    if chunk == 4:
-        # needed first: row 0's 12 needed positions, row 1's 11 (10-20) fill slices 0-2 (order 0-11); order 12-20
-        # is needed in no row, so skipped: all 9 unneeded positions of row 0 and positions 1-9 of row 1 (its
-        # position 0 sits at order 11, computed)
-        skipped[0] = np.asarray(needed[0]) == 0
-        skipped[1, 1:10] = True
+    skipped[0] = np.asarray(needed[0]) == 0
+    skipped[1, 1:10] = True
 
     def sliced(p):
         out = model_token_statistics(model, p, batch, temperature=0.9, entropy=True, needed=needed)
@@ -207,6 +205,7 @@ def test_slices_not_needed_skip_the_head_and_leave_needed_values_and_gradients_u
                                                          correct=True, needed=needed))(params)
         grads = jax.jit(jax.grad(sliced))(params)
         nothing_needed = model_token_log_probs(model, params, batch, needed=jnp.zeros_like(needed))
+        one_slice = [model_token_log_probs(unsliced, params, batch, needed=n) for n in (needed, 0 * needed)]
     expected = (token_log_probs(logits, batch["targets"], 0.9), entropy_from_logits(logits, batch["loss_mask"], 0.9),
                 (jnp.argmax(logits, -1) == batch["targets"]).astype(jnp.float32))
     for got, want in zip(stats, expected):
@@ -214,6 +213,8 @@ def test_slices_not_needed_skip_the_head_and_leave_needed_values_and_gradients_u
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(full_grad)):
         np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-4)
     np.testing.assert_array_equal(nothing_needed, np.zeros((2, 21)))
+    np.testing.assert_allclose(one_slice[0], token_log_probs(logits, batch["targets"]), atol=2e-6)
+    np.testing.assert_array_equal(one_slice[1], np.zeros((2, 21)))
 
 
 def test_needed_is_ignored_on_a_mesh_of_several_devices(tiny_lm, full_reference):
