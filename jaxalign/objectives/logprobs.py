@@ -161,7 +161,8 @@ def model_token_statistics(
     out = jax.lax.map(jax.checkpoint(statistics_or_zeros), (slices(hidden), jax.tree.map(slices, per_position)))
     out = jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape(batch_size, count * chunk)[:, :length], out)
     if needed is not None:
-        out = jax.tree.map(lambda x: permute(x, jnp.argsort(needed_first, axis=1)), out)
+        original_order = jnp.argsort(needed_first, axis=1)
+        out = jax.tree.map(lambda x: permute(x, original_order), out)
     return out
 
 
